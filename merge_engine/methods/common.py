@@ -1,0 +1,75 @@
+"""What every method function shares: the per-tensor context and input shape checks."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ModelError
+
+
+def tensor_seed(run_seed: int, tensor_name: str) -> int:
+    """A 63-bit seed from (run seed, output tensor name): results never depend on execution order."""
+    digest = hashlib.sha256(f"{run_seed}\0{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class TensorContext:
+    name: str
+    is_embed: bool = False
+    seed: int = 0
+    labels: Optional[Sequence[str]] = None  # input model names, for error messages
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(tensor_seed(self.seed, self.name))
+        return gen
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels else f"input {index}"
+
+
+def rectify_embed_sizes(tensors: list[torch.Tensor], ctx: TensorContext) -> list[torch.Tensor]:
+    """Embedding/LM-head matrices of different vocab sizes: use the common top-left block."""
+    if not ctx.is_embed or any(t.dim() != 2 for t in tensors):
+        return tensors
+    rows = min(t.shape[0] for t in tensors)
+    cols = min(t.shape[1] for t in tensors)
+    if all(t.shape[0] == rows and t.shape[1] == cols for t in tensors):
+        return tensors
+    return [t[:rows, :cols] for t in tensors]
+
+
+def check_same_shape(tensors: Sequence[torch.Tensor], ctx: TensorContext) -> None:
+    first = tensors[0].shape
+    for i, t in enumerate(tensors[1:], start=1):
+        if t.shape != first:
+            raise ModelError(
+                f"shape mismatch for tensor {ctx.name}: {ctx.label(0)} has {list(first)}, "
+                f"{ctx.label(i)} has {list(t.shape)}"
+            )
+
+
+def weights_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Per-model scalars as a tensor of the math dtype, shaped to broadcast over a stack."""
+    w = torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return w.view(-1, *([1] * (like.dim() - 1)))
+
+
+# Elementwise stages run over slices of this many elements: the temporaries of a stage stay small
+# (bounded memory for the largest embedding) and cache-friendly. Slicing never changes results,
+# since every op inside is elementwise along the flattened tensor.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_bounds(numel: int, size: int = CHUNK_ELEMENTS):
+    for start in range(0, numel, size):
+        yield start, min(start + size, numel)
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)

@@ -1,0 +1,379 @@
+"""MergeConfig + architecture -> an ordered list of output-tensor tasks.
+
+Everything that can be checked without reading tensor data is checked here, before any work:
+model directories, architectures, layer ranges, missing tensors, shapes, required parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .architecture import (
+    ArchitectureInfo,
+    WeightInfo,
+    architecture_class,
+    count_layers,
+    get_config_value,
+    infer_architecture,
+    known_architecture,
+    layer_prefix_of,
+    set_config_value,
+)
+from .config import (
+    InputSliceDefinition,
+    MergeConfig,
+    ModelReference,
+    OutputSliceDefinition,
+    ParameterScope,
+    lookup_parameter,
+)
+from .errors import ConfigError, ModelError
+from .io import Checkpoint, OutputTensorSpec, read_json, resolve_model_dir, torch_dtype
+from .methods import REQUIRED, MethodSpec, get_method_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InputModel:
+    ref: ModelReference
+    directory: Path
+    config: dict
+    checkpoint: Checkpoint
+    num_layers: int = 0
+
+    @property
+    def label(self) -> str:
+        return str(self.ref)
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: ModelReference
+    tensor_name: str  # name as stored in that model's checkpoint
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: read `inputs`, cast to `math_dtype`, merge, cast to `out.dtype`."""
+
+    out: OutputTensorSpec
+    is_embed: bool
+    inputs: list[TensorInput]
+    base_index: Optional[int]
+    method: MethodSpec
+    params: dict
+    model_params: list[dict]
+    math_dtype: torch.dtype
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MethodSpec
+    models: dict[ModelReference, InputModel]
+    architecture: ArchitectureInfo
+    tasks: list[TensorTask]
+    out_config: dict
+    donor: ModelReference
+    out_num_layers: int
+    notes: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.checkpoint.close()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def open_models(config: MergeConfig, lazy_unpickle: bool) -> dict[ModelReference, InputModel]:
+    models: dict[ModelReference, InputModel] = {}
+    try:
+        for ref in config.referenced_models():
+            directory = resolve_model_dir(ref)
+            model_config = read_json(directory / "config.json", f"model {ref}")
+            if ref.override_architecture:
+                model_config["architectures"] = [ref.override_architecture]
+            models[ref] = InputModel(ref, directory, model_config, Checkpoint(directory, str(ref), lazy_unpickle))
+    except BaseException:
+        for m in models.values():
+            m.checkpoint.close()
+        raise
+    return models
+
+
+def choose_architecture(
+    models: dict[ModelReference, InputModel], reference: ModelReference, allow_crimes: bool
+) -> ArchitectureInfo:
+    classes = {ref: architecture_class(m.config) for ref, m in models.items()}
+    distinct = sorted({c or "<none>" for c in classes.values()})
+    if len(distinct) > 1 and not allow_crimes:
+        detail = ", ".join(f"{c} in {ref}" for ref, c in classes.items())
+        raise ModelError(f"models have different architectures ({detail}); pass --allow-crimes to merge them anyway")
+    ref_model = models[reference]
+    arch = known_architecture(ref_model.config)
+    names = [set(m.checkpoint.tensors) for m in models.values()]
+    if arch is not None:
+        covered = set()
+        layers = _layers_from_config(arch, ref_model)
+        for w in arch.all_weights(layers):
+            covered.update(w.all_names)
+        uncovered = [n for n in ref_model.checkpoint.tensors if n not in covered and not arch.is_ignored(n)]
+        if not uncovered:
+            return arch
+        log.warning(
+            "model %s has tensors the %s table does not describe (%s%s); describing the model from "
+            "its tensor names instead",
+            reference,
+            arch.name,
+            ", ".join(uncovered[:3]),
+            "..." if len(uncovered) > 3 else "",
+        )
+    elif architecture_class(ref_model.config):
+        log.info("architecture %s is not in the table; inferring it from tensor names", architecture_class(ref_model.config))
+    try:
+        return infer_architecture(ref_model.checkpoint.tensors, names, ref_model.config)
+    except ValueError as err:
+        raise ModelError(f"model {reference}: cannot describe its architecture: {err}") from None
+
+
+def _layers_from_config(arch: ArchitectureInfo, model: InputModel) -> int:
+    if arch.num_layers_key:
+        value = get_config_value(model.config, arch.num_layers_key)
+        if isinstance(value, int):
+            return value
+    if arch.inferred:
+        return count_layers(model.checkpoint.tensors, layer_prefix_of(arch))
+    raise ModelError(f"model {model.label}: config.json has no integer '{arch.num_layers_key}'")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slice:
+    definition: OutputSliceDefinition
+    path: str  # key path for error messages, e.g. "slices[1]"
+    base: Optional[ModelReference]
+
+
+def _normalized_slices(config: MergeConfig, models: dict[ModelReference, InputModel]):
+    """(slices, module parameters): `models:` becomes one slice over every model's full layer
+    range, with base_model appended as an input when it is not listed (mergekit's rule)."""
+    module_params = None
+    model_defs, slice_defs, prefix = config.models, config.slices, ""
+    if config.modules:
+        if len(config.modules) != 1:
+            raise ConfigError("modules: only single-module (decoder-only) models are supported, give one module")
+        (name, module), = config.modules.items()
+        model_defs, slice_defs, module_params, prefix = module.models, module.slices, module.parameters, f"modules.{name}."
+    if model_defs:
+        sources = [
+            InputSliceDefinition(model=m.model, layer_range=(0, models[m.model].num_layers), parameters=m.parameters)
+            for m in model_defs
+        ]
+        if config.base_model is not None and all(m.model != config.base_model for m in model_defs):
+            sources.append(
+                InputSliceDefinition(model=config.base_model, layer_range=(0, models[config.base_model].num_layers))
+            )
+        return [_Slice(OutputSliceDefinition(sources=sources), f"{prefix}models", config.base_model)], module_params
+    return [
+        _Slice(s, f"{prefix}slices[{i}]", s.base_model or config.base_model) for i, s in enumerate(slice_defs)
+    ], module_params
+
+
+class Planner:
+    def __init__(self, config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo, seed_dtype: Optional[str]):
+        self.config = config
+        self.models = models
+        self.arch = arch
+        self.method = get_method_spec(config.merge_method)
+        self.dtype = torch_dtype(seed_dtype)
+        self.out_dtype = torch_dtype(config.out_dtype)
+        self.tasks: list[TensorTask] = []
+        # (model, input layer index) that each output layer comes from (its slice's first source)
+        self.layer_origins: list[tuple[ModelReference, int]] = []
+
+    def plan(self) -> tuple[list[TensorTask], int]:
+        slices, module_params = _normalized_slices(self.config, self.models)
+        for slc in slices:
+            self._check_slice(slc)
+        out_layer = 0
+        first, last = slices[0], slices[-1]
+        for w in self.arch.pre_weights:
+            self._plan_tensor(w, [(s.model, w) for s in first.definition.sources], first, module_params, 0.0)
+        for slc in slices:
+            sources = slc.definition.sources
+            n = sources[0].layer_range[1] - sources[0].layer_range[0]
+            for i in range(n):
+                t = i / (n - 1) if n > 1 else 1.0
+                out_weights = self.arch.layer_weights(out_layer)
+                in_weights = [self.arch.layer_weights(s.layer_range[0] + i) for s in sources]
+                for j, w in enumerate(out_weights):
+                    self._plan_tensor(w, [(s.model, iw[j]) for s, iw in zip(sources, in_weights)], slc, module_params, t)
+                self.layer_origins.append((sources[0].model, sources[0].layer_range[0] + i))
+                out_layer += 1
+        for w in self.arch.post_weights:
+            self._plan_tensor(w, [(s.model, w) for s in last.definition.sources], last, module_params, 0.0)
+        return self.tasks, out_layer
+
+    def _check_slice(self, slc: _Slice) -> None:
+        lengths = set()
+        for j, src in enumerate(slc.definition.sources):
+            start, end = src.layer_range
+            have = self.models[src.model].num_layers
+            if end > have:
+                raise ConfigError(
+                    f"{slc.path}.sources[{j}].layer_range: [{start}, {end}] is beyond model "
+                    f"{src.model}, which has {have} layers"
+                )
+            lengths.add(end - start)
+        if len(lengths) > 1:
+            raise ConfigError(f"{slc.path}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+
+    def _plan_tensor(self, out_w: WeightInfo, sources, slc: _Slice, module_params, t: float) -> None:
+        # An optional tensor (e.g. an untied lm_head) is written only if some input really has it.
+        if out_w.optional and not any(self.models[m].checkpoint.find(w.all_names) for m, w in sources):
+            return
+        inputs: list[TensorInput] = []
+        for model_ref, in_w in sources:
+            ckpt = self.models[model_ref].checkpoint
+            found = ckpt.find(in_w.all_names) or ckpt.find(in_w.tied_names)
+            if found is None:
+                if out_w.optional:
+                    continue
+                raise ModelError(f"tensor {in_w.name} required but not present in model {model_ref}")
+            inputs.append(TensorInput(model_ref, found))
+        base_index = next((i for i, inp in enumerate(inputs) if inp.model == slc.base), None)
+        scope = ParameterScope(slc.definition, module_params, self.config.parameters)
+
+        params = {}
+        for name, default in self.method.global_params.items():
+            value = lookup_parameter(scope, name, out_w.name, t)
+            if value is None:
+                if default is REQUIRED:
+                    raise ConfigError(
+                        f"missing required parameter '{name}' for {self.method.name} (tensor {out_w.name}); "
+                        f"set it under 'parameters'"
+                    )
+                value = default
+            params[name] = value
+        model_params = []
+        for i, inp in enumerate(inputs):
+            values = {}
+            for name, default in self.method.model_params.items():
+                value = lookup_parameter(scope, name, inp.tensor_name, t, model=inp.model)
+                if value is None:
+                    if default is REQUIRED and i != base_index:
+                        raise ConfigError(
+                            f"missing required parameter '{name}' for model {inp.model} "
+                            f"(tensor {inp.tensor_name}, {slc.path})"
+                        )
+                    value = None if default is REQUIRED else default
+                values[name] = value
+            model_params.append(values)
+        if self.method.name == "linear" and base_index is not None and model_params[base_index].get("weight") is None:
+            raise ConfigError(
+                f"linear: base_model {slc.base} is an input of the merge but has no 'weight' "
+                "(mergekit adds base_model to the inputs; give it a weight or drop base_model)"
+            )
+
+        locations = [self.models[inp.model].checkpoint.tensors[inp.tensor_name] for inp in inputs]
+        first = locations[base_index] if base_index is not None else locations[0]
+        math_dtype = self.dtype or first.dtype
+        shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
+        self.tasks.append(
+            TensorTask(
+                out=OutputTensorSpec(out_w.name, shape, self.out_dtype or math_dtype),
+                is_embed=out_w.is_embed,
+                inputs=inputs,
+                base_index=base_index,
+                method=self.method,
+                params=params,
+                model_params=model_params,
+                math_dtype=math_dtype,
+            )
+        )
+
+    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[int, ...]:
+        def mismatch(i: int, j: int) -> ModelError:
+            return ModelError(
+                f"shape mismatch for tensor {out_w.name}: model {inputs[i].model} has {list(shapes[i])}, "
+                f"model {inputs[j].model} has {list(shapes[j])}"
+            )
+
+        ref = base_index if (self.method.embed_shape == "base" and base_index is not None) else 0
+        if out_w.is_embed and all(len(s) == 2 for s in shapes):
+            if self.method.embed_shape == "base" and base_index is not None:
+                for i, s in enumerate(shapes):
+                    if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
+                        raise mismatch(ref, i)
+                return tuple(shapes[ref])
+            return (min(s[0] for s in shapes), min(s[1] for s in shapes))
+        for i, s in enumerate(shapes):
+            if tuple(s) != tuple(shapes[ref]):
+                raise mismatch(ref, i)
+        return tuple(shapes[ref])
+
+
+def build_plan(config: MergeConfig, *, allow_crimes: bool = False, lazy_unpickle: bool = False) -> MergePlan:
+    method = get_method_spec(config.merge_method)
+    if config.tokenizer_source not in (None, "base") or (
+        config.tokenizer is not None and config.tokenizer.source != "base"
+    ) or (config.tokenizer is not None and config.tokenizer.tokens):
+        raise ConfigError("tokenizer merging (tokenizer_source/tokenizer other than base) is not supported yet")
+    if config.chat_template is not None:
+        raise ConfigError("chat_template is not supported yet")
+    models = open_models(config, lazy_unpickle)
+    try:
+        donor = config.base_model or config.referenced_models()[0]
+        arch = choose_architecture(models, donor, allow_crimes)
+        for m in models.values():
+            m.num_layers = _layers_from_config(arch, m)
+        if method.requires_base and config.base_model is None and not any(
+            s.base_model for s in (config.slices or [])
+        ):
+            raise ConfigError(f"merge_method {method.name} needs base_model")
+        planner = Planner(config, models, arch, config.dtype)
+        tasks, out_layers = planner.plan()
+        out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins)
+        return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers)
+    except BaseException:
+        for m in models.values():
+            m.checkpoint.close()
+        raise
+
+
+def _output_config(
+    config: MergeConfig,
+    models: dict[ModelReference, InputModel],
+    donor: ModelReference,
+    arch: ArchitectureInfo,
+    out_layers: int,
+    layer_origins: list[tuple[ModelReference, int]],
+) -> dict:
+    out = dict(models[donor].config)
+    dtype = config.out_dtype or config.dtype
+    if dtype:
+        keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]
+        for k in keys:
+            out[k] = dtype
+    uses_slices = bool(config.slices) or any(m.slices for m in (config.modules or {}).values())
+    if uses_slices:
+        if arch.num_layers_key:
+            set_config_value(out, arch.num_layers_key, out_layers)
+            if isinstance(out.get("layer_types"), list):
+                # Per-layer attention kinds follow the layers they came from, or transformers
+                # rejects a config whose layer_types length differs from the layer count.
+                out["layer_types"] = [
+                    (models[ref].config.get("layer_types") or out["layer_types"])[idx] for ref, idx in layer_origins
+                ]
+        else:
+            log.warning("cannot record the new layer count (%d) in config.json: no layer-count key known", out_layers)
+    return out

@@ -1,0 +1,156 @@
+"""The streaming executor behind `mergekit-yaml`: one output tensor at a time, bounded memory.
+
+Three stages overlap: a reader thread loads the next task's inputs while the main thread merges
+the current one and a writer thread appends the previous result to its shard. Memory holds the
+inputs of about two output tensors and one result; shards are streamed to disk, never buffered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import __version__
+from .card import render_card
+from .config import MergeConfig
+from .io import AtomicOutputDir, ShardedWriter, copy_files
+from .methods.common import TensorContext
+from .options import MergeOptions
+from .plan import MergePlan, TensorTask, build_plan
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def load_task_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
+    out = []
+    for inp in task.inputs:
+        tensor = plan.models[inp.model].checkpoint.read(inp.tensor_name)
+        out.append(tensor.to(device=device, dtype=task.math_dtype))
+    return out
+
+
+def task_context(task: TensorTask, seed: int) -> TensorContext:
+    return TensorContext(task.out.name, task.is_embed, seed, [str(i.model) for i in task.inputs])
+
+
+def compute_task(task: TensorTask, inputs: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """Run the task's method on its loaded inputs; shared by every executor."""
+    result = task.method.function(inputs, task.base_index, task.params, task.model_params, task_context(task, seed))
+    return result.to(task.out.dtype)
+
+
+def execute_plan(
+    plan: MergePlan,
+    sink: Callable[[TensorTask, torch.Tensor], None],
+    options: MergeOptions,
+) -> None:
+    device = torch.device(options.resolved_device())
+    tasks = plan.tasks
+    progress = None
+    if not options.quiet:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(tasks), unit="tensor", desc="merging")
+    with ThreadPoolExecutor(1, thread_name_prefix="reader") as reader, ThreadPoolExecutor(
+        1, thread_name_prefix="writer"
+    ) as writer:
+        pending_read: Optional[Future] = reader.submit(load_task_inputs, plan, tasks[0], device) if tasks else None
+        pending_write: Optional[Future] = None
+        try:
+            for i, task in enumerate(tasks):
+                inputs = pending_read.result()
+                pending_read = reader.submit(load_task_inputs, plan, tasks[i + 1], device) if i + 1 < len(tasks) else None
+                result = compute_task(task, inputs, options.random_seed)
+                del inputs
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(sink, task, result)
+                del result
+                if progress is not None:
+                    progress.update(1)
+            if pending_write is not None:
+                pending_write.result()
+        except BaseException:
+            for f in (pending_read, pending_write):
+                if f is not None:
+                    f.cancel()
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+
+
+def run_merge(
+    config: MergeConfig,
+    out_path: Path,
+    options: MergeOptions,
+    config_text: Optional[str] = None,
+    card_extra: Optional[str] = None,
+) -> Path:
+    """Merge into `out_path`, atomically: the folder appears only when everything is written."""
+    if options.num_threads:
+        torch.set_num_threads(options.num_threads)
+    plan = build_plan(config, allow_crimes=options.allow_crimes, lazy_unpickle=options.lazy_unpickle)
+    try:
+        out = AtomicOutputDir(Path(out_path), overwrite=options.overwrite)
+        writer = ShardedWriter(out.path, [t.out for t in plan.tasks], options.out_shard_size, options.safe_serialization)
+        try:
+            execute_plan(plan, lambda task, tensor: writer.write(task.out.name, tensor), options)
+            writer.finish(__version__)
+            write_model_files(plan, out.path, options, config_text, card_extra, Path(out_path))
+            out.commit()
+        except BaseException:
+            writer.abort()
+            out.discard()
+            raise
+    finally:
+        plan.close()
+    log.info("merged model written to %s", out_path)
+    return Path(out_path)
+
+
+def write_model_files(
+    plan: MergePlan,
+    directory: Path,
+    options: MergeOptions,
+    config_text: Optional[str],
+    card_extra: Optional[str],
+    final_path: Path,
+) -> None:
+    (directory / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    donor_dir = plan.models[plan.donor].directory
+    if options.copy_tokenizer:
+        copied = copy_files(donor_dir, directory, TOKENIZER_FILES)
+        if not any(name in copied for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            log.warning("donor model %s has no tokenizer files to copy", plan.donor)
+    text = config_text if config_text is not None else plan.config.to_yaml()
+    if options.write_model_card:
+        (directory / "mergekit_config.yml").write_text(text)
+        (directory / "README.md").write_text(render_card(plan.config, text, final_path, card_extra))
+
+
+def merge_file(config_path: Path, out_path: Path, options: MergeOptions) -> Path:
+    from .config import load_config
+
+    config, text = load_config(config_path)
+    return run_merge(config, out_path, options, config_text=text)
+
+
