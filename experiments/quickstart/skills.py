@@ -1,0 +1,53 @@
+"""Two synthetic skills for the quickstart: small-number addition and a fixed table of invented
+facts. Items are deterministic; search and held-out splits never share a question."""
+
+from __future__ import annotations
+
+import random
+
+COLORS = ["red", "blue", "green", "yellow"]
+# Invented words, so that no pretrained knowledge can help: the fact table is learned or not.
+CREATURES = [
+    "zorp", "blick", "fendle", "quarn", "moxie", "trell", "vuno", "grib", "plonk", "snerd",
+    "wibble", "yarn", "kesh", "drubb", "lomp", "ziv", "hoop", "mirl", "tansy", "brue",
+    "clov", "fitch", "gorm", "jax", "nib", "pell", "rusk", "sorn", "tuck", "vell",
+]
+
+
+def fact_table(seed: int = 1234) -> dict[str, str]:
+    rng = random.Random(seed)
+    return {c: rng.choice(COLORS) for c in CREATURES}
+
+
+def arithmetic_items():
+    """(question, answer, distractors) for a + b with a, b in 0..9."""
+    items = []
+    for a in range(10):
+        for b in range(10):
+            ans = a + b
+            wrong = sorted({ans - 1, ans + 1, ans + 2, ans - 2} - {ans, -1, -2})[:3]
+            items.append((f"{a}+{b}=", str(ans), [str(w) for w in wrong]))
+    return items
+
+
+def fact_items(seed: int = 1234):
+    table = fact_table(seed)
+    return [(f"the {c} is", color, [x for x in COLORS if x != color]) for c, color in table.items()]
+
+
+def split(items, held_out_every: int = 3):
+    """Deterministic split: every `held_out_every`-th item is held out."""
+    search = [it for i, it in enumerate(items) if i % held_out_every != 0]
+    held = [it for i, it in enumerate(items) if i % held_out_every == 0]
+    return search, held
+
+
+def training_lines(skill: str, correct: bool, rng: random.Random, n: int) -> list[str]:
+    """Sentences to train on. `correct=False` gives the format with random answers: the base model
+    learns what the questions look like, not their answers."""
+    items = arithmetic_items() if skill == "arithmetic" else fact_items()
+    lines = []
+    for _ in range(n):
+        q, a, wrong = rng.choice(items)
+        lines.append(f"{q} {a if correct else rng.choice([a] + wrong)}.")
+    return lines
