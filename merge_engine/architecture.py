@@ -158,7 +158,8 @@ def _gpt_neox() -> ArchitectureInfo:
         post_weights=(
             WeightInfo("gpt_neox.final_layer_norm.weight"),
             WeightInfo("gpt_neox.final_layer_norm.bias"),
-            _lm_head("gpt_neox.embed_in.weight", aliases=("embed_out.weight",)),
+            # transformers 5 keeps the checkpoint name embed_out (lm_head in memory)
+            WeightInfo("embed_out.weight", is_embed=True, optional=True, aliases=("lm_head.weight",), tied_names=("gpt_neox.embed_in.weight",)),
         ),
         num_layers_key="num_hidden_layers",
         ignored_patterns=_COMMON_IGNORED + (r"\.attention\.bias$", r"\.attention\.masked_bias$"),

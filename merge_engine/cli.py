@@ -18,7 +18,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 
 
 def _size(ctx, param, value):
-    from .io import parse_size
+    from .options import parse_size  # torch-free: config errors must stay fast
 
     try:
         return parse_size(value)
@@ -34,7 +34,14 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def run_cli(verbose: int, action) -> None:
-    """Run `action`; user errors become one line on stderr and exit code 2 (traceback with -v)."""
+    """Run `action`; user errors become one line on stderr and exit code 2 (traceback with -v).
+    SIGTERM unwinds like Ctrl-C, so temporary output is removed either way."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         action()
     except MergeError as err:
@@ -69,7 +76,7 @@ def merge_options(f):
         click.option("--quiet/--no-quiet", default=False, help="No progress bar."),
         click.option("--read-to-gpu/--no-read-to-gpu", default=False, help="Move inputs to the math device as they are read (always the case with --device cuda)."),
         click.option("--multi-gpu/--no-multi-gpu", default=False, help=f"Spread tensors over several GPUs. {NO_EFFECT}: one device is used."),
-        click.option("-j", "--num-threads", type=int, default=None, help="torch intra-op threads."),
+        click.option("-j", "--num-threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads."),
         click.option("--gpu-rich", is_flag=True, default=False, help="Shorthand for --cuda --low-cpu-memory --read-to-gpu --multi-gpu."),
         click.option("--async-write/--no-async-write", default=False, help=f"Write shards in the background. {NO_EFFECT}: writing always overlaps computing."),
         click.option("--write-threads", type=int, default=1, help=f"Writer threads. {NO_EFFECT}."),
@@ -123,11 +130,21 @@ def main(config_file: str, out_path: str, **kw) -> None:
 
         config, text = load_config(Path(config_file))
         options = options_from_flags(kw)
-        if options.device.startswith("cuda"):
+        if options.device != "auto":
             import torch
 
-            if not torch.cuda.is_available():
+            try:
+                device = torch.device(options.device)
+            except RuntimeError:
+                device = None
+            if device is None or device.type not in ("cpu", "cuda"):
+                raise MergeError(f"--device {options.device}: unsupported device (use cpu, cuda, cuda:N or auto)")
+            if device.type == "cuda" and not torch.cuda.is_available():
                 raise MergeError(f"--device {options.device}: no CUDA device is available")
+            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+                raise MergeError(
+                    f"--device {options.device}: only {torch.cuda.device_count()} CUDA device(s) are available"
+                )
         from .streaming import run_merge
 
         run_merge(config, Path(out_path), options, config_text=text)

@@ -190,6 +190,8 @@ def _parse_conditional(item: dict) -> Conditional:
 
 
 def parse_setting(value: Any) -> Setting:
+    if isinstance(value, tuple) and value and all(isinstance(v, Conditional) for v in value):
+        return value  # already parsed (a parsed setting fed to a schema model again)
     if isinstance(value, (list, tuple)):
         if value and all(isinstance(v, dict) for v in value):
             return tuple(_parse_conditional(v) for v in value)
@@ -493,13 +495,14 @@ def lookup_parameter(
     name: str,
     tensor_name: str,
     t: float,
-    model: Optional[ModelReference] = None,
+    source: Optional["InputSliceDefinition"] = None,
 ) -> Optional[float]:
-    """First non-none value of `name` along: the slice's sources for `model` (per-model parameters
-    only), the slice, the module, the top level."""
+    """First non-none value of `name` along: the input's own source entry (per-model parameters
+    only), the slice, the module, the top level. Keyed by source, not by model, so the same model
+    listed twice in a slice keeps each entry's parameters."""
     levels: list[Optional[dict[str, Setting]]] = []
-    if model is not None and scope.slice_def is not None:
-        levels.extend(src.parameters for src in scope.slice_def.sources if src.model == model)
+    if source is not None:
+        levels.append(source.parameters)
     if scope.slice_def is not None:
         levels.append(scope.slice_def.parameters)
     levels.append(scope.module_parameters)

@@ -8,10 +8,12 @@ that rebuilds tensors and plain containers and refuses everything else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
+import signal
 import shutil
 import struct
 import tempfile
@@ -331,18 +333,6 @@ class Checkpoint:
 # Writing
 
 
-def parse_size(text: str) -> int:
-    """`5B`, `500M`, `100k` or a plain integer; suffixes are powers of ten (mergekit's rule)."""
-    s = str(text).strip().lower()
-    mult = {"k": 10**3, "m": 10**6, "b": 10**9}
-    try:
-        if s and s[-1] in mult:
-            return int(float(s[:-1]) * mult[s[-1]])
-        return int(s)
-    except ValueError:
-        raise ValueError(f"invalid size {text!r} (use e.g. 5B, 500M, 100k or a byte count)") from None
-
-
 @dataclass(frozen=True)
 class OutputTensorSpec:
     name: str
@@ -478,6 +468,18 @@ class ShardedWriter:
             self._fh = None
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class AtomicOutputDir:
     """A temporary directory next to the target, renamed into place only when complete.
 
@@ -496,7 +498,15 @@ class AtomicOutputDir:
                 "(choose a new path, or pass --overwrite to replace it once the merge completes)"
             )
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.incomplete-", dir=self.target.parent))
+        self.path: Optional[Path] = None
+        try:
+            # Signals wait until the folder's name is recorded, so an interrupt can always clean up.
+            with _signals_deferred():
+                self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.incomplete-", dir=self.target.parent))
+        except BaseException:
+            if self.path is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def commit(self) -> None:
         if self.target.exists():

@@ -6,6 +6,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+def parse_size(text: str) -> int:
+    """`5B`, `500M`, `100k` or a plain integer; suffixes are powers of ten (mergekit's rule)."""
+    s = str(text).strip().lower()
+    mult = {"k": 10**3, "m": 10**6, "b": 10**9}
+    try:
+        if s and s[-1] in mult:
+            return int(float(s[:-1]) * mult[s[-1]])
+        return int(s)
+    except ValueError:
+        raise ValueError(f"invalid size {text!r} (use e.g. 5B, 500M, 100k or a byte count)") from None
+
+
 @dataclass
 class MergeOptions:
     device: str = "cpu"  # math device: cpu, cuda, cuda:N, auto

@@ -199,6 +199,9 @@ class Planner:
         self.tasks: list[TensorTask] = []
         # (model, input layer index) that each output layer comes from (its slice's first source)
         self.layer_origins: list[tuple[ModelReference, int]] = []
+        # The output config (the donor's) says the LM head is a separate tensor: it must be written.
+        donor = config.base_model or config.referenced_models()[0]
+        self.untied_output = models[donor].config.get("tie_word_embeddings") is False
 
     def plan(self) -> tuple[list[TensorTask], int]:
         slices, module_params = _normalized_slices(self.config, self.models)
@@ -207,7 +210,7 @@ class Planner:
         out_layer = 0
         first, last = slices[0], slices[-1]
         for w in self.arch.pre_weights:
-            self._plan_tensor(w, [(s.model, w) for s in first.definition.sources], first, module_params, 0.0)
+            self._plan_tensor(w, [(s, w) for s in first.definition.sources], first, module_params, 0.0)
         for slc in slices:
             sources = slc.definition.sources
             n = sources[0].layer_range[1] - sources[0].layer_range[0]
@@ -216,11 +219,11 @@ class Planner:
                 out_weights = self.arch.layer_weights(out_layer)
                 in_weights = [self.arch.layer_weights(s.layer_range[0] + i) for s in sources]
                 for j, w in enumerate(out_weights):
-                    self._plan_tensor(w, [(s.model, iw[j]) for s, iw in zip(sources, in_weights)], slc, module_params, t)
+                    self._plan_tensor(w, [(s, iw[j]) for s, iw in zip(sources, in_weights)], slc, module_params, t)
                 self.layer_origins.append((sources[0].model, sources[0].layer_range[0] + i))
                 out_layer += 1
         for w in self.arch.post_weights:
-            self._plan_tensor(w, [(s.model, w) for s in last.definition.sources], last, module_params, 0.0)
+            self._plan_tensor(w, [(s, w) for s in last.definition.sources], last, module_params, 0.0)
         return self.tasks, out_layer
 
     def _check_slice(self, slc: _Slice) -> None:
@@ -238,18 +241,27 @@ class Planner:
             raise ConfigError(f"{slc.path}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
 
     def _plan_tensor(self, out_w: WeightInfo, sources, slc: _Slice, module_params, t: float) -> None:
-        # An optional tensor (e.g. an untied lm_head) is written only if some input really has it.
-        if out_w.optional and not any(self.models[m].checkpoint.find(w.all_names) for m, w in sources):
-            return
+        # An optional tensor (e.g. an untied lm_head) is written only if some input really has it,
+        # or, for a tied head, if the output config is untied (slices whose last inputs are tied
+        # models after an untied donor): then the inputs' embeddings stand in for it.
+        if out_w.optional and not any(self.models[s.model].checkpoint.find(w.all_names) for s, w in sources):
+            if not (
+                out_w.tied_names
+                and self.untied_output
+                and any(self.models[s.model].checkpoint.find(w.tied_names) for s, w in sources)
+            ):
+                return
         inputs: list[TensorInput] = []
-        for model_ref, in_w in sources:
-            ckpt = self.models[model_ref].checkpoint
+        input_sources = []
+        for source, in_w in sources:
+            ckpt = self.models[source.model].checkpoint
             found = ckpt.find(in_w.all_names) or ckpt.find(in_w.tied_names)
             if found is None:
                 if out_w.optional:
                     continue
-                raise ModelError(f"tensor {in_w.name} required but not present in model {model_ref}")
-            inputs.append(TensorInput(model_ref, found))
+                raise ModelError(f"tensor {in_w.name} required but not present in model {source.model}")
+            inputs.append(TensorInput(source.model, found))
+            input_sources.append(source)
         base_index = next((i for i, inp in enumerate(inputs) if inp.model == slc.base), None)
         scope = ParameterScope(slc.definition, module_params, self.config.parameters)
 
@@ -265,10 +277,10 @@ class Planner:
                 value = default
             params[name] = value
         model_params = []
-        for i, inp in enumerate(inputs):
+        for i, (inp, source) in enumerate(zip(inputs, input_sources)):
             values = {}
             for name, default in self.method.model_params.items():
-                value = lookup_parameter(scope, name, inp.tensor_name, t, model=inp.model)
+                value = lookup_parameter(scope, name, inp.tensor_name, t, source=source)
                 if value is None:
                     if default is REQUIRED and i != base_index:
                         raise ConfigError(

@@ -109,18 +109,21 @@ def run_merge(
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     plan = build_plan(config, allow_crimes=options.allow_crimes, lazy_unpickle=options.lazy_unpickle)
+    out: Optional[AtomicOutputDir] = None
+    writer: Optional[ShardedWriter] = None
     try:
         out = AtomicOutputDir(Path(out_path), overwrite=options.overwrite)
         writer = ShardedWriter(out.path, [t.out for t in plan.tasks], options.out_shard_size, options.safe_serialization)
-        try:
-            execute_plan(plan, lambda task, tensor: writer.write(task.out.name, tensor), options)
-            writer.finish(__version__)
-            write_model_files(plan, out.path, options, config_text, card_extra, Path(out_path))
-            out.commit()
-        except BaseException:
+        execute_plan(plan, lambda task, tensor: writer.write(task.out.name, tensor), options)
+        writer.finish(__version__)
+        write_model_files(plan, out.path, options, config_text, card_extra, Path(out_path))
+        out.commit()
+    except BaseException:
+        if writer is not None:
             writer.abort()
+        if out is not None:
             out.discard()
-            raise
+        raise
     finally:
         plan.close()
     log.info("merged model written to %s", out_path)

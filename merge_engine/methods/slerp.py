@@ -28,7 +28,8 @@ def slerp_arrays(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
     u1 = v1 / n1 if n1 > NORM_EPS else v1
     dot = np.sum(u0 * u1)
     if np.abs(dot) > DOT_THRESHOLD:
-        return (1 - t32) * v0 + t32 * v1
+        # mergekit computes 1 - t on the Python float (float64), then numpy rounds it to float32
+        return np.float32(1 - t) * v0 + t32 * v1
     theta = np.arccos(dot)
     sin_theta = np.sin(theta)
     s0 = np.sin(theta - t32 * theta) / sin_theta

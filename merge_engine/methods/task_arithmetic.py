@@ -116,8 +116,11 @@ def magnitude_mask(delta: torch.Tensor, density: float, ctx: TensorContext) -> t
     return keep
 
 
-def sparsify_(delta: torch.Tensor, density: float, kind: str, rescale: bool, ctx: TensorContext) -> torch.Tensor:
-    """Sparsify a task vector in place (it is a fresh tensor) and return it."""
+def sparsify_(
+    delta: torch.Tensor, density: float, kind: str, rescale: bool, ctx: TensorContext, gen: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Sparsify a task vector in place (it is a fresh tensor) and return it. `gen`: the random
+    stream to draw from (shared by all task vectors of one tensor, so each gets its own mask)."""
     if density >= 1:
         return delta
     if kind == "magnitude":
@@ -131,7 +134,8 @@ def sparsify_(delta: torch.Tensor, density: float, kind: str, rescale: bool, ctx
         keep_native = delta.device.type != "cpu" or delta.dtype == torch.bfloat16
         work = delta if keep_native else delta.float()
         norm_before = _l1(work) if rescale else None
-        gen = ctx.generator(work.device)
+        if gen is None:
+            gen = ctx.generator(work.device)
         work_flat = work.view(-1)
         for start, end in chunk_bounds(work_flat.numel()):
             draws = torch.rand(end - start, generator=gen, device=work.device)
@@ -184,8 +188,11 @@ def merge_task_vectors(
         if not 0 <= d <= 1:
             raise ModelError(f"density must be in [0, 1], got {d} for tensor {ctx.name}")
     if variant.sparsify is not None:
+        # One stream per output tensor, consumed model after model: a fresh generator per task
+        # vector would give every model the *same* DARE mask.
+        gen = ctx.generator(base.device) if variant.sparsify == "random" else None
         deltas = [
-            d if density >= 1 else sparsify_(d if deltas_are_scratch else d.clone(), density, variant.sparsify, bool(params["rescale"]), ctx)
+            d if density >= 1 else sparsify_(d if deltas_are_scratch else d.clone(), density, variant.sparsify, bool(params["rescale"]), ctx, gen)
             for d, density in zip(deltas, densities)
         ]
     flats = [flat(d) for d in deltas]
