@@ -412,7 +412,7 @@ def _clean_loc(loc: tuple) -> tuple:
     )
 
 
-def _validation_message(err: ValidationError, source: str) -> str:
+def validation_message(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     msg = first["msg"]
     if msg.startswith("Value error, "):
@@ -446,7 +446,7 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_validation_message(err, source)) from None
+        raise ConfigError(validation_message(err, source)) from None
     for key_path in iter_unknown_keys(config):
         log.warning("%s: unknown key '%s' is ignored", source, key_path)
     return config

@@ -1,8 +1,9 @@
 """Checkpoint I/O: lazy per-tensor reading, sharded safetensors writing, atomic output folders.
 
-Reading uses positioned reads (`os.preadv`) straight into a tensor's memory instead of mmap, so a
-merge's resident memory stays at the tensors in flight: mapped checkpoint pages would otherwise
-count towards the process's RSS. `.bin` checkpoints are read only through a restricted unpickler
+Tensors are read one at a time, either mapped copy-on-write from the file for as long as they are
+in use (`Checkpoint.map`, no copy) or with positioned reads into a tensor's memory
+(`Checkpoint.read`); never a whole-file mapping, whose touched pages would all count towards the
+process's resident memory. `.bin` checkpoints are read only through a restricted unpickler
 that rebuilds tensors and plain containers and refuses everything else.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import pickle
 import signal
@@ -302,6 +304,26 @@ class Checkpoint:
                     raise ModelError(f"{loc.file}: unexpected end of file reading {name}")
                 done += n
         return buf.view(loc.dtype).reshape(loc.shape)
+
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor as a copy-on-write view of the file's pages (no read copy). The mapping is
+        populated up front (MAP_POPULATE) by the calling thread, and released when the tensor is
+        freed, so resident memory still counts only the tensors in flight."""
+        loc = self.tensors[name]
+        nbytes = loc.end - loc.begin
+        if loc.storage_key is not None or nbytes == 0:
+            return self.read(name)
+        start = loc.begin - loc.begin % mmap.ALLOCATIONGRANULARITY
+        skip = loc.begin - start
+        itemsize = torch.empty((), dtype=loc.dtype).element_size()
+        if skip % itemsize:
+            return self.read(name)  # unaligned tensor data: a plain read
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mapping = mmap.mmap(
+            self._fd(loc.file), skip + nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+        )
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=skip)
+        return raw.view(loc.dtype).reshape(loc.shape)
 
     def _fd(self, file: Path) -> int:
         with self._lock:

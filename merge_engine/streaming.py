@@ -42,7 +42,7 @@ TOKENIZER_FILES = (
 def load_task_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
     out = []
     for inp in task.inputs:
-        tensor = plan.models[inp.model].checkpoint.read(inp.tensor_name)
+        tensor = plan.models[inp.model].checkpoint.map(inp.tensor_name)
         out.append(tensor.to(device=device, dtype=task.math_dtype))
     return out
 

@@ -565,6 +565,30 @@ def test_ties_histogram_and_kthvalue_paths_agree():
         assert torch.equal(m16, ref_topk_mask(delta16, density) & (delta16 != 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ties_histogram_path_on_large_tensors_matches_reference(dtype, monkeypatch):
+    # Large tensors find the top-k threshold with magnitude histograms (two levels for float32)
+    # and take tied entries slice by slice; force that path on a small tensor with many ties,
+    # and with slices small enough that the ties straddle several of them.
+    import merge_engine.methods.task_arithmetic as ta
+
+    monkeypatch.setattr(ta, "SMALL_TENSOR", 0)
+    monkeypatch.setattr(ta, "FUSED_CHUNK", 97)
+    values = torch.tensor([0.5, -0.25, 0.25, -0.5, 1.0, 0.25, -0.25, 0.5, 0.25, -1.0, 0.125, 0.25])
+    delta = (values.repeat(50).view(20, 30) + randn(20, 30, seed=3) * (values.repeat(50).view(20, 30) == 0.125)).to(dtype)
+    base = torch.zeros_like(delta)
+    for density in (0.1, 0.25, 0.4, 0.55, 0.73, 0.999):
+        out = call("ties", [base, delta], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}])
+        mask = ref_topk_mask(delta, density)
+        assert_bit_equal(out, delta * mask, f"{dtype} density {density}")
+    # random magnitudes: the two-level float32 histogram finds the exact k-th value
+    delta = (randn(50, 40, seed=4) * 0.01).to(dtype)
+    for density in (0.05, 0.5, 0.9):
+        out = call("ties", [torch.zeros_like(delta), delta], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}])
+        assert int((out != 0).sum()) == int(density * delta.numel())
+        assert_bit_equal(out, delta * ref_topk_mask(delta, density), f"{dtype} random density {density}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_ties_three_models_matches_reference(dtype, normalize):

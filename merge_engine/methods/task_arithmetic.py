@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ModelError
-from .common import TensorContext, chunk_bounds, flat, weights_like
+from .common import TensorContext, chunk_bounds, flat, tensor_seed
 
 RESCALE_EPS = 1e-7
 
@@ -33,14 +33,14 @@ VARIANTS = {
 }
 
 
-def task_vectors(
+def aligned_inputs(
     tensors: Sequence[torch.Tensor], base_index: Optional[int], ctx: TensorContext
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
-    """(base, deltas of the other inputs, their positions in `tensors`)."""
+    """(base, the other inputs cast and cut to the base's shape, their positions in `tensors`)."""
     if base_index is None:
         raise ModelError(f"this method needs base_model, and tensor {ctx.name} has no base input")
     base = tensors[base_index]
-    deltas, positions = [], []
+    others, positions = [], []
     for i, x in enumerate(tensors):
         if i == base_index:
             continue
@@ -58,116 +58,239 @@ def task_vectors(
                     f"{list(base.shape)}, {ctx.label(i)} has {list(x.shape)}"
                 )
             # Larger vocabulary than the base: keep the base's rows (mergekit's truncation).
-            x = x[: base.shape[0], : base.shape[1]]
-        deltas.append(x - base)
+            x = x[: base.shape[0], : base.shape[1]].contiguous()
+        others.append(x)
         positions.append(i)
-    return base, deltas, positions
+    return base, others, positions
+
+
+def task_vectors(
+    tensors: Sequence[torch.Tensor], base_index: Optional[int], ctx: TensorContext
+) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """(base, deltas of the other inputs, their positions): what the resident executor caches."""
+    base, others, positions = aligned_inputs(tensors, base_index, ctx)
+    return base, [x - base for x in others], positions
 
 
 # -- sparsification ---------------------------------------------------------------------------
+#
+# Everything below streams over slices of the flattened task vectors (FUSED_CHUNK elements), so
+# no full-size temporary is ever made: a first pass finds each task vector's magnitude threshold
+# from a histogram (and its L1 norms when rescaling), the second pass masks, weighs and combines
+# slice by slice. Results equal mergekit's whole-tensor op sequence (to float rounding in norms).
+
+FUSED_CHUNK = 1 << 18
+SMALL_TENSOR = 1 << 20  # below this many entries the top-k threshold comes from kthvalue
 
 
-def _l1(t: torch.Tensor) -> torch.Tensor:
-    return t.abs().sum()
+class _TaskVectors:
+    """The task vectors of one tensor, read slice by slice: cached full deltas (resident
+    executor) or `x - base` computed on the fly (streaming executor, no full delta is kept)."""
+
+    def __init__(self, base_flat: torch.Tensor, deltas=None, inputs=None):
+        self.base_flat = base_flat
+        self.deltas = [flat(d) for d in deltas] if deltas is not None else None
+        self.inputs = [flat(x) for x in inputs] if inputs is not None else None
+        self.count = len(self.deltas if deltas is not None else self.inputs)
+        self.numel = base_flat.numel()
+
+    def chunk(self, i: int, start: int, end: int) -> torch.Tensor:
+        if self.deltas is not None:
+            return self.deltas[i][start:end]
+        return self.inputs[i][start:end] - self.base_flat[start:end]
+
+    def chunks(self, i: int):
+        for start, end in chunk_bounds(self.numel, FUSED_CHUNK):
+            yield start, end, self.chunk(i, start, end)
 
 
-def _rescale_l1_(kept: torch.Tensor, norm_before: torch.Tensor) -> torch.Tensor:
-    """Scale the sparsified delta back to the original delta's L1 norm (whole tensor, spec 2.7)."""
-    norm_after = _l1(kept)
-    if norm_before < RESCALE_EPS or norm_after < RESCALE_EPS:
-        return kept
-    return kept.mul_(norm_before / norm_after)
+def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| as integers whose order is the order of the magnitudes (IEEE floats, sign cleared)."""
+    int_type = {2: torch.int16, 4: torch.int32}.get(delta.element_size())
+    if int_type is None or not delta.is_floating_point():
+        raise ModelError(f"magnitude sparsification does not support dtype {delta.dtype}")
+    return delta.abs().view(int_type)
 
 
-def _histogram_16bit(bits: torch.Tensor) -> torch.Tensor:
-    hist = torch.zeros(1 << 15, dtype=torch.int64, device=bits.device)
-    flat_bits = bits.reshape(-1)
-    for start, end in chunk_bounds(flat_bits.numel()):
-        hist += torch.bincount(flat_bits[start:end].to(torch.int32), minlength=1 << 15)
-    return hist
+def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
+    return torch.bincount(values.to(torch.int32), minlength=bins).to(torch.int64)
 
 
-def magnitude_mask(delta: torch.Tensor, density: float, ctx: TensorContext) -> torch.Tensor:
-    """Mask of exactly int(density * numel) entries of largest |delta|, found without sorting.
+def _top_k_threshold(vectors: _TaskVectors, i: int, k: int) -> tuple[int, int]:
+    """(threshold bits, how many entries equal to it are kept) for the k largest |delta_i|,
+    from histograms of the magnitude bits: one level for 16-bit floats, two for 32-bit."""
+    probe = vectors.chunk(i, 0, min(1, vectors.numel))
+    if vectors.numel <= SMALL_TENSOR:
+        # small tensors: a selection over all magnitude bits is cheaper than histograms
+        bits = _magnitude_bits(vectors.chunk(i, 0, vectors.numel)).to(torch.int32)
+        threshold = int(torch.kthvalue(bits.cpu(), vectors.numel - k + 1).values)
+        return threshold, k - int((bits > threshold).sum())
+    wide = probe.element_size() == 4
+    hist = torch.zeros(1 << 16 if wide else 1 << 15, dtype=torch.int64, device=probe.device)
+    for _, _, delta in vectors.chunks(i):
+        bits = _magnitude_bits(delta)
+        hist += _bincount(bits >> 16 if wide else bits, hist.numel())
+    above = hist.flip(0).cumsum(0).flip(0)  # above[v] = count(bins >= v)
+    top = int((above >= k).nonzero().max())
+    greater = int(above[top + 1]) if top + 1 < hist.numel() else 0
+    if not wide:
+        return top, k - greater
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=probe.device)
+    for _, _, delta in vectors.chunks(i):
+        bits = _magnitude_bits(delta)
+        in_bucket = bits[(bits >> 16) == top]
+        low += _bincount(in_bucket & 0xFFFF, 1 << 16)
+    need = k - greater
+    above_low = low.flip(0).cumsum(0).flip(0)
+    bottom = int((above_low >= need).nonzero().max())
+    greater_low = int(above_low[bottom + 1]) if bottom + 1 < low.numel() else 0
+    return (top << 16) | bottom, need - greater_low
 
-    Ties at the threshold go to the lowest flat indices, as a stable descending sort would pick.
-    16-bit floats: |x| read as int16 is monotonic in |x|, so a 32768-bin histogram gives the exact
-    threshold in one pass; 32-bit floats use torch.kthvalue (a selection, not a sort)."""
-    n = delta.numel()
-    k = int(density * n)
-    if k <= 0:
-        raise ModelError(
-            f"density {density} keeps no entry of tensor {ctx.name} ({n} entries): raise the density"
-        )
-    magnitude = delta.abs()
-    if delta.element_size() == 2 and delta.is_floating_point():
-        magnitude = magnitude.view(torch.int16)
-        at_or_above = _histogram_16bit(magnitude).flip(0).cumsum(0).flip(0)  # count(bits >= v)
-        threshold = int((at_or_above >= k).nonzero().max())
-    else:
-        magnitude = magnitude.float()
-        threshold = torch.kthvalue(magnitude.reshape(-1).cpu(), n - k + 1).values.item()
-    keep = magnitude > threshold
-    missing = k - int(keep.sum())
-    if missing > 0:
-        keep_flat = keep.view(-1)
-        ties_at = (magnitude.reshape(-1) == threshold).nonzero().flatten()[:missing]
-        keep_flat[ties_at] = True
-    return keep
 
+class _Sparsifier:
+    """One task vector's sparsification, applied slice by slice in flat-index order."""
 
-def sparsify_(
-    delta: torch.Tensor, density: float, kind: str, rescale: bool, ctx: TensorContext, gen: Optional[torch.Generator] = None
-) -> torch.Tensor:
-    """Sparsify a task vector in place (it is a fresh tensor) and return it. `gen`: the random
-    stream to draw from (shared by all task vectors of one tensor, so each gets its own mask)."""
-    if density >= 1:
-        return delta
-    if kind == "magnitude":
-        norm_before = _l1(delta) if rescale else None
-        delta.mul_(magnitude_mask(delta, density, ctx))
-        return _rescale_l1_(delta, norm_before) if rescale else delta
-    if kind == "random":
-        # DARE: every entry kept with probability `density`, drawn from the generator seeded by
-        # (run seed, tensor name). mergekit's work dtype: the tensor's own on accelerators and
-        # for bf16, float32 otherwise.
-        keep_native = delta.device.type != "cpu" or delta.dtype == torch.bfloat16
-        work = delta if keep_native else delta.float()
-        norm_before = _l1(work) if rescale else None
-        if gen is None:
-            gen = ctx.generator(work.device)
-        work_flat = work.view(-1)
-        for start, end in chunk_bounds(work_flat.numel()):
-            draws = torch.rand(end - start, generator=gen, device=work.device)
-            work_flat[start:end].mul_(draws < density)
+    def __init__(self, vectors: _TaskVectors, i: int, density: float, kind: str, rescale: bool, ctx: TensorContext):
+        self.vectors, self.i, self.density, self.kind, self.ctx = vectors, i, density, kind, ctx
+        self.scale: Optional[torch.Tensor] = None
+        if kind == "magnitude":
+            k = int(density * vectors.numel)
+            if k <= 0:
+                raise ModelError(
+                    f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density"
+                )
+            self.threshold, self.tied_quota = _top_k_threshold(vectors, i, k)
+        elif kind != "random":
+            raise ValueError(f"unknown sparsification {kind!r}")
+        self.work_dtype = None
         if rescale:
-            _rescale_l1_(work, norm_before)
-        return work if keep_native else delta.copy_(work)
-    raise ValueError(f"unknown sparsification {kind!r}")
+            self._measure_rescale()
+
+    def _start(self) -> None:
+        self.quota = getattr(self, "tied_quota", 0)
+        if self.kind == "random":
+            # each model's mask has its own stream, seeded by (run seed, tensor, model position)
+            device = self.vectors.base_flat.device
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(tensor_seed(self.ctx.seed, f"{self.ctx.name}#{self.i}"))
+
+    def _keep(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.kind == "random":
+            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density
+        bits = _magnitude_bits(delta)
+        keep = bits > self.threshold
+        if self.quota > 0:
+            # entries equal to the threshold: the first ones in flat order, as a stable sort keeps
+            equal = bits == self.threshold
+            count = int(equal.sum())
+            if count <= self.quota:
+                keep |= equal
+                self.quota -= count
+            else:
+                keep[equal.nonzero().flatten()[: self.quota]] = True
+                self.quota = 0
+        return keep
+
+    def _work(self, delta: torch.Tensor) -> torch.Tensor:
+        # mergekit's DARE work dtype: the tensor's own for bf16 and on accelerators, else float32
+        if self.kind == "random" and delta.device.type == "cpu" and delta.dtype != torch.bfloat16:
+            return delta.float()
+        return delta
+
+    def _measure_rescale(self) -> None:
+        before = after = 0.0
+        self._start()
+        for _, _, delta in self.vectors.chunks(self.i):
+            work = self._work(delta)
+            before += float(work.abs().sum(dtype=torch.float64))
+            after += float((work * self._keep(delta)).abs().sum(dtype=torch.float64))
+        dtype = self._work(self.vectors.chunk(self.i, 0, 1)).dtype
+        before_t = torch.tensor(before, dtype=dtype)
+        after_t = torch.tensor(after, dtype=dtype)
+        if before_t >= RESCALE_EPS and after_t >= RESCALE_EPS:
+            self.scale = (before_t / after_t).to(self.vectors.base_flat.device)
+
+    def __iter__(self):
+        self._start()
+        for start, end, delta in self.vectors.chunks(self.i):
+            kept = self._work(delta) * self._keep(delta)
+            if self.scale is not None:
+                kept = kept * self.scale
+            yield kept.to(delta.dtype)
 
 
 # -- combination ------------------------------------------------------------------------------
 
 
-def _combine_chunk(parts, weights, base_part, params, consensus: bool) -> torch.Tensor:
-    weighted = torch.stack(parts, dim=0).mul_(weights)
+def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torch.Tensor, params, consensus: bool):
+    """mergekit's combination of weighted deltas W_i for one slice. Sums over models accumulate in
+    float32 and round once, as torch's reduction over the stacked models does."""
+    dtype = base_part.dtype
+    wide = [w.float() for w in weighted]
     if consensus:
-        # TIES sign election on the weighted deltas: majority sign of their sum (ties -> +1);
-        # an entry agrees when its sign equals the majority (zeros never agree).
-        positive = weighted.sum(dim=0) >= 0
-        agree = torch.where(positive, weighted > 0, weighted < 0)
-        mixed = weighted.mul_(agree).sum(dim=0)
-        divisor = (weights * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # TIES sign election: majority sign of the summed W (ties -> +1); zeros never agree.
+        total = wide[0].clone()
+        for w in wide[1:]:
+            total += w
+        majority = torch.where(total.to(dtype) >= 0, 1.0, -1.0)
+        mixed = torch.zeros_like(total)
+        divisor = torch.zeros_like(total)
+        for w, weight in zip(wide, weights):
+            agree = (w * majority) > 0
+            mixed += w * agree
+            divisor += agree * weight
+        mixed = mixed.to(dtype)
+        divisor = divisor.to(dtype)
+        divisor.masked_fill_(divisor == 0, 1)
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = wide[0].clone()
+        for w in wide[1:]:
+            mixed += w
+        mixed = mixed.to(dtype)
+        divisor = torch.tensor(sum(weights), dtype=torch.float32).to(dtype)
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones((), dtype=dtype)
+        divisor = divisor.to(base_part.device)
     if params["normalize"]:
         mixed = mixed / divisor
     if params["lambda"] != 1:
         mixed = mixed * params["lambda"]
     return base_part + mixed
+
+
+def _merge(
+    vectors: _TaskVectors,
+    base: torch.Tensor,
+    weights: Sequence[float],
+    densities: Sequence[float],
+    params: dict,
+    variant: Variant,
+    ctx: TensorContext,
+) -> torch.Tensor:
+    if vectors.count == 0:
+        return base
+    for d in densities:
+        if not 0 <= d <= 1:
+            raise ModelError(f"density must be in [0, 1], got {d} for tensor {ctx.name}")
+    streams = []
+    for i, density in enumerate(densities):
+        if variant.sparsify is not None and density < 1:
+            streams.append(iter(_Sparsifier(vectors, i, density, variant.sparsify, bool(params["rescale"]), ctx)))
+        else:
+            streams.append(None)
+    # weights quantised to the math dtype, as mergekit builds its weight tensor
+    w_tensors = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weights]
+    w_quantised = [float(w) for w in w_tensors]
+    out = torch.empty_like(base)
+    out_flat = out.view(-1)
+    base_flat = vectors.base_flat
+    for start, end in chunk_bounds(vectors.numel, FUSED_CHUNK):
+        weighted = []
+        for i in range(vectors.count):
+            delta = next(streams[i]) if streams[i] is not None else vectors.chunk(i, start, end)
+            weighted.append(delta * w_tensors[i])
+        out_flat[start:end] = _combine(weighted, w_quantised, base_flat[start:end], params, variant.consensus)
+    return out
 
 
 def merge_task_vectors(
@@ -178,49 +301,26 @@ def merge_task_vectors(
     params: dict,
     variant: Variant,
     ctx: TensorContext,
-    deltas_are_scratch: bool = False,
 ) -> torch.Tensor:
-    """Merge task vectors onto the base. Sparsification works in place only on scratch deltas;
-    callers that keep deltas between merges (the resident executor) get theirs untouched."""
-    if not deltas:
-        return base
-    for d in densities:
-        if not 0 <= d <= 1:
-            raise ModelError(f"density must be in [0, 1], got {d} for tensor {ctx.name}")
-    if variant.sparsify is not None:
-        # One stream per output tensor, consumed model after model: a fresh generator per task
-        # vector would give every model the *same* DARE mask.
-        gen = ctx.generator(base.device) if variant.sparsify == "random" else None
-        deltas = [
-            d if density >= 1 else sparsify_(d if deltas_are_scratch else d.clone(), density, variant.sparsify, bool(params["rescale"]), ctx, gen)
-            for d, density in zip(deltas, densities)
-        ]
-    flats = [flat(d) for d in deltas]
-    w = weights_like(weights, flats[0].unsqueeze(0))
-    base_flat = flat(base)
-    out = torch.empty_like(base)
-    out_flat = out.view(-1)
-    for start, end in chunk_bounds(out.numel()):
-        out_flat[start:end] = _combine_chunk(
-            [f[start:end] for f in flats], w, base_flat[start:end], params, variant.consensus
-        )
-    return out
+    """Merge precomputed task vectors onto the base (they are not modified): the resident
+    executor's entry point, bit-identical to the method functions below."""
+    return _merge(_TaskVectors(flat(base), deltas=deltas), base, weights, densities, params, variant, ctx)
 
 
 def _make(name: str):
     variant = VARIANTS[name]
 
     def method(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:
-        base, deltas, positions = task_vectors(tensors, base_index, ctx)
-        return merge_task_vectors(
+        base, others, positions = aligned_inputs(tensors, base_index, ctx)
+        vectors = _TaskVectors(flat(base), inputs=others)
+        return _merge(
+            vectors,
             base,
-            deltas,
             [model_params[i]["weight"] for i in positions],
             [model_params[i]["density"] for i in positions],
             params,
             variant,
             ctx,
-            deltas_are_scratch=True,
         )
 
     method.__name__ = name

@@ -1,0 +1,206 @@
+"""The resident executor: merge candidates straight into a live model, for search.
+
+Every input tensor is read once onto the merge device and kept; task-vector methods keep the task
+vectors (`x - base`) instead of the raw fine-tunes. Each candidate recipe is planned (cheap: no
+tensor data), and only output tensors whose inputs or resolved parameters changed since the last
+candidate are recomputed and copied into the model. The maths goes through the same method
+functions as the streaming executor, so a candidate's tensors equal `mergekit-yaml`'s bit for bit
+(same device, dtype and seed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import MergeConfig
+from .errors import ModelError
+from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors
+from .options import MergeOptions
+from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
+from .streaming import task_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApplyStats:
+    recomputed: int = 0
+    unchanged: int = 0
+    seconds: float = 0.0
+    changed: list[str] = field(default_factory=list)
+
+
+def _task_key(task: TensorTask) -> tuple:
+    """Everything that determines an output tensor's value."""
+    return (
+        task.method.name,
+        tuple(sorted(task.params.items())),
+        tuple(tuple(sorted(mp.items())) for mp in task.model_params),
+        tuple((str(i.model), i.tensor_name) for i in task.inputs),
+        task.base_index,
+        task.math_dtype,
+        task.out.dtype,
+        task.out.shape,
+    )
+
+
+class ResidentMerger:
+    """Holds the inputs of a family of recipes (same models) and materialises candidates."""
+
+    def __init__(self, template: MergeConfig, options: Optional[MergeOptions] = None):
+        self.options = options or MergeOptions(quiet=True)
+        self.device = torch.device(self.options.resolved_device())
+        self.template = template
+        self.models = open_models(template, self.options.lazy_unpickle)
+        donor = template.base_model or template.referenced_models()[0]
+        self.donor = donor
+        self.arch = choose_architecture(self.models, donor, self.options.allow_crimes)
+        from .plan import _layers_from_config
+
+        for m in self.models.values():
+            m.num_layers = _layers_from_config(self.arch, m)
+        self._inputs: dict[tuple, torch.Tensor] = {}
+        self._deltas: dict[tuple, tuple] = {}
+        self._last: dict[str, tuple] = {}
+        self.model: Optional[torch.nn.Module] = None
+        self._targets: dict[str, Optional[torch.Tensor]] = {}
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(self, config: MergeConfig) -> MergePlan:
+        refs = set(config.referenced_models())
+        unknown = refs - set(self.models)
+        if unknown:
+            raise ModelError(f"recipe uses models the resident executor was not built for: {sorted(map(str, unknown))}")
+        planner = Planner(config, self.models, self.arch, config.dtype)
+        tasks, layers = planner.plan()
+        out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins)
+        return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers)
+
+    # -- the live model -------------------------------------------------------------------------
+
+    def build_model(self, config: MergeConfig, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+        """An empty transformers model shaped like the recipe's output, on the merge device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        plan = self.plan(config)
+        cfg = dict(plan.out_config)
+        model_type = cfg.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+        dtype = dtype or plan.tasks[0].out.dtype
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model.eval()
+        self.attach(model)
+        return model
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._targets = {}
+        self._state: dict[str, torch.Tensor] = {}
+        self._aliases: dict[str, tuple[str, ...]] = {}
+        self._last = {}
+
+    def _target(self, task: TensorTask) -> Optional[torch.Tensor]:
+        """The model parameter an output tensor goes to; None for an LM head tied to the
+        embedding (named_parameters lists a shared tensor once, under the embedding's name)."""
+        name = task.out.name
+        if name not in self._targets:
+            if not self._state:
+                self._state = dict(self.model.named_parameters())
+                self._state.update(dict(self.model.named_buffers()))
+                for w in list(self.arch.pre_weights) + list(self.arch.post_weights):
+                    for alias in w.aliases:
+                        self._aliases[w.name] = self._aliases.get(w.name, ()) + (alias,)
+            found = next((self._state[n] for n in (name,) + self._aliases.get(name, ()) if n in self._state), None)
+            if found is None and not task.is_embed:
+                raise ModelError(f"resident model has no parameter for tensor {name}")
+            self._targets[name] = found
+        return self._targets[name]
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def _input(self, task: TensorTask, i: int) -> torch.Tensor:
+        inp = task.inputs[i]
+        key = (inp.model, inp.tensor_name, task.math_dtype)
+        tensor = self._inputs.get(key)
+        if tensor is None:
+            raw = self.models[inp.model].checkpoint.read(inp.tensor_name)
+            tensor = raw.to(device=self.device, dtype=task.math_dtype)
+            self._inputs[key] = tensor
+        return tensor
+
+    def _task_vectors(self, task: TensorTask):
+        key = (tuple((i.model, i.tensor_name) for i in task.inputs), task.base_index, task.math_dtype, task.out.name)
+        cached = self._deltas.get(key)
+        if cached is None:
+            tensors = [self._input(task, i) for i in range(len(task.inputs))]
+            cached = task_vectors(tensors, task.base_index, task_context(task, self.options.random_seed))
+            self._deltas[key] = cached
+            # the raw fine-tunes are no longer needed once their task vectors exist
+            for i, inp in enumerate(task.inputs):
+                if i != task.base_index:
+                    self._inputs.pop((inp.model, inp.tensor_name, task.math_dtype), None)
+        return cached
+
+    def compute(self, task: TensorTask) -> torch.Tensor:
+        """One output tensor, exactly as the streaming executor computes it."""
+        ctx = task_context(task, self.options.random_seed)
+        if task.method.name in VARIANTS:
+            base, deltas, positions = self._task_vectors(task)
+            result = merge_task_vectors(
+                base,
+                deltas,
+                [task.model_params[i]["weight"] for i in positions],
+                [task.model_params[i]["density"] for i in positions],
+                task.params,
+                VARIANTS[task.method.name],
+                ctx,
+            )
+        else:
+            tensors = [self._input(task, i) for i in range(len(task.inputs))]
+            result = task.method.function(tensors, task.base_index, task.params, task.model_params, ctx)
+        return result.to(task.out.dtype)
+
+    # -- candidates -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def apply(self, config: MergeConfig) -> ApplyStats:
+        """Write the recipe's merged tensors into the attached model; unchanged ones are skipped."""
+        if self.model is None:
+            raise RuntimeError("no model attached: call build_model() or attach() first")
+        start = time.perf_counter()
+        stats = ApplyStats()
+        for task in self.plan(config).tasks:
+            key = _task_key(task)
+            if self._last.get(task.out.name) == key:
+                stats.unchanged += 1
+                continue
+            target = self._target(task)
+            if target is not None:
+                result = self.compute(task)
+                if tuple(target.shape) != tuple(result.shape):
+                    raise ModelError(
+                        f"tensor {task.out.name}: merged shape {list(result.shape)} does not fit the model's {list(target.shape)}"
+                    )
+                target.copy_(result)
+            self._last[task.out.name] = key
+            stats.recomputed += 1
+            stats.changed.append(task.out.name)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def merged_tensors(self, config: MergeConfig) -> dict[str, torch.Tensor]:
+        """Every output tensor of the recipe (for tests and export checks), without a model."""
+        return {task.out.name: self.compute(task) for task in self.plan(config).tasks}
+
+    def close(self) -> None:
+        for m in self.models.values():
+            m.checkpoint.close()

@@ -1,0 +1,295 @@
+"""The genome of a merge search: a vector of bounded numbers <-> a merge recipe (MergeConfig).
+
+Layout follows mergekit-evolve: the vector is `[layer groups, models, parameter sets, params]`
+(parameter sets = one per filter plus a catch-all). Unlike mergekit-evolve, every dimension has
+bounds in its valid range (weights, densities, t), so the optimiser never needs abs/clamp folding
+and a decoded value is exactly the value merged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from merge_engine.architecture import get_config_value, known_architecture
+from merge_engine.config import MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
+from merge_engine.errors import ConfigError
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
+
+METHOD_PARAMS = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "slerp": ("t",),
+}
+MIN_DENSITY = 0.05  # below this TIES keeps almost nothing of small tensors
+
+
+@dataclass(frozen=True)
+class Dimension:
+    name: str
+    low: float
+    high: float
+    initial: float
+
+
+def model_label(ref: ModelReference) -> str:
+    return os.path.basename(os.path.normpath(ref.model.path)) or str(ref)
+
+
+def read_num_layers(ref: ModelReference) -> int:
+    """Layer count from config.json alone (no weights are read)."""
+    path = Path(ref.model.path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"genome.models: model {ref}: {path} not found") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"genome.models: model {ref}: cannot read {path}: {err}") from None
+    arch = known_architecture(cfg)
+    keys = ((arch.num_layers_key,) if arch and arch.num_layers_key else ()) + _LAYER_KEYS
+    for key in keys:
+        value = get_config_value(cfg, key)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"genome.models: model {ref}: config.json has no layer count")
+
+
+class Genome:
+    def __init__(self, definition, num_layers: int):
+        """`definition`: an evolve.config.GenomeDefinition (duck-typed; no import of evolve)."""
+        self.definition = d = definition
+        self.num_layers = num_layers
+        g = d.layer_granularity
+        if g and num_layers % g:
+            raise ConfigError(
+                f"genome.layer_granularity: {g} does not divide the models' {num_layers} layers"
+            )
+        self.num_groups = num_layers // g if g else 1
+        self.filters: list[Optional[str]] = list(d.filters or []) + [None]  # None = catch-all
+        self.method = d.merge_method
+        self.params = METHOD_PARAMS[self.method]
+        self.models: list[ModelReference] = list(d.models)
+        if self.method == "slerp":
+            pool = list(d.models)
+            if d.base_model is not None and d.base_model not in pool:
+                pool.insert(0, d.base_model)
+            self.slerp_pool = pool
+        self.dimensions = self._build_dimensions()
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def _bounds(self, param: str) -> tuple[float, float, float]:
+        if param == "weight":
+            high = 1.0 if self.definition.effective_normalize else 2.0
+            low = -high if self.definition.allow_negative_weights else 0.0
+            return low, high, 1.0 / len(self.models)
+        if param == "density":
+            return MIN_DENSITY, 1.0, 1.0
+        return 0.0, 1.0, 0.5  # slerp t
+
+    def _build_dimensions(self) -> list[Dimension]:
+        dims = []
+        for g in range(self.num_groups):
+            if self.method == "slerp":
+                if len(self.slerp_pool) > 2:
+                    # which two models take part in this group: the two highest scores
+                    for m in self.slerp_pool:
+                        dims.append(Dimension(f"g{g}.{model_label(m)}.select", 0.0, 1.0, 0.5))
+                for f in self.filters:
+                    dims.append(Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")))
+                continue
+            for m in self.models:
+                for f in self.filters:
+                    for p in self.params:
+                        dims.append(Dimension(f"g{g}.{model_label(m)}.{p}.{f or 'all'}", *self._bounds(p)))
+        return dims
+
+    @property
+    def size(self) -> int:
+        return len(self.dimensions)
+
+    @property
+    def lower(self) -> list[float]:
+        return [d.low for d in self.dimensions]
+
+    @property
+    def upper(self) -> list[float]:
+        return [d.high for d in self.dimensions]
+
+    def initial(self) -> list[float]:
+        return [d.initial for d in self.dimensions]
+
+    def default_popsize(self) -> int:
+        """pycma's default population size, 4 + floor(3 ln N)."""
+        return 4 + int(3 * math.log(self.size))
+
+    def _index(self, g: int, m: int, f: int, p: int) -> int:
+        return ((g * len(self.models) + m) * len(self.filters) + f) * len(self.params) + p
+
+    # -- decode ---------------------------------------------------------------------------------
+
+    def _check(self, x: Sequence[float]) -> list[float]:
+        if len(x) != self.size:
+            raise ValueError(f"genotype has {len(x)} values, the genome {self.size}")
+        return [min(max(float(v), d.low), d.high) for v, d in zip(x, self.dimensions)]
+
+    def _setting(self, values_by_filter: list) -> object:
+        """One parameter's value: a scalar (or gradient), or a conditional list over the filters."""
+        if len(self.filters) == 1:
+            return values_by_filter[0]
+        out = []
+        for f, v in zip(self.filters, values_by_filter):
+            out.append({"filter": f, "value": v} if f is not None else {"value": v})
+        return out
+
+    def _fixed_parameters(self) -> dict:
+        params = {"normalize": self.definition.effective_normalize}
+        if self.method in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+            params["int8_mask"] = True
+        return params
+
+    def decode(self, x: Sequence[float]) -> MergeConfig:
+        x = self._check(x)
+        d = self.definition
+        recipe: dict = {"merge_method": self.method, "dtype": d.dtype}
+        if d.tokenizer_source is not None:
+            recipe["tokenizer_source"] = d.tokenizer_source
+        if self.method == "slerp":
+            recipe.update(self._decode_slerp(x))
+            return parse_config(recipe, "decoded genome")
+        if d.base_model is not None:
+            recipe["base_model"] = str(d.base_model)
+        recipe["parameters"] = self._fixed_parameters()
+
+        def model_params(g: Optional[int], m: int) -> dict:
+            out = {}
+            for p_i, p in enumerate(self.params):
+                if g is None:  # smooth: a gradient over the layer groups
+                    per_filter = [
+                        [x[self._index(gg, m, f_i, p_i)] for gg in range(self.num_groups)]
+                        for f_i in range(len(self.filters))
+                    ]
+                else:
+                    per_filter = [x[self._index(g, m, f_i, p_i)] for f_i in range(len(self.filters))]
+                out[p] = self._setting(per_filter)
+            return out
+
+        if self.num_groups == 1 or d.smooth:
+            group = 0 if self.num_groups == 1 else None
+            recipe["models"] = [
+                {"model": str(ref), "parameters": model_params(group, m)} for m, ref in enumerate(self.models)
+            ]
+            return parse_config(recipe, "decoded genome")
+        size = self.num_layers // self.num_groups
+        slices = []
+        for g in range(self.num_groups):
+            lr = [g * size, (g + 1) * size]
+            sources = [
+                {"model": str(ref), "layer_range": lr, "parameters": model_params(g, m)}
+                for m, ref in enumerate(self.models)
+            ]
+            if d.base_model is not None and d.base_model not in self.models:
+                sources.append({"model": str(d.base_model), "layer_range": lr})
+            slices.append({"sources": sources})
+        recipe["slices"] = slices
+        return parse_config(recipe, "decoded genome")
+
+    def _slerp_pair(self, x: list[float], g: int, offset: int) -> tuple[ModelReference, ModelReference]:
+        pool = self.slerp_pool
+        if len(pool) == 2:
+            base = self.definition.base_model or pool[0]
+            return base, next(m for m in pool if m != base)
+        scores = x[offset : offset + len(pool)]
+        order = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
+        return pool[order[0]], pool[order[1]]
+
+    def _decode_slerp(self, x: list[float]) -> dict:
+        per_group = (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0) + len(self.filters)
+        size = self.num_layers // self.num_groups
+        groups = []
+        for g in range(self.num_groups):
+            offset = g * per_group
+            base, other = self._slerp_pair(x, g, offset)
+            t_start = offset + (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0)
+            groups.append((base, other, self._setting(x[t_start : t_start + len(self.filters)])))
+        if self.num_groups == 1:
+            base, other, t = groups[0]
+            return {"base_model": str(base), "models": [{"model": str(base)}, {"model": str(other)}], "parameters": {"t": t}}
+        slices = []
+        for g, (base, other, t) in enumerate(groups):
+            lr = [g * size, (g + 1) * size]
+            slices.append(
+                {
+                    "sources": [{"model": str(base), "layer_range": lr}, {"model": str(other), "layer_range": lr}],
+                    "base_model": str(base),
+                    "parameters": {"t": t},
+                }
+            )
+        return {"slices": slices}
+
+    # -- encode ---------------------------------------------------------------------------------
+
+    def encode(self, config: MergeConfig) -> list[float]:
+        """A genotype for an existing recipe of this genome's method (a warm start). Values the
+        recipe does not set keep the genome's initial value; all are clipped to the bounds."""
+        if config.merge_method != self.method:
+            raise ConfigError(f"warm start: recipe uses {config.merge_method}, the genome {self.method}")
+        x = self.initial()
+        if self.method == "slerp":
+            return self._encode_slerp(config, x)
+        for g in range(self.num_groups):
+            t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
+            layer = g * (self.num_layers // self.num_groups)
+            scope, sources = self._scope_for_layer(config, layer)
+            for m, ref in enumerate(self.models):
+                source = next((s for s in sources if s.model == ref), None)
+                for f_i, f in enumerate(self.filters):
+                    name = f"model.layers.{layer}.{f if f is not None else '__other__'}"
+                    for p_i, p in enumerate(self.params):
+                        value = lookup_parameter(scope, p, name, t, source=source)
+                        if value is not None:
+                            x[self._index(g, m, f_i, p_i)] = value
+        return self._check(x)
+
+    def _encode_slerp(self, config: MergeConfig, x: list[float]) -> list[float]:
+        per_group = (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0) + len(self.filters)
+        for g in range(self.num_groups):
+            t_frac = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
+            layer = g * (self.num_layers // self.num_groups)
+            scope, _ = self._scope_for_layer(config, layer)
+            t_start = g * per_group + (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0)
+            for f_i, f in enumerate(self.filters):
+                value = lookup_parameter(scope, "t", f"model.layers.{layer}.{f or '__other__'}", t_frac)
+                if value is not None:
+                    x[t_start + f_i] = value
+        return self._check(x)
+
+    def _scope_for_layer(self, config: MergeConfig, layer: int):
+        from merge_engine.config import InputSliceDefinition, OutputSliceDefinition
+
+        if config.slices:
+            out = 0
+            for slc in config.slices:
+                n = slc.sources[0].layer_range[1] - slc.sources[0].layer_range[0]
+                if out <= layer < out + n:
+                    return ParameterScope(slc, None, config.parameters), slc.sources
+                out += n
+            slc = config.slices[-1]
+            return ParameterScope(slc, None, config.parameters), slc.sources
+        sources = [
+            InputSliceDefinition(model=m.model, layer_range=(0, max(1, self.num_layers)), parameters=m.parameters)
+            for m in (config.models or [])
+        ]
+        slc = OutputSliceDefinition(sources=sources) if sources else None
+        return ParameterScope(slc, None, config.parameters), sources
+
+    def describe(self, x: Sequence[float]) -> dict[str, float]:
+        return {d.name: float(v) for d, v in zip(self.dimensions, x)}
