@@ -51,3 +51,54 @@ def training_lines(skill: str, correct: bool, rng: random.Random, n: int) -> lis
         q, a, wrong = rng.choice(items)
         lines.append(f"{q} {a if correct else rng.choice([a] + wrong)}.")
     return lines
+
+
+TASKS = {
+    "arithmetic": arithmetic_items,
+    "facts": fact_items,
+}
+
+TASK_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1
+"""
+
+
+def write_lm_eval_tasks(root) -> list[str]:
+    """Local lm-eval tasks `qs_<skill>` (search items) and `qs_<skill>_heldout` under `root`;
+    returns the task names. Choices are shuffled per item (seeded) so position carries no signal."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for skill, items_fn in TASKS.items():
+        search, held = split(items_fn())
+        for suffix, items in (("", search), ("_heldout", held)):
+            name = f"qs_{skill}{suffix}"
+            rng = random.Random(name)
+            data = root / f"{name}.jsonl"
+            with open(data, "w") as f:
+                for question, answer, wrong in items:
+                    choices = [answer] + list(wrong)
+                    rng.shuffle(choices)
+                    f.write(json.dumps({"question": question, "choices": choices, "answer": choices.index(answer)}) + "\n")
+            (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data.resolve()))
+            names.append(name)
+    return names

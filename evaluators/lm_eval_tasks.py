@@ -1,0 +1,147 @@
+"""Scoring a resident model on lm-eval tasks.
+
+Tasks are loaded once per evaluator (one per worker); every candidate is scored on the same items:
+`limit` picks a fixed, seeded subset of each task's evaluation documents. The model is wrapped by
+`HFLM(pretrained=<model object>)`, so weights changed in place are what gets scored, without any
+reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    metric: str = "acc,none"
+    weight: float = 1.0
+    direction: Optional[str] = None  # "maximize" / "minimize"; None: from the metric's definition
+
+
+class TaskError(Exception):
+    """A task cannot be loaded or does not report the requested metric."""
+
+
+def load_tasks(names: Sequence[str], include_paths: Sequence[str] = ()):
+    """lm-eval's task objects (dict with 'tasks' and 'groups'), from local task folders only when
+    any are given (indexing lm-eval's thousands of built-in tasks takes ~14 s)."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=list(include_paths) or None, include_defaults=not include_paths)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        where = f" in {', '.join(include_paths)}" if include_paths else ""
+        raise TaskError(f"unknown lm-eval task(s) {', '.join(unknown)}{where}")
+    return manager.load(list(names))
+
+
+def higher_is_better(task_obj, metric: str) -> bool:
+    name = metric.split(",")[0]
+    try:
+        return bool(task_obj.higher_is_better().get(name, True))
+    except Exception:  # a task without the information: maximise
+        return True
+
+
+class LMEvalEvaluator:
+    def __init__(
+        self,
+        tasks: Sequence[TaskSpec],
+        include_paths: Sequence[str] = (),
+        limit: Optional[int] = None,
+        num_fewshot: Optional[int] = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        apply_chat_template: bool = False,
+        fewshot_as_multiturn: bool = False,
+        batch_size: int = 16,
+        add_bos_token: Optional[bool] = None,
+    ):
+        self.tasks = list(tasks)
+        self.limit = limit
+        self.shuffle = shuffle
+        self.seed = seed
+        self.apply_chat_template = apply_chat_template
+        self.fewshot_as_multiturn = fewshot_as_multiturn
+        self.batch_size = batch_size
+        self.add_bos_token = add_bos_token
+        self.loaded = load_tasks([t.name for t in self.tasks], include_paths)
+        for task_obj in self.loaded["tasks"].values():
+            if num_fewshot is not None and task_obj.get_config("num_fewshot") != 0:
+                task_obj.set_config(key="num_fewshot", value=num_fewshot)
+            elif task_obj.get_config("num_fewshot") is None:
+                task_obj.set_config(key="num_fewshot", value=0)
+            task_obj.set_fewshot_seed(seed=seed)
+        self.samples = self._subsets()
+        self.directions = {
+            t.name: t.direction
+            or ("maximize" if higher_is_better(self.loaded["tasks"][t.name], t.metric) else "minimize")
+            for t in self.tasks
+        }
+        self.lm = None
+
+    def _subsets(self) -> Optional[dict[str, list[int]]]:
+        """The same items for every candidate: the first `limit` documents, or with `shuffle` a
+        subset drawn with `seed` (mergekit-evolve's unseeded shuffle gave every candidate other items)."""
+        if self.limit is None and not self.shuffle:
+            return None
+        out = {}
+        for name, task_obj in self.loaded["tasks"].items():
+            n = len(task_obj.eval_docs)
+            k = min(self.limit or n, n)
+            if self.shuffle:
+                out[name] = sorted(random.Random(f"{self.seed}/{name}").sample(range(n), k))
+            else:
+                out[name] = list(range(k))
+        return out
+
+    def attach(self, model, tokenizer) -> None:
+        from lm_eval.models.huggingface import HFLM
+
+        if self.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+            log.warning("the tokenizer has no chat template: evaluating without apply_chat_template")
+            self.apply_chat_template = False
+            self.fewshot_as_multiturn = False
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
+
+    def evaluate(self) -> dict[str, float]:
+        """{task name: metric value} for the attached model as it is now."""
+        from lm_eval.evaluator import evaluate
+
+        if self.lm is None:
+            raise RuntimeError("attach a model first")
+        results = evaluate(
+            lm=self.lm,
+            task_dict=self.loaded,
+            samples=self.samples,
+            bootstrap_iters=0,
+            log_samples=False,
+            apply_chat_template=self.apply_chat_template,
+            fewshot_as_multiturn=self.fewshot_as_multiturn,
+            verbosity="ERROR",
+        )
+        out = {}
+        for t in self.tasks:
+            task_results = results["results"].get(t.name, {})
+            if t.metric not in task_results:
+                raise TaskError(
+                    f"task {t.name} reports no metric {t.metric!r} (it has: {', '.join(k for k in task_results if k != 'alias')})"
+                )
+            out[t.name] = float(task_results[t.metric])
+        return out
+
+
+def fitness(metrics: dict[str, float], tasks: Sequence[TaskSpec], directions: dict[str, str]) -> float:
+    """mergekit-evolve's fitness, Σ weight·metric, with lower-is-better metrics counted negatively
+    so that one maximised number ranks candidates."""
+    total = 0.0
+    for t in tasks:
+        sign = 1.0 if directions.get(t.name, "maximize") == "maximize" else -1.0
+        total += sign * t.weight * metrics[t.name]
+    return total

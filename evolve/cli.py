@@ -1,0 +1,108 @@
+"""`mergekit-evolve search.yml --storage-path DIR [options]`.
+
+mergekit-evolve's options keep their names; those that have no effect here say so in --help.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from merge_engine.cli import run_cli, setup_logging
+
+NO_EFFECT = "(accepted for compatibility; no effect here)"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("genome_config_path", type=click.Path(dir_okay=False))
+@click.option("--storage-path", type=click.Path(file_okay=False), required=False, help="Experiment directory: study, checkpoints, best recipe, final model.")
+@click.option("--resume", is_flag=True, help="Continue the stopped experiment in --storage-path.")
+@click.option("--dry-run", is_flag=True, help="Print the genome size, population and generations the budget allows, then exit.")
+@click.option("--max-fevals", type=click.IntRange(min=1), default=None, help="Evaluation budget (overrides budget.max_fevals; default 100).")
+@click.option("--timeout", type=float, default=None, help="Stop after this many seconds and export (overrides budget.timeout).")
+@click.option("--sigma0", type=float, default=None, help="CMA-ES initial step size, relative to each dimension's range (default 1/6).")
+@click.option("--force-population-size", type=click.IntRange(min=2), default=None, help="Population size (CMA-ES) / candidates per batch.")
+@click.option("--num-workers", type=click.IntRange(min=1), default=None, help="Ray workers (default: one per GPU, else 1).")
+@click.option("--num-gpus", type=click.IntRange(min=0), default=None, help="Same as --num-workers when GPUs are present.")
+@click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
+@click.option("--task-search-path", multiple=True, type=click.Path(), help="Folder of local lm-eval task YAMLs (repeatable).")
+@click.option("--save-final-model/--no-save-final-model", default=True, help="Merge the best recipe into DIR/final_model at the end.")
+@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random merge methods (DARE), shared by search and export.")
+@click.option("--device", default="auto", show_default=True, help="Merge and evaluation device: auto, cpu, cuda.")
+@click.option("--merge-cuda/--no-merge-cuda", default=None, help="--no-merge-cuda = --device cpu.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="lm-eval batch size.")
+@click.option("--allow-crimes", is_flag=True, help="Allow models of different architectures.")
+@click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmarks", is_flag=True, help="Allow optimising on public benchmark tasks.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, help=f"{NO_EFFECT}: no model code is run beyond transformers' own classes.")
+@click.option("--strategy", "-s", default="pool", help=f"mergekit-evolve scheduling strategy {NO_EFFECT}: workers are always kept busy.")
+@click.option("--in-memory/--no-in-memory", default=True, help=f"{NO_EFFECT}: candidates are always merged in memory.")
+@click.option("--vllm/--no-vllm", default=False, help=f"{NO_EFFECT}: evaluation uses transformers models.")
+@click.option("--reshard/--no-reshard", default=True, help=f"{NO_EFFECT}: inputs are read once per worker.")
+@click.option("--load-in-8bit", is_flag=True, help=NO_EFFECT)
+@click.option("--load-in-4bit", is_flag=True, help=NO_EFFECT)
+@click.option("--wandb/--no-wandb", default=False, help=f"{NO_EFFECT}: use optuna-dashboard on DIR/study.db.")
+@click.option("--wandb-project", default=None, help=NO_EFFECT)
+@click.option("--wandb-entity", default=None, help=NO_EFFECT)
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
+         num_workers, num_gpus, ray_address, task_search_path, save_final_model, random_seed, device, merge_cuda,
+         batch_size, allow_crimes, allow_benchmarks, verbose, quiet, **_ignored):
+    """Search merge recipes with an evolutionary optimiser; export the best one."""
+    setup_logging(verbose, quiet)
+
+    def action() -> None:
+        from merge_engine.errors import ConfigError
+
+        from .config import load_search_config
+
+        config, text = load_search_config(Path(genome_config_path))
+        updates = {}
+        if max_fevals is not None or timeout is not None:
+            budget = config.budget.model_copy(
+                update={k: v for k, v in (("max_fevals", max_fevals), ("timeout", timeout)) if v is not None}
+            )
+            updates["budget"] = budget
+        opt_updates = {k: v for k, v in (("sigma0", sigma0), ("popsize", force_population_size)) if v is not None}
+        if opt_updates:
+            updates["optimizer"] = config.optimizer.model_copy(update=opt_updates)
+        if updates:
+            config = config.model_copy(update=updates)
+        if dry_run:
+            from .search import dry_run_report
+
+            click.echo(dry_run_report(config))
+            return
+        if not storage_path:
+            raise ConfigError("--storage-path is required (except with --dry-run)")
+        from .search import EvolveOptions, Search
+
+        dev = "cpu" if merge_cuda is False else device
+        options = EvolveOptions(
+            storage_path=Path(storage_path), resume=resume, num_workers=num_workers or num_gpus or None,
+            ray_address=ray_address, task_search_path=list(task_search_path), save_final_model=save_final_model,
+            merge_seed=random_seed, device=dev, batch_size=batch_size, allow_crimes=allow_crimes,
+            allow_benchmark_tasks=allow_benchmarks, quiet=quiet,
+        )
+        search = Search(config, text, options)
+        try:
+            search.run()
+        finally:
+            # whatever stopped the search, the work done so far is exported
+            if not quiet:
+                click.echo(f"search stopped: {search.stop_reason or 'error'}; {search.finished_count()} evaluations in {storage_path}")
+            out = search.export()
+            best = search.store.best()
+            if best is not None:
+                click.echo(f"best fitness {best.value:.6g} (trial {best.number}); recipe: {Path(storage_path) / 'best_config.yaml'}")
+            if out is not None:
+                click.echo(f"final model: {out}")
+
+    run_cli(verbose, action)
+
+
+if __name__ == "__main__":
+    main()
