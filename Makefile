@@ -22,7 +22,7 @@ test: setup
 	$(OFFLINE) $(PY) -m pytest tests
 
 demo: setup
-	$(OFFLINE) $(PY) experiments/demo_merge.py
+	$(OFFLINE) $(PY) experiments/quickstart/run.py
 
 bench: setup
 	$(OFFLINE) $(PY) bench/merge_throughput.py

@@ -48,6 +48,12 @@ class GenomeDefinition(_Schema):
     def _consistent(self) -> "GenomeDefinition":
         if self.merge_method in NEEDS_BASE and self.base_model is None:
             raise ValueError(f"merge_method {self.merge_method} needs base_model")
+        if self.merge_method == "linear" and self.base_model is not None and self.base_model not in self.models:
+            raise ValueError(
+                "linear does not use a base model: list base_model under models (so it gets a weight) or drop it"
+            )
+        if self.tokenizer_source not in (None, "base"):
+            raise ValueError("tokenizer_source: only 'base' is supported yet (tokenizer merging comes later)")
         if self.smooth and self.merge_method == "slerp":
             raise ValueError("smooth is not supported with slerp")
         if self.merge_method == "slerp" and len(self.models) + (self.base_model is not None and self.base_model not in self.models) < 2:

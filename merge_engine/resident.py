@@ -73,14 +73,32 @@ class ResidentMerger:
     # -- planning -------------------------------------------------------------------------------
 
     def plan(self, config: MergeConfig) -> MergePlan:
-        refs = set(config.referenced_models())
-        unknown = refs - set(self.models)
-        if unknown:
-            raise ModelError(f"recipe uses models the resident executor was not built for: {sorted(map(str, unknown))}")
+        self._open_missing(config)
         planner = Planner(config, self.models, self.arch, config.dtype)
         tasks, layers = planner.plan()
         out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins)
         return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers)
+
+    def _open_missing(self, config: MergeConfig) -> None:
+        """Candidates may use models the first recipe did not (a slerp search picks its pair per
+        layer group): open them on first use, with the same architecture checks."""
+        missing = [r for r in config.referenced_models() if r not in self.models]
+        if not missing:
+            return
+        from .config import parse_config
+
+        opened = open_models(parse_config({"merge_method": "passthrough", "models": [{"model": r.to_plain()} for r in missing]}), self.options.lazy_unpickle)
+        self.models.update(opened)
+        try:
+            choose_architecture(self.models, self.donor, self.options.allow_crimes)
+        except ModelError:
+            for ref in missing:
+                self.models.pop(ref).checkpoint.close()
+            raise
+        from .plan import _layers_from_config
+
+        for m in opened.values():
+            m.num_layers = _layers_from_config(self.arch, m)
 
     # -- the live model -------------------------------------------------------------------------
 

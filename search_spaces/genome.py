@@ -62,6 +62,13 @@ def read_num_layers(ref: ModelReference) -> int:
     raise ConfigError(f"genome.models: model {ref}: config.json has no layer count")
 
 
+def _unique_labels(refs: Sequence[ModelReference]) -> dict[ModelReference, str]:
+    """Short names for dimension names; models whose folders share a name get their full reference."""
+    short = {r: model_label(r) for r in refs}
+    clashes = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {r: (str(r) if short[r] in clashes else short[r]) for r in refs}
+
+
 class Genome:
     def __init__(self, definition, num_layers: int):
         """`definition`: an evolve.config.GenomeDefinition (duck-typed; no import of evolve)."""
@@ -82,6 +89,7 @@ class Genome:
             if d.base_model is not None and d.base_model not in pool:
                 pool.insert(0, d.base_model)
             self.slerp_pool = pool
+        self.labels = _unique_labels(self.slerp_pool if self.method == "slerp" else self.models)
         self.dimensions = self._build_dimensions()
 
     # -- layout ---------------------------------------------------------------------------------
@@ -102,14 +110,14 @@ class Genome:
                 if len(self.slerp_pool) > 2:
                     # which two models take part in this group: the two highest scores
                     for m in self.slerp_pool:
-                        dims.append(Dimension(f"g{g}.{model_label(m)}.select", 0.0, 1.0, 0.5))
+                        dims.append(Dimension(f"g{g}.{self.labels[m]}.select", 0.0, 1.0, 0.5))
                 for f in self.filters:
                     dims.append(Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")))
                 continue
             for m in self.models:
                 for f in self.filters:
                     for p in self.params:
-                        dims.append(Dimension(f"g{g}.{model_label(m)}.{p}.{f or 'all'}", *self._bounds(p)))
+                        dims.append(Dimension(f"g{g}.{self.labels[m]}.{p}.{f or 'all'}", *self._bounds(p)))
         return dims
 
     @property
@@ -264,8 +272,14 @@ class Genome:
         for g in range(self.num_groups):
             t_frac = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
             layer = g * (self.num_layers // self.num_groups)
-            scope, _ = self._scope_for_layer(config, layer)
+            scope, sources = self._scope_for_layer(config, layer)
             t_start = g * per_group + (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0)
+            if len(self.slerp_pool) > 2:
+                # the recipe's pair keeps the two top scores: its base first, the other second
+                base = scope.slice_def.base_model if scope.slice_def is not None and scope.slice_def.base_model else config.base_model
+                used = [s.model for s in sources]
+                for i, m in enumerate(self.slerp_pool):
+                    x[g * per_group + i] = 1.0 if m == base else (0.5 if m in used else 0.0)
             for f_i, f in enumerate(self.filters):
                 value = lookup_parameter(scope, "t", f"model.layers.{layer}.{f or '__other__'}", t_frac)
                 if value is not None:

@@ -58,13 +58,15 @@ def train(model, tokenizer, lines: list[str], steps: int, lr: float, seed: int, 
     return loss_value
 
 
-def build(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Create (or reuse) base, expert_arithmetic and expert_facts under `root`."""
+def build(root: Path, seed: int = 0, steps_scale: float = 1.0) -> dict[str, Path]:
+    """Create (or reuse) base, expert_arithmetic and expert_facts under `root`. `steps_scale`
+    shortens training (the tests use a faster, weaker version)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     paths = {name: root / name for name in ("base", "expert_arithmetic", "expert_facts")}
     stamp = root / "build.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("version") == BUILD_VERSION and all(
+    recipe = {"version": BUILD_VERSION, "seed": seed, "steps_scale": steps_scale}
+    if stamp.exists() and json.loads(stamp.read_text()) == recipe and all(
         (p / "model.safetensors").exists() for p in paths.values()
     ):
         return paths
@@ -91,18 +93,18 @@ def build(root: Path, seed: int = 0) -> dict[str, Path]:
         **SIZES,
     )
     base = AutoModelForCausalLM.from_config(config)
-    loss = train(base, tokenizer, format_lines, steps=250, lr=3e-3, seed=seed)
+    loss = train(base, tokenizer, format_lines, steps=int(250 * steps_scale), lr=3e-3, seed=seed)
     log.info("base trained (loss %.3f)", loss)
     base.save_pretrained(paths["base"])
     for skill in ("arithmetic", "facts"):
         expert = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
         # Replay a little of the base's data so an expert keeps the other skill's format.
-        loss = train(expert, tokenizer, skill_lines[skill] + format_lines[:200], steps=300, lr=2e-3, seed=seed + 1)
+        loss = train(expert, tokenizer, skill_lines[skill] + format_lines[:200], steps=int(300 * steps_scale), lr=2e-3, seed=seed + 1)
         log.info("expert %s trained (loss %.3f)", skill, loss)
         out = paths[f"expert_{skill}"]
         expert.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    stamp.write_text(json.dumps({"version": BUILD_VERSION, "seed": seed}))
+    stamp.write_text(json.dumps(recipe))
     return paths
 
 

@@ -1,0 +1,156 @@
+"""The evolutionary search end to end: a real local Ray cluster, real lm-eval tasks, a real SQLite
+study, on a smaller version of the quickstart experiment (tiny models trained in the fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from experiments.quickstart.build_models import build
+from experiments.quickstart.skills import write_lm_eval_tasks
+
+EVOLVE = str(Path(sys.executable).parent / "mergekit-evolve")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE="disabled")
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart")
+    models = build(root / "models", steps_scale=0.6)
+    tasks = root / "tasks"
+    write_lm_eval_tasks(tasks)
+    return {"root": root, "models": models, "tasks": tasks}
+
+
+def search_yaml(qs, path: Path, optimizer: str = "cma", budget: int = 17, popsize: int = 8) -> Path:
+    m = qs["models"]
+    config = {
+        "genome": {
+            "models": [str(m["expert_arithmetic"]), str(m["expert_facts"])],
+            "base_model": str(m["base"]),
+            "merge_method": "task_arithmetic",
+            "layer_granularity": 2,
+            "dtype": "float32",
+        },
+        "tasks": ["qs_arithmetic", {"name": "qs_facts", "weight": 1.0, "metric": "acc,none"}],
+        "apply_chat_template": False,
+        "fewshot_as_multiturn": False,
+        "optimizer": {"name": optimizer, "popsize": popsize, "seed": 0},
+        "budget": {"max_fevals": budget},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_evolve(cfg: Path, storage: Path, tasks: Path, *extra: str, timeout: int = 300):
+    cmd = [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(tasks), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def trials(storage: Path) -> list[dict]:
+    """Finished trials straight from the SQLite file (what optuna-dashboard reads)."""
+    con = sqlite3.connect(storage / "study.db")
+    rows = con.execute("SELECT trial_id, number, state FROM trials ORDER BY number").fetchall()
+    out = []
+    for trial_id, number, state in rows:
+        attrs = dict(con.execute("SELECT key, value_json FROM trial_user_attributes WHERE trial_id=?", (trial_id,)).fetchall())
+        value = con.execute("SELECT value FROM trial_values WHERE trial_id=?", (trial_id,)).fetchone()
+        out.append({
+            "number": number, "state": state, "value": value[0] if value else None,
+            **{k: json.loads(v) for k, v in attrs.items()},
+        })
+    con.close()
+    return out
+
+
+def test_search_improves_on_its_starting_point_and_exports(quickstart, tmp_path):
+    cfg = search_yaml(quickstart, tmp_path / "search.yml")
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 17 and all(r["state"] == "COMPLETE" for r in rows)
+    start = rows[0]
+    assert start["generation"] == -1  # the starting point is scored first
+    best = max(rows, key=lambda r: r["value"])
+    assert best["value"] > start["value"], [r["value"] for r in rows]
+    # every trial carries its metrics, recipe hash and timings; fitness = sum of weighted metrics
+    for r in rows:
+        assert set(r["metrics"]) == {"qs_arithmetic", "qs_facts"}
+        assert r["value"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
+        assert len(r["recipe_hash"]) == 16 and r["eval_s"] > 0 and r["total_s"] >= r["eval_s"]
+    # the best recipe keeps the user's model references and is a valid mergekit recipe
+    text = (storage / "best_config.yaml").read_text()
+    recipe = yaml.safe_load(text)
+    assert recipe["merge_method"] == "task_arithmetic" and recipe["base_model"] == str(quickstart["models"]["base"])
+    refs = {s["model"] for slc in recipe["slices"] for s in slc["sources"]}
+    assert refs == {str(p) for p in quickstart["models"].values()}
+    assert f"fitness {best['value']:.6g}" in text.splitlines()[0]
+    # the final model: merged by the streaming engine, with the search summary in its card
+    final = storage / "final_model"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()
+    card = (final / "README.md").read_text()
+    assert "Evolutionary search" in card and f"{best['value']:.6g}" in card
+    assert (storage / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((storage / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and manifest["config"] == cfg.read_text()
+    # a second run into the same directory without --resume is refused, nothing is touched
+    again = run_evolve(cfg, storage, quickstart["tasks"])
+    assert again.returncode == 2 and "--resume" in again.stderr
+    assert len(trials(storage)) == 17
+
+
+def test_killed_search_resumes_without_reevaluating(quickstart, tmp_path):
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=25)
+    storage = tmp_path / "run"
+    cmd = [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(quickstart["tasks"]), "--quiet"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (storage / "study.db").exists():
+                try:
+                    done = [r for r in trials(storage) if r["state"] == "COMPLETE"]
+                except sqlite3.OperationalError:
+                    done = []
+                if len(done) >= 12:  # past the first generation, inside the second
+                    break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes, mid-generation
+    finally:
+        proc.wait(timeout=60)
+    before = trials(storage)
+    assert 12 <= len(before) < 25
+    resumed = run_evolve(cfg, storage, quickstart["tasks"], "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = trials(storage)
+    assert len(after) == 25
+    # nothing finished before the kill was evaluated again: (generation, index) pairs are unique
+    keys = [(r["generation"], r["index"]) for r in after]
+    assert len(set(keys)) == len(keys)
+    assert [r["value"] for r in after[: len(before)]] == [r["value"] for r in before]
+    assert (storage / "final_model" / "model.safetensors").is_file()
+
+
+def test_optuna_sampler_search_and_dry_run(quickstart, tmp_path):
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", optimizer="tpe", budget=6)
+    dry = subprocess.run([EVOLVE, str(cfg), "--dry-run"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert dry.returncode == 0 and "4 dimensions" in dry.stdout
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--no-save-final-model", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows)
+    assert not (storage / "final_model").exists()
+    assert (storage / "best_config.yaml").is_file()
