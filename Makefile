@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(OFFLINE) $(PY) -m pytest tests
+	$(OFFLINE) $(PY) -m pytest tests -q
 
 demo: setup
 	$(OFFLINE) $(PY) experiments/quickstart/run.py

@@ -166,9 +166,12 @@ class ResidentMerger:
                     self._inputs.pop((inp.model, inp.tensor_name, task.math_dtype), None)
         return cached
 
-    def compute(self, task: TensorTask) -> torch.Tensor:
-        """One output tensor, exactly as the streaming executor computes it."""
+    def compute(self, task: TensorTask, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One output tensor, exactly as the streaming executor computes it; methods that can
+        write straight into `out` (the live parameter) do so."""
         ctx = task_context(task, self.options.random_seed)
+        if out is not None and task.math_dtype == task.out.dtype:
+            ctx.out = out
         if task.method.name in VARIANTS:
             base, deltas, positions = self._task_vectors(task)
             result = merge_task_vectors(
@@ -201,12 +204,13 @@ class ResidentMerger:
                 continue
             target = self._target(task)
             if target is not None:
-                result = self.compute(task)
+                result = self.compute(task, out=target)
                 if tuple(target.shape) != tuple(result.shape):
                     raise ModelError(
                         f"tensor {task.out.name}: merged shape {list(result.shape)} does not fit the model's {list(target.shape)}"
                     )
-                target.copy_(result)
+                if result.data_ptr() != target.data_ptr():
+                    target.copy_(result)
             self._last[task.out.name] = key
             stats.recomputed += 1
             stats.changed.append(task.out.name)

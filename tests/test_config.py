@@ -796,7 +796,7 @@ tokenizer:
     a, b = read_model(m["a"]), read_model(m["b"])
     for name, tensor in out.items():
         ref = (torch.stack([a[name], b[name]]) * torch.tensor([0.5, 0.5]).view(-1, *[1] * a[name].dim())).sum(0) / 1.0
-        torch.testing.assert_close(tensor, ref, rtol=0, atol=0)
+        torch.testing.assert_close(tensor, ref)  # to float rounding
 
 
 def test_bare_conditional_runs(llama_models, tmp_path):

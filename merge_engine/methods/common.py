@@ -23,6 +23,15 @@ class TensorContext:
     is_embed: bool = False
     seed: int = 0
     labels: Optional[Sequence[str]] = None  # input model names, for error messages
+    # Where a method may write its result (the resident executor's live parameter), or None.
+    out: Optional[torch.Tensor] = None
+
+    def output_buffer(self, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """`out` if the result (shaped and typed like `like`) can be written there directly."""
+        o = self.out
+        if o is not None and o.shape == like.shape and o.dtype == like.dtype and o.device == like.device and o.is_contiguous():
+            return o
+        return None
 
     def generator(self, device: torch.device) -> torch.Generator:
         gen = torch.Generator(device=device)

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 import torch
 
-from .common import TensorContext, check_same_shape, chunk_bounds, flat, rectify_embed_sizes, weights_like
+from ..errors import ModelError
+from .common import TensorContext, check_same_shape, chunk_bounds, flat, rectify_embed_sizes
+
+
+def _quantised(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=torch.float32).to(dtype))
 
 
 def linear(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:
     tensors = rectify_embed_sizes(list(tensors), ctx)
     check_same_shape(tensors, ctx)
-    # mergekit's op sequence in the math dtype (stack, multiply by the weights quantised to that
-    # dtype, sum over models, divide by the summed weights): results are bit-identical to it.
+    like = tensors[0]
+    # mergekit builds its weight tensor in the math dtype (0.3 in bf16 is 0.30078125) and divides
+    # by the weights' sum in that dtype: the same values here. The sum itself is computed with one
+    # rounding (fused lerp / float32 accumulation) instead of mergekit's three, which agrees with
+    # it to float rounding and costs a single pass over memory.
+    weights = [_quantised(mp["weight"], like.dtype) for mp in model_params]
+    coeffs = weights
+    if params["normalize"]:
+        total = _quantised(sum(weights), like.dtype)
+        if total == 0:
+            raise ModelError(f"linear: the weights of tensor {ctx.name} sum to zero, cannot normalize")
+        coeffs = [w / total for w in weights]
+    out = ctx.output_buffer(like)
+    if len(tensors) == 1:
+        return torch.mul(like, coeffs[0], out=out)
+    if len(tensors) == 2 and coeffs[0] + coeffs[1] != 0:
+        scale = coeffs[0] + coeffs[1]
+        result = torch.lerp(tensors[0], tensors[1], coeffs[1] / scale, out=out)
+        return result if scale == 1 else result.mul_(scale)
     flats = [flat(t) for t in tensors]
-    weights = weights_like([mp["weight"] for mp in model_params], flats[0].unsqueeze(0))
-    total_weight = weights.sum(dim=0)
-    out = torch.empty(tensors[0].shape, dtype=tensors[0].dtype, device=tensors[0].device)
-    out_flat = out.view(-1)
-    for start, end in chunk_bounds(out.numel()):
-        stacked = torch.stack([f[start:end] for f in flats], dim=0)
-        merged = stacked.mul_(weights).sum(dim=0)
-        if params["normalize"]:
-            merged = merged / total_weight
-        out_flat[start:end] = merged
-    return out
+    result = out if out is not None else torch.empty_like(like)
+    result_flat = result.view(-1)
+    for start, end in chunk_bounds(result.numel()):
+        acc = flats[0][start:end].float() * coeffs[0]
+        for f, c in zip(flats[1:], coeffs[1:]):
+            acc.add_(f[start:end], alpha=c)
+        result_flat[start:end] = acc
+    return result
