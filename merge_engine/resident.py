@@ -158,8 +158,8 @@ class ResidentMerger:
         cached = self._deltas.get(key)
         if cached is None:
             tensors = [self._input(task, i) for i in range(len(task.inputs))]
-            cached = task_vectors(tensors, task.base_index, task_context(task, self.options.random_seed))
-            self._deltas[key] = cached
+            base, deltas, positions = task_vectors(tensors, task.base_index, task_context(task, self.options.random_seed))
+            cached = self._deltas[key] = (base, deltas, positions, {})  # {} : magnitude histograms
             # the raw fine-tunes are no longer needed once their task vectors exist
             for i, inp in enumerate(task.inputs):
                 if i != task.base_index:
@@ -173,7 +173,7 @@ class ResidentMerger:
         if out is not None and task.math_dtype == task.out.dtype:
             ctx.out = out
         if task.method.name in VARIANTS:
-            base, deltas, positions = self._task_vectors(task)
+            base, deltas, positions, histograms = self._task_vectors(task)
             result = merge_task_vectors(
                 base,
                 deltas,
@@ -182,6 +182,7 @@ class ResidentMerger:
                 task.params,
                 VARIANTS[task.method.name],
                 ctx,
+                histograms,
             )
         else:
             tensors = [self._input(task, i) for i in range(len(task.inputs))]

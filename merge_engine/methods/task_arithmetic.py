@@ -116,9 +116,11 @@ def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.bincount(values.to(torch.int32), minlength=bins).to(torch.int64)
 
 
-def _top_k_threshold(vectors: _TaskVectors, i: int, k: int) -> tuple[int, int]:
+def _top_k_threshold(vectors: _TaskVectors, i: int, k: int, cache: Optional[dict] = None) -> tuple[int, int]:
     """(threshold bits, how many entries equal to it are kept) for the k largest |delta_i|,
-    from histograms of the magnitude bits: one level for 16-bit floats, two for 32-bit."""
+    from histograms of the magnitude bits: one level for 16-bit floats, two for 32-bit. The
+    histograms do not depend on the density: `cache` keeps them between candidates."""
+    cache = {} if cache is None else cache
     probe = vectors.chunk(i, 0, min(1, vectors.numel))
     if vectors.numel <= SMALL_TENSOR:
         # small tensors: a selection over all magnitude bits is cheaper than histograms
@@ -126,22 +128,26 @@ def _top_k_threshold(vectors: _TaskVectors, i: int, k: int) -> tuple[int, int]:
         threshold = int(torch.kthvalue(bits.cpu(), vectors.numel - k + 1).values)
         return threshold, k - int((bits > threshold).sum())
     wide = probe.element_size() == 4
-    hist = torch.zeros(1 << 16 if wide else 1 << 15, dtype=torch.int64, device=probe.device)
-    for _, _, delta in vectors.chunks(i):
-        bits = _magnitude_bits(delta)
-        hist += _bincount(bits >> 16 if wide else bits, hist.numel())
-    above = hist.flip(0).cumsum(0).flip(0)  # above[v] = count(bins >= v)
+    above = cache.get(("high", i))
+    if above is None:
+        hist = torch.zeros(1 << 16 if wide else 1 << 15, dtype=torch.int64, device=probe.device)
+        for _, _, delta in vectors.chunks(i):
+            bits = _magnitude_bits(delta)
+            hist += _bincount(bits >> 16 if wide else bits, hist.numel())
+        above = cache[("high", i)] = hist.flip(0).cumsum(0).flip(0)  # above[v] = count(bins >= v)
     top = int((above >= k).nonzero().max())
-    greater = int(above[top + 1]) if top + 1 < hist.numel() else 0
+    greater = int(above[top + 1]) if top + 1 < above.numel() else 0
     if not wide:
         return top, k - greater
-    low = torch.zeros(1 << 16, dtype=torch.int64, device=probe.device)
-    for _, _, delta in vectors.chunks(i):
-        bits = _magnitude_bits(delta)
-        in_bucket = bits[(bits >> 16) == top]
-        low += _bincount(in_bucket & 0xFFFF, 1 << 16)
+    above_low = cache.get(("low", i, top))
+    if above_low is None:
+        low = torch.zeros(1 << 16, dtype=torch.int64, device=probe.device)
+        for _, _, delta in vectors.chunks(i):
+            bits = _magnitude_bits(delta)
+            in_bucket = bits[(bits >> 16) == top]
+            low += _bincount(in_bucket & 0xFFFF, 1 << 16)
+        above_low = cache[("low", i, top)] = low.flip(0).cumsum(0).flip(0)
     need = k - greater
-    above_low = low.flip(0).cumsum(0).flip(0)
     bottom = int((above_low >= need).nonzero().max())
     greater_low = int(above_low[bottom + 1]) if bottom + 1 < low.numel() else 0
     return (top << 16) | bottom, need - greater_low
@@ -150,7 +156,7 @@ def _top_k_threshold(vectors: _TaskVectors, i: int, k: int) -> tuple[int, int]:
 class _Sparsifier:
     """One task vector's sparsification, applied slice by slice in flat-index order."""
 
-    def __init__(self, vectors: _TaskVectors, i: int, density: float, kind: str, rescale: bool, ctx: TensorContext):
+    def __init__(self, vectors: _TaskVectors, i: int, density: float, kind: str, rescale: bool, ctx: TensorContext, cache: Optional[dict] = None):
         self.vectors, self.i, self.density, self.kind, self.ctx = vectors, i, density, kind, ctx
         self.scale: Optional[torch.Tensor] = None
         if kind == "magnitude":
@@ -159,7 +165,7 @@ class _Sparsifier:
                 raise ModelError(
                     f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density"
                 )
-            self.threshold, self.tied_quota = _top_k_threshold(vectors, i, k)
+            self.threshold, self.tied_quota = _top_k_threshold(vectors, i, k, cache)
         elif kind != "random":
             raise ValueError(f"unknown sparsification {kind!r}")
         self.work_dtype = None
@@ -286,6 +292,7 @@ def _merge(
     params: dict,
     variant: Variant,
     ctx: TensorContext,
+    cache: Optional[dict] = None,
 ) -> torch.Tensor:
     if vectors.count == 0:
         return base
@@ -295,7 +302,7 @@ def _merge(
     streams = []
     for i, density in enumerate(densities):
         if variant.sparsify is not None and density < 1:
-            streams.append(iter(_Sparsifier(vectors, i, density, variant.sparsify, bool(params["rescale"]), ctx)))
+            streams.append(iter(_Sparsifier(vectors, i, density, variant.sparsify, bool(params["rescale"]), ctx, cache)))
         else:
             streams.append(None)
     # weights quantised to the math dtype, as mergekit builds its weight tensor
@@ -321,10 +328,12 @@ def merge_task_vectors(
     params: dict,
     variant: Variant,
     ctx: TensorContext,
+    cache: Optional[dict] = None,
 ) -> torch.Tensor:
     """Merge precomputed task vectors onto the base (they are not modified): the resident
-    executor's entry point, bit-identical to the method functions below."""
-    return _merge(_TaskVectors(flat(base), deltas=deltas), base, weights, densities, params, variant, ctx)
+    executor's entry point, bit-identical to the method functions below. `cache` (a dict owned by
+    the caller, one per output tensor) keeps density-independent work between candidates."""
+    return _merge(_TaskVectors(flat(base), deltas=deltas), base, weights, densities, params, variant, ctx, cache)
 
 
 def _make(name: str):
