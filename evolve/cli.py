@@ -94,6 +94,8 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             # whatever stopped the search, the work done so far is exported
             if not quiet:
                 click.echo(f"search stopped: {search.stop_reason or 'error'}; {search.finished_count()} evaluations in {storage_path}")
+                if search.overhead_report():
+                    click.echo(search.overhead_report())
             out = search.export()
             best = search.store.best()
             if best is not None:

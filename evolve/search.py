@@ -147,6 +147,7 @@ class Search:
         self.directions: dict[str, str] = {}
         self.started = time.time()
         self.done_this_run = 0
+        self.seconds: dict[str, float] = {}  # this run's time per stage, summed over candidates
         self.stop_reason = ""
 
     def _starting_point(self) -> list[float]:
@@ -183,11 +184,16 @@ class Search:
             generation=cand.generation, index=cand.index, recipe_hash=recipe_hash(recipe), error=result.get("error"),
             merge_s=result["merge_s"], eval_s=result["eval_s"], total_s=result.get("total_s", 0.0),
         )
+        t_store = time.perf_counter()
         best_before = self.store.best()
         number = self.store.record(rec, cand.optuna_trial)
         self.done_this_run += 1
         if fit is not None and (best_before is None or fit > best_before.value):
             self.store.write_best_config(recipe, fit, result["metrics"], number)
+        store_s = time.perf_counter() - t_store
+        for key, value in (("eval", result["eval_s"]), ("merge", result["merge_s"]),
+                           ("candidate", rec.total_s + store_s), ("store", store_s)):
+            self.seconds[key] = self.seconds.get(key, 0.0) + value
         self.progress(number, fit, result)
 
     def progress(self, number: int, fit: Optional[float], result: dict) -> None:
@@ -269,37 +275,29 @@ class Search:
         self.stop_reason = self.stop_reason or ("timeout" if self.timed_out() else "budget spent")
 
     def _evaluate_batch(self, ray, cands: list[Candidate]) -> None:
-        """Evaluate candidates on the workers, recording each as it finishes."""
+        """Evaluate these candidates on the workers, recording each as it finishes."""
         queue = list(cands)
-        running: dict = {}
-        free = list(self.workers)
-        while queue or running:
-            while queue and free and not self.timed_out():
-                worker = free.pop()
-                cand = queue.pop(0)
-                recipe = self.genome.decode(cand.genotype).to_plain()
-                running[worker.evaluate.remote(recipe)] = (worker, cand, time.perf_counter())
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1)
-            worker, cand, t0 = running.pop(ready[0])
-            result = self._result(ray, ready[0])
-            result["total_s"] = time.perf_counter() - t0
-            self.record(cand, result)
-            free.append(worker)
+        self._dispatch(ray, lambda in_flight: queue.pop(0) if queue else None)
 
     def _evaluate_stream(self, ray) -> None:
         """Optuna samplers: keep every worker busy, asking for a new candidate whenever one frees."""
+        self._dispatch(ray, lambda in_flight: self.optimizer.ask()[0] if self.budget_left() - in_flight > 0 else None)
+
+    def _dispatch(self, ray, next_candidate) -> None:
+        """Hand candidates to free workers until `next_candidate(in_flight)` returns None (or time
+        is up), then wait for the ones running; each result is recorded as soon as it arrives."""
         running: dict = {}
         free = list(self.workers)
+        exhausted = False
         while True:
-            in_flight = len(running)
-            while free and self.budget_left() - in_flight > 0 and not self.timed_out():
-                cand = self.optimizer.ask()[0]
-                recipe = self.genome.decode(cand.genotype).to_plain()
+            while free and not exhausted and not self.timed_out():
+                cand = next_candidate(len(running))
+                if cand is None:
+                    exhausted = True
+                    break
                 worker = free.pop()
+                recipe = self.genome.decode(cand.genotype).to_plain()
                 running[worker.evaluate.remote(recipe)] = (worker, cand, time.perf_counter())
-                in_flight += 1
             if not running:
                 return
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -317,6 +315,19 @@ class Search:
             return {"status": "failed", "metrics": {}, "merge_s": 0.0, "eval_s": 0.0, "error": f"worker error: {err}"}
 
     # -- the end ------------------------------------------------------------------------------------
+
+    def overhead_report(self) -> str:
+        """How much of a candidate's time is not evaluation: merge, scheduling, storage."""
+        total = self.seconds.get("candidate", 0.0)
+        if not total:
+            return ""
+        outside = total - self.seconds.get("eval", 0.0)
+        return (
+            f"time per candidate outside evaluation: {100 * outside / total:.1f}% "
+            f"(merge {self.seconds.get('merge', 0.0) / self.done_this_run:.3f}s, storage "
+            f"{self.seconds.get('store', 0.0) / self.done_this_run:.3f}s, scheduling the rest; "
+            f"evaluation {self.seconds.get('eval', 0.0) / self.done_this_run:.3f}s)"
+        )
 
     def summary(self) -> str:
         trials = self.store.finished()

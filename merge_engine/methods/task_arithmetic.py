@@ -247,13 +247,8 @@ def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torc
     dtype = base_part.dtype
     if consensus and len(weighted) == 2 and weights[0] != 0 and weights[1] != 0 and weights[0] + weights[1] != 0:
         mixed, divisor = _elect_two(weighted[0], weighted[1], weights[0], weights[1], weights[0] + weights[1])
-        if params["normalize"]:
-            mixed = mixed / divisor
-        if params["lambda"] != 1:
-            mixed = mixed * params["lambda"]
-        return base_part + mixed
-    wide = [w.float() for w in weighted]
-    if consensus:
+    elif consensus:
+        wide = [w.float() for w in weighted]
         # TIES sign election: majority sign of the summed W (ties -> +1); zeros never agree.
         total = wide[0].clone()
         for w in wide[1:]:
@@ -269,6 +264,7 @@ def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torc
         divisor = divisor.to(dtype)
         divisor.masked_fill_(divisor == 0, 1)
     else:
+        wide = [w.float() for w in weighted]
         mixed = wide[0].clone()
         for w in wide[1:]:
             mixed += w
