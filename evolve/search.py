@@ -144,6 +144,7 @@ class Search:
         if options.resume and self.store.optimizer_checkpoint.exists():
             self.optimizer.load(self.store.optimizer_checkpoint)
         self.requeued = self.store.abandon_running() if options.resume else []
+        self._count_from_store()
         self.directions: dict[str, str] = {}
         self.started = time.time()
         self.done_this_run = 0
@@ -161,7 +162,13 @@ class Search:
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def finished_count(self) -> int:
-        return sum(1 for t in self.store.finished() if not t.user_attrs.get("interrupted"))
+        return self.finished
+
+    def _count_from_store(self) -> None:
+        # kept in memory from here on: re-reading the study per candidate costs O(trials)
+        self.finished = sum(1 for t in self.store.finished() if not t.user_attrs.get("interrupted"))
+        best = self.store.best()
+        self.best_value = best.value if best is not None else None
 
     def budget_left(self) -> int:
         return self.config.budget.max_fevals - self.finished_count()
@@ -176,35 +183,35 @@ class Search:
         specs = [TaskSpec(t.name, t.metric, t.weight, t.direction) for t in self.config.tasks]
         return fitness(metrics, specs, self.directions)
 
-    def record(self, cand: Candidate, result: dict) -> None:
+    def record(self, cand: Candidate, result: dict, recipe=None) -> None:
         fit = self.fitness(result["metrics"]) if result["status"] == "complete" else None
-        recipe = self.genome.decode(cand.genotype)
+        recipe = recipe if recipe is not None else self.genome.decode(cand.genotype)
         rec = TrialRecord(
             number=-1, genotype=cand.genotype, fitness=fit, metrics=result["metrics"], status=result["status"],
             generation=cand.generation, index=cand.index, recipe_hash=recipe_hash(recipe), error=result.get("error"),
             merge_s=result["merge_s"], eval_s=result["eval_s"], total_s=result.get("total_s", 0.0),
         )
         t_store = time.perf_counter()
-        best_before = self.store.best()
         number = self.store.record(rec, cand.optuna_trial)
         self.done_this_run += 1
-        if fit is not None and (best_before is None or fit > best_before.value):
+        self.finished += 1
+        if fit is not None and (self.best_value is None or fit > self.best_value):
+            self.best_value = fit
             self.store.write_best_config(recipe, fit, result["metrics"], number)
         store_s = time.perf_counter() - t_store
-        for key, value in (("eval", result["eval_s"]), ("merge", result["merge_s"]),
-                           ("candidate", rec.total_s + store_s), ("store", store_s)):
+        for key, value in (("eval", result["eval_s"]), ("merge", result["merge_s"]), ("store", store_s)):
             self.seconds[key] = self.seconds.get(key, 0.0) + value
         self.progress(number, fit, result)
 
     def progress(self, number: int, fit: Optional[float], result: dict) -> None:
         if self.options.quiet:
             return
-        best = self.store.best()
         elapsed = max(time.time() - self.started, 1e-9)
         status = f"fitness {fit:.4f}" if fit is not None else f"FAILED ({result.get('error')})"
+        best = f"{self.best_value:.4f}" if self.best_value is not None else "none yet"
         print(
-            f"[{self.finished_count()}/{self.config.budget.max_fevals}] trial {number}: {status} | "
-            f"best {best.value:.4f} | {60 * self.done_this_run / elapsed:.1f} candidates/min | "
+            f"[{self.finished}/{self.config.budget.max_fevals}] trial {number}: {status} | "
+            f"best {best} | {60 * self.done_this_run / elapsed:.1f} candidates/min | "
             f"merge {result['merge_s']:.2f}s eval {result['eval_s']:.2f}s",
             flush=True,
         )
@@ -235,7 +242,11 @@ class Search:
             actor = ray.remote(**resources)(CandidateWorker)
             self.workers = [actor.remote(settings) for _ in range(count)]
             self.directions = ray.get(self.workers[0].directions.remote())
-            self._loop(ray)
+            t_loop = time.perf_counter()
+            try:
+                self._loop(ray)
+            finally:
+                self.seconds["wall"] = (time.perf_counter() - t_loop) * len(self.workers)
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C): resume with --resume"
         finally:
@@ -269,9 +280,11 @@ class Search:
                 done = self.store.finished_in_generation(cands[0].generation)
                 fits = [done[c.index].value if c.index in done else None for c in cands]
                 self.optimizer.tell(cands, fits)
-                self.optimizer.save(self.store.optimizer_checkpoint)
+                # no save here: the next ask() saves the new state with its population in flight
             else:
                 self._evaluate_stream(ray)
+        if self.optimizer.generational:
+            self.optimizer.save(self.store.optimizer_checkpoint)
         self.stop_reason = self.stop_reason or ("timeout" if self.timed_out() else "budget spent")
 
     def _evaluate_batch(self, ray, cands: list[Candidate]) -> None:
@@ -285,27 +298,32 @@ class Search:
 
     def _dispatch(self, ray, next_candidate) -> None:
         """Hand candidates to free workers until `next_candidate(in_flight)` returns None (or time
-        is up), then wait for the ones running; each result is recorded as soon as it arrives."""
+        is up), then wait for the ones running. A finished candidate's worker gets its next
+        candidate before the result is stored, so storage overlaps evaluation."""
         running: dict = {}
         free = list(self.workers)
         exhausted = False
+        finished = None
         while True:
             while free and not exhausted and not self.timed_out():
-                cand = next_candidate(len(running))
+                cand = next_candidate(len(running) + (finished is not None))
                 if cand is None:
                     exhausted = True
                     break
                 worker = free.pop()
-                recipe = self.genome.decode(cand.genotype).to_plain()
-                running[worker.evaluate.remote(recipe)] = (worker, cand, time.perf_counter())
+                recipe = self.genome.decode(cand.genotype)
+                running[worker.evaluate.remote(recipe.to_plain())] = (worker, cand, recipe, time.perf_counter())
+            if finished is not None:
+                self.record(*finished)
+                finished = None
             if not running:
                 return
             ready, _ = ray.wait(list(running), num_returns=1)
-            worker, cand, t0 = running.pop(ready[0])
+            worker, cand, recipe, t0 = running.pop(ready[0])
             result = self._result(ray, ready[0])
             result["total_s"] = time.perf_counter() - t0
-            self.record(cand, result)
             free.append(worker)
+            finished = (cand, result, recipe)
 
     @staticmethod
     def _result(ray, ref) -> dict:
@@ -318,12 +336,13 @@ class Search:
 
     def overhead_report(self) -> str:
         """How much of a candidate's time is not evaluation: merge, scheduling, storage."""
-        total = self.seconds.get("candidate", 0.0)
-        if not total:
+        total = self.seconds.get("wall", 0.0)  # the evaluation loop's wall time (one worker at a time)
+        if not total or not self.done_this_run:
             return ""
         outside = total - self.seconds.get("eval", 0.0)
         return (
-            f"time per candidate outside evaluation: {100 * outside / total:.1f}% "
+            f"time per candidate outside evaluation: {100 * outside / total:.1f}% of the evaluation loop's "
+            f"wall time per worker "
             f"(merge {self.seconds.get('merge', 0.0) / self.done_this_run:.3f}s, storage "
             f"{self.seconds.get('store', 0.0) / self.done_this_run:.3f}s, scheduling the rest; "
             f"evaluation {self.seconds.get('eval', 0.0) / self.done_this_run:.3f}s)"

@@ -114,6 +114,7 @@ class ExperimentStore:
         self.study = optuna.create_study(
             study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler
         )
+        self._next_number = len(self.study.get_trials(deepcopy=False))
 
     # -- trials -----------------------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class ExperimentStore:
             for k, v in attrs.items():
                 optuna_trial.set_user_attr(k, v)
             self.study.tell(optuna_trial, record.fitness if ok else None, state=state)
+            self._next_number = max(self._next_number, optuna_trial.number + 1)
             return optuna_trial.number
         trial = optuna.trial.create_trial(
             params=self._params(record.genotype),
@@ -150,7 +152,8 @@ class ExperimentStore:
             user_attrs=attrs,
         )
         self.study.add_trial(trial)
-        return len(self.study.trials) - 1
+        self._next_number += 1
+        return self._next_number - 1
 
     def finished(self) -> list:
         import optuna
