@@ -24,19 +24,10 @@ CORPUS = [
 def _tokenizer_dir() -> Path:
     import tempfile
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from experiments.quickstart.build_models import train_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=120, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     out = Path(tempfile.mkdtemp(prefix="evomerge-tok-"))
-    fast.save_pretrained(out)
+    train_tokenizer(out, CORPUS, vocab_size=120)
     return out
 
 
