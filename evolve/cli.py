@@ -5,8 +5,6 @@ mergekit-evolve's options keep their names; those that have no effect here say s
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import click

@@ -72,9 +72,6 @@ class CMAOptimizer:
         self.generation += 1
         self.pending = None
 
-    def best_mean(self) -> list[float]:
-        return list(map(float, self.es.mean))
-
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -93,7 +90,7 @@ class OptunaOptimizer:
 
     generational = False
 
-    def __init__(self, study, names: Sequence[str], lower, upper, x0: Sequence[float], kind: str, seed: int, popsize: Optional[int]):
+    def __init__(self, study, names: Sequence[str], lower, upper):
         import optuna
 
         self.study = study
@@ -101,10 +98,6 @@ class OptunaOptimizer:
         self.distributions = {
             n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(self.names, lower, upper)
         }
-        self.x0 = list(x0)
-        self.kind = kind
-        self.seed = seed
-        self.popsize = popsize or 8
         self.generation = 0
 
     @staticmethod

@@ -93,7 +93,7 @@ def make_optimizer(config: SearchConfig, genome: Genome, store: ExperimentStore,
             x0, genome.lower, genome.upper, opt.sigma0, opt.popsize, opt.seed, config.budget.max_fevals
         )
     return OptunaOptimizer(
-        store.study, [d.name for d in genome.dimensions], genome.lower, genome.upper, x0, opt.name, opt.seed, opt.popsize
+        store.study, [d.name for d in genome.dimensions], genome.lower, genome.upper
     )
 
 

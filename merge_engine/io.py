@@ -55,10 +55,6 @@ def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
     return TORCH_DTYPES[name] if name else None
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 # ----------------------------------------------------------------------------------------------
 # Finding a model's files
 

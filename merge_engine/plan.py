@@ -7,7 +7,7 @@ model directories, architectures, layer ranges, missing tensors, shapes, require
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -82,7 +82,6 @@ class MergePlan:
     out_config: dict
     donor: ModelReference
     out_num_layers: int
-    notes: list[str] = field(default_factory=list)
 
     def close(self) -> None:
         for m in self.models.values():

@@ -192,8 +192,9 @@ class ResidentMerger:
     # -- candidates -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def apply(self, config: MergeConfig) -> ApplyStats:
-        """Write the recipe's merged tensors into the attached model; unchanged ones are skipped."""
+    def apply(self, config: MergeConfig, check_finite: bool = False) -> ApplyStats:
+        """Write the recipe's merged tensors into the attached model; unchanged ones are skipped.
+        With `check_finite`, a merged tensor holding inf/NaN raises ModelError naming it."""
         if self.model is None:
             raise RuntimeError("no model attached: call build_model() or attach() first")
         start = time.perf_counter()
@@ -206,6 +207,9 @@ class ResidentMerger:
             target = self._target(task)
             if target is not None:
                 result = self.compute(task, out=target)
+                if check_finite and not torch.isfinite(result).all():
+                    self._last.pop(task.out.name, None)  # the model now holds it: recompute next time
+                    raise ModelError(f"merged tensor {task.out.name} has non-finite values")
                 if tuple(target.shape) != tuple(result.shape):
                     raise ModelError(
                         f"tensor {task.out.name}: merged shape {list(result.shape)} does not fit the model's {list(target.shape)}"

@@ -304,6 +304,3 @@ class Genome:
         ]
         slc = OutputSliceDefinition(sources=sources) if sources else None
         return ParameterScope(slc, None, config.parameters), sources
-
-    def describe(self, x: Sequence[float]) -> dict[str, float]:
-        return {d.name: float(v) for d, v in zip(self.dimensions, x)}

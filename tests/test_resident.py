@@ -331,3 +331,27 @@ def test_merger_built_from_the_starting_point_applies_any_candidate(llama_models
         merger.apply(cfg)
         fresh = merger_factory(cfg)
         assert_same(live_tensors(model), fresh.merged_tensors(cfg))
+
+
+def test_non_finite_candidate_fails_and_the_next_one_repairs_the_model(llama_models, merger_factory):
+    """A candidate whose merge overflows raises (the worker records it as failed), and the next
+    candidate recomputes the poisoned tensors even where its parameters equal an earlier one's."""
+    from merge_engine.errors import ModelError
+
+    def recipe(weight_a: float):
+        return parse_config({
+            "merge_method": "linear", "parameters": {"normalize": False},
+            "models": [{"model": str(llama_models["a"]), "parameters": {"weight": weight_a}},
+                       {"model": str(llama_models["b"]), "parameters": {"weight": 0.5}}],
+        })
+
+    good, bad = recipe(0.5), recipe(1e39)  # 1e39 is inf in float32
+    merger = merger_factory(good)
+    model = merger.build_model(good)
+    merger.apply(good, check_finite=True)
+    with pytest.raises(ModelError, match="non-finite"):
+        merger.apply(bad, check_finite=True)
+    assert any(not torch.isfinite(t).all() for t in live_tensors(model).values())
+    stats = merger.apply(good, check_finite=True)
+    assert stats.recomputed >= 1
+    assert_same(live_tensors(model), merger_factory(good).merged_tensors(good))

@@ -63,12 +63,6 @@ def check_same_shape(tensors: Sequence[torch.Tensor], ctx: TensorContext) -> Non
             )
 
 
-def weights_like(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """Per-model scalars as a tensor of the math dtype, shaped to broadcast over a stack."""
-    w = torch.tensor(list(values), dtype=like.dtype, device=like.device)
-    return w.view(-1, *([1] * (like.dim() - 1)))
-
-
 # Elementwise stages run over slices of this many elements: the temporaries of a stage stay small
 # (bounded memory for the largest embedding) and cache-friendly. Slicing never changes results,
 # since every op inside is elementwise along the flattened tensor.
