@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import ModelError
+from . import fused
 from .common import TensorContext, chunk_bounds, flat, tensor_seed
 
 RESCALE_EPS = 1e-7
@@ -80,7 +81,7 @@ def task_vectors(
 # slice by slice. Results equal mergekit's whole-tensor op sequence (to float rounding in norms).
 
 FUSED_CHUNK = 1 << 18
-SMALL_TENSOR = 1 << 20  # below this many entries the top-k threshold comes from kthvalue
+SMALL_TENSOR = 1 << 16  # below this many entries the top-k threshold comes from kthvalue
 
 
 class _TaskVectors:
@@ -241,11 +242,24 @@ def _elect_two(w0: torch.Tensor, w1: torch.Tensor, q0: float, q1: float, q01: fl
     return mixed, divisor
 
 
+def _two_model_vote(weights: Sequence[float], consensus: bool) -> bool:
+    """Whether the TIES election takes the arithmetic two-model form (`_elect_two`)."""
+    return consensus and len(weights) == 2 and weights[0] != 0 and weights[1] != 0 and weights[0] + weights[1] != 0
+
+
+def _sum_divisor(weights: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """Without consensus, normalize divides by the weights' sum (1 where it is ~0)."""
+    divisor = torch.tensor(sum(weights), dtype=torch.float32).to(dtype)
+    if divisor.abs() < 1e-8:
+        divisor = torch.ones((), dtype=dtype)
+    return divisor.to(device)
+
+
 def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torch.Tensor, params, consensus: bool):
     """mergekit's combination of weighted deltas W_i for one slice. Sums over models accumulate in
     float32 and round once, as torch's reduction over the stacked models does."""
     dtype = base_part.dtype
-    if consensus and len(weighted) == 2 and weights[0] != 0 and weights[1] != 0 and weights[0] + weights[1] != 0:
+    if _two_model_vote(weights, consensus):
         mixed, divisor = _elect_two(weighted[0], weighted[1], weights[0], weights[1], weights[0] + weights[1])
     elif consensus:
         wide = [w.float() for w in weighted]
@@ -269,10 +283,7 @@ def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torc
         for w in wide[1:]:
             mixed += w
         mixed = mixed.to(dtype)
-        divisor = torch.tensor(sum(weights), dtype=torch.float32).to(dtype)
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones((), dtype=dtype)
-        divisor = divisor.to(base_part.device)
+        divisor = _sum_divisor(weights, dtype, base_part.device)
     if params["normalize"]:
         mixed = mixed / divisor
     if params["lambda"] != 1:
@@ -295,6 +306,9 @@ def _merge(
     for d in densities:
         if not 0 <= d <= 1:
             raise ModelError(f"density must be in [0, 1], got {d} for tensor {ctx.name}")
+    fused_result = _merge_fused(vectors, base, weights, densities, params, variant, ctx, cache)
+    if fused_result is not None:
+        return fused_result
     streams = []
     for i, density in enumerate(densities):
         if variant.sparsify is not None and density < 1:
@@ -314,6 +328,51 @@ def _merge(
             weighted.append(delta * w_tensors[i])
         out_flat[start:end] = _combine(weighted, w_quantised, base_flat[start:end], params, variant.consensus)
     return out
+
+
+def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, variant: Variant, ctx: TensorContext, cache) -> Optional[torch.Tensor]:
+    """The same merge through the one-pass CPU kernel, or None where only the eager path applies
+    (DARE's torch random streams, rescaling, lambda, float16, CUDA)."""
+    sparsified = [variant.sparsify is not None and d < 1 for d in densities]
+    if variant.sparsify == "random" and any(sparsified):
+        return None
+    if (any(sparsified) and params["rescale"]) or params["lambda"] != 1:
+        return None
+    sources = vectors.deltas if vectors.deltas is not None else vectors.inputs
+    if not fused.usable([vectors.base_flat, *sources]):
+        return None
+    cache = {} if cache is None else cache
+    thresholds, cutoffs = [], []
+    for i, density in enumerate(densities):
+        if not sparsified[i]:
+            thresholds.append(-1)
+            cutoffs.append(-1)
+            continue
+        k = int(density * vectors.numel)
+        if k <= 0:
+            raise ModelError(f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density")
+        threshold, quota = _top_k_threshold(vectors, i, k, cache)
+        key = ("cutoff", i, threshold, quota)
+        if key not in cache:
+            cache[key] = fused.tie_cutoff(vectors.base_flat, sources, vectors.deltas is not None, i, threshold, quota)
+        thresholds.append(threshold)
+        cutoffs.append(cache[key])
+    quantised = [float(torch.tensor(w, dtype=base.dtype)) for w in weights]
+    out = ctx.output_buffer(base)
+    result = fused.merge(
+        vectors.base_flat,
+        sources,
+        vectors.deltas is not None,
+        quantised,
+        thresholds,
+        cutoffs,
+        variant.consensus,
+        _two_model_vote(quantised, variant.consensus),
+        float(_sum_divisor(quantised, base.dtype, "cpu")),
+        bool(params["normalize"]),
+        out=out.view(-1) if out is not None else None,
+    )
+    return out if out is not None else result.view(base.shape)
 
 
 def merge_task_vectors(

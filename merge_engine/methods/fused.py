@@ -1,0 +1,350 @@
+"""Fused CPU kernels for the task-arithmetic family (numba), one pass over memory per tensor.
+
+The eager path in task_arithmetic.py runs ~40 torch elementwise ops per slice; on CPU that is
+memory- and dispatch-bound (a resident `ties` candidate took ~40x a plain copy). These kernels do
+the same per-element arithmetic in one parallel loop. They reproduce the eager op sequence
+exactly: every eager op on a 16-bit tensor is "widen to float32, compute, round to nearest even",
+so each such op is written here as a float32 operation followed by `_round` (a no-op for float32
+tensors). Signed zeros follow torch's `sign` (+0 for +-0) and `clamp(min=0)` (keeps -0).
+
+Only what is exact and common is fused: CPU, contiguous bfloat16 or float32, magnitude or no
+sparsification, no rescale, lambda 1. Everything else (DARE's torch RNG, float16, CUDA, ...)
+keeps the eager path. `EVOMERGE_EAGER=1` disables the kernels (tests compare both paths).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+try:  # numba is a dependency, but a platform without it still merges (eagerly)
+    import numba
+    from numba import njit, prange
+    from numba.core import types
+    from numba.extending import intrinsic
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+# Tensors below this size are cheaper through the eager path than a parallel kernel launch.
+MIN_FUSED_NUMEL = 1 << 14
+BLOCK = 4096  # elements per kernel block: the models' W buffers stay in L1/L2
+
+_NUMPY_BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+def available() -> bool:
+    return numba is not None and os.environ.get("EVOMERGE_EAGER", "") in ("", "0")
+
+
+def usable(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the kernels can take these tensors (same dtype, CPU, contiguous, large enough)."""
+    if not available() or not tensors:
+        return False
+    first = tensors[0]
+    if first.dtype not in _NUMPY_BITS or first.numel() < MIN_FUSED_NUMEL:
+        return False
+    return all(t.device.type == "cpu" and t.dtype == first.dtype and t.is_contiguous() for t in tensors)
+
+
+if numba is not None:
+
+    @intrinsic
+    def _bits_to_f32(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _f32_to_bits(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+        return types.uint32(types.float32), codegen
+
+    @njit(inline="always")
+    def _load(arr, i, wide):
+        if wide:
+            return _bits_to_f32(np.uint32(arr[i]))
+        return _bits_to_f32(np.uint32(np.uint16(arr[i])) << np.uint32(16))
+
+    @njit(inline="always")
+    def _round(x, wide):
+        """x rounded to the storage dtype (bfloat16: to nearest even, as torch does). No NaN
+        special case (that would stop vectorisation): every NaN here comes from bfloat16 data
+        or arithmetic, with high mantissa bits set, so it stays NaN."""
+        if wide:
+            return x
+        b = _f32_to_bits(x)
+        return _bits_to_f32((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+
+    @njit(inline="always")
+    def _magnitude(x, wide):
+        """|x| as the integer the eager path compares (sign bit cleared, in storage width)."""
+        b = _f32_to_bits(x) & np.uint32(0x7FFFFFFF)
+        if wide:
+            return np.int32(b)
+        return np.int32(b >> np.uint32(16))
+
+    @njit(inline="always")
+    def _store(arr, i, x, wide):
+        b = _f32_to_bits(x)
+        if wide:
+            arr[i] = b
+        else:
+            arr[i] = b >> np.uint32(16)  # already rounded
+
+    @njit(inline="always")
+    def _delta_at(base, src, i, are_deltas, wide):
+        if are_deltas:
+            return _load(src, i, wide)
+        return _round(_load(src, i, wide) - _load(base, i, wide), wide)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _tie_counts(base, src, are_deltas, threshold, blocks, wide):
+        """How many entries of a task vector have magnitude == threshold, per block."""
+        n = base.shape[0]
+        size = (n + blocks - 1) // blocks
+        counts = np.zeros(blocks, dtype=np.int64)
+        for blk in prange(blocks):
+            start = blk * size
+            stop = min(n, start + size)
+            b, x = base[start:stop], src[start:stop]
+            c = 0
+            for i in range(stop - start):
+                c += np.int64(_magnitude(_delta_at(b, x, i, are_deltas, wide), wide) == threshold)
+            counts[blk] = c
+        return counts
+
+    @njit(cache=True, error_model="numpy")
+    def _tie_scan(base, src, are_deltas, threshold, start, stop, remaining, wide):
+        """Index of the `remaining`-th entry equal to the threshold in [start, stop)."""
+        for i in range(start, stop):
+            if _magnitude(_delta_at(base, src, i, are_deltas, wide), wide) == threshold:
+                remaining -= 1
+                if remaining == 0:
+                    return i
+        return stop - 1
+
+    @njit(inline="always")
+    def _weighted_into(buf, base, src, are_deltas, weight, threshold, cutoff, start, stop, wide):
+        """buf[j] = W for flat index start + j: the (sparsified) task vector times its weight."""
+        base, src = base[start:stop], src[start:stop]  # 0-based: plain vector loads
+        for j in range(stop - start):
+            d = _delta_at(base, src, j, are_deltas, wide)
+            mag = _magnitude(d, wide)
+            keep = np.float32(1.0) if (mag > threshold) | ((mag == threshold) & (start + j <= cutoff)) else np.float32(0.0)
+            buf[j] = _round((d * keep) * weight, wide)
+
+    @njit(inline="always")
+    def _combine_into(bufs, base, out, start, stop, mode, weights, scalar_divisor, normalize, wide):
+        """out = base + combination of the models' W (mode 0: sum, 1: TIES vote over any count)."""
+        count = bufs.shape[0]
+        base, out = base[start:stop], out[start:stop]  # 0-based: plain vector loads
+        for j in range(stop - start):
+            if mode == 1:
+                total = bufs[0, j]
+                for m in range(1, count):
+                    total += bufs[m, j]
+                majority = np.float32(1.0) if _round(total, wide) >= 0 else np.float32(-1.0)
+                mixed = np.float32(0.0)
+                divisor = np.float32(0.0)
+                for m in range(count):
+                    agree = np.float32(1.0) if bufs[m, j] * majority > 0 else np.float32(0.0)
+                    mixed += bufs[m, j] * agree
+                    divisor += agree * weights[m]
+                mixed = _round(mixed, wide)
+                divisor = _round(divisor, wide)
+                if divisor == 0:
+                    divisor = np.float32(1.0)
+            else:
+                mixed = bufs[0, j]
+                for m in range(1, count):
+                    mixed += bufs[m, j]
+                mixed = _round(mixed, wide)
+                divisor = scalar_divisor
+            if normalize:
+                mixed = _round(mixed / divisor, wide)
+            _store(out, j, _round(_load(base, j, wide) + mixed, wide), wide)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _merge_kernel(base, sources, are_deltas, weights, thresholds, cutoffs, mode, scalar_divisor, normalize, out):
+        """One output tensor of task_arithmetic / ties with magnitude sparsification, block by
+        block: each model's W into a small buffer, then the combination (both loops vectorise);
+        see the eager `_merge`/`_combine`/`_elect_two` for the op sequence mirrored here."""
+        n = base.shape[0]
+        count = len(sources)
+        wide = base.itemsize == 4
+        blocks = (n + BLOCK - 1) // BLOCK
+        for blk in prange(blocks):
+            start = blk * BLOCK
+            stop = min(n, start + BLOCK)
+            bufs = np.empty((count, stop - start), dtype=np.float32)
+            for m in range(count):
+                # the constant flags let each variant compile to its own branch-free loop
+                if wide and are_deltas:
+                    _weighted_into(bufs[m], base, sources[m], True, weights[m], thresholds[m], cutoffs[m], start, stop, True)
+                elif wide:
+                    _weighted_into(bufs[m], base, sources[m], False, weights[m], thresholds[m], cutoffs[m], start, stop, True)
+                elif are_deltas:
+                    _weighted_into(bufs[m], base, sources[m], True, weights[m], thresholds[m], cutoffs[m], start, stop, False)
+                else:
+                    _weighted_into(bufs[m], base, sources[m], False, weights[m], thresholds[m], cutoffs[m], start, stop, False)
+            if wide:
+                if mode == 1:
+                    _combine_into(bufs, base, out, start, stop, 1, weights, scalar_divisor, normalize, True)
+                else:
+                    _combine_into(bufs, base, out, start, stop, 0, weights, scalar_divisor, normalize, True)
+            elif mode == 1:
+                _combine_into(bufs, base, out, start, stop, 1, weights, scalar_divisor, normalize, False)
+            else:
+                _combine_into(bufs, base, out, start, stop, 0, weights, scalar_divisor, normalize, False)
+
+
+if numba is not None:
+
+    @njit(inline="always")
+    def _ties2_span(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, start, stop, wide):
+        """Two-model TIES over [start, stop) with fixed keep thresholds (|d| >= t keeps). Same
+        values as `_elect_two` + `_combine`, with its selects spelled out: a model agrees when its
+        W is nonzero and has the majority's sign; the divisor is the agreeing weights' sum."""
+        # slices indexed from 0: LLVM sees non-negative indices and emits plain vector loads
+        base, s0, s1, out = base[start:stop], s0[start:stop], s1[start:stop], out[start:stop]
+        for i in range(stop - start):
+            b = _load(base, i, wide)
+            if are_deltas:
+                d0 = _load(s0, i, wide)
+                d1 = _load(s1, i, wide)
+            else:
+                d0 = _round(_load(s0, i, wide) - b, wide)
+                d1 = _round(_load(s1, i, wide) - b, wide)
+            k0 = np.float32(1.0) if _magnitude(d0, wide) >= t0 else np.float32(0.0)
+            k1 = np.float32(1.0) if _magnitude(d1, wide) >= t1 else np.float32(0.0)
+            w0 = _round((d0 * k0) * q0, wide)
+            w1 = _round((d1 * k1) * q1, wide)
+            total = w0 + w1  # its sign is the rounded sum's sign
+            negative = total < 0  # the vote: the sign of the sum, +1 for a zero sum
+            agree0 = (w0 != 0) & ((w0 < 0) == negative)
+            agree1 = (w1 != 0) & ((w1 < 0) == negative)
+            # eager: mixed = w0*a0 + w1*a1 with a = clamp(sign(w) * vote, min=0): 1 where the model
+            # agrees, else +0, or -0 for a zero w under a negative vote. A non-agreeing product w*a
+            # is thus -0 for w < 0, or for a zero w whose sign bit differs from the vote's sign.
+            zero0_negative = (w0 < 0) | ((w0 == 0) & ((_f32_to_bits(w0) >> np.uint32(31)) != np.uint32(negative)))
+            zero1_negative = (w1 < 0) | ((w1 == 0) & ((_f32_to_bits(w1) >> np.uint32(31)) != np.uint32(negative)))
+            zero = np.float32(-0.0) if zero0_negative & zero1_negative else np.float32(0.0)
+            mixed = (_round(total, wide) if agree1 else w0) if agree0 else (w1 if agree1 else zero)
+            if normalize:
+                divisor = (q01 if agree1 else q0) if agree0 else (q1 if agree1 else np.float32(1.0))
+                mixed = _round(mixed / divisor, wide)
+            mixed = mixed * (total - total + np.float32(1.0))  # non-finite W: non-finite result, as eager
+            _store(out, i, _round(b + mixed, wide), wide)
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _ties2_kernel(base, s0, s1, are_deltas, q0, q1, q01, thresholds, cutoffs, normalize, out):
+        """Two-model TIES in one pass. Entries equal to model m's threshold are kept up to flat
+        index cutoffs[m]: each block splits at the cutoffs into spans of fixed thresholds."""
+        n = base.shape[0]
+        wide = base.itemsize == 4
+        blocks = (n + BLOCK - 1) // BLOCK
+        for blk in prange(blocks):
+            start = blk * BLOCK
+            stop = min(n, start + BLOCK)
+            first = min(max(cutoffs[0] + 1, start), stop)
+            second = min(max(cutoffs[1] + 1, start), stop)
+            for e in range(3):
+                lo = start if e == 0 else (min(first, second) if e == 1 else max(first, second))
+                hi = min(first, second) if e == 0 else (max(first, second) if e == 1 else stop)
+                if lo >= hi:
+                    continue
+                t0 = np.int32(thresholds[0] + (0 if lo <= cutoffs[0] else 1))
+                t1 = np.int32(thresholds[1] + (0 if lo <= cutoffs[1] else 1))
+                if wide and are_deltas:
+                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, True)
+                elif wide:
+                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, True)
+                elif are_deltas:
+                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, False)
+                else:
+                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, False)
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as an unsigned numpy array (numpy has no bfloat16), sharing memory."""
+    return t.reshape(-1).view(_NUMPY_BITS[t.dtype]).numpy().view(np.uint16 if t.element_size() == 2 else np.uint32)
+
+
+def _set_threads() -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def tie_cutoff(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, m: int, threshold: int, quota: int) -> int:
+    """Flat index of the last entry, equal to the threshold, that the exact top-k keeps (the
+    first `quota` such entries in flat order, as a stable sort keeps them); -1 for none."""
+    if quota <= 0:
+        return -1
+    _set_threads()
+    wide = base.element_size() == 4
+    raw_base = _raw(base)
+    raw_source = _raw(sources[m])
+    blocks = max(1, min(256, base.numel() // 65536))
+    counts = _tie_counts(raw_base, raw_source, are_deltas, threshold, blocks, wide)
+    size = (base.numel() + blocks - 1) // blocks
+    remaining = quota
+    for blk, c in enumerate(counts.tolist()):
+        if remaining <= c:
+            return int(_tie_scan(raw_base, raw_source, are_deltas, threshold, blk * size, min(base.numel(), (blk + 1) * size), remaining, wide))
+        remaining -= c
+    return base.numel() - 1
+
+
+def merge(
+    base: torch.Tensor,
+    sources: Sequence[torch.Tensor],
+    are_deltas: bool,
+    weights: Sequence[float],
+    thresholds: Sequence[int],
+    cutoffs: Sequence[int],
+    consensus: bool,
+    two_model_vote: bool,
+    scalar_divisor: float,
+    normalize: bool,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """base + combined (sparsified, weighted) task vectors in one pass. `sources` are task vectors
+    (`are_deltas`) or fine-tuned tensors (their deltas are formed on the fly); `weights` are
+    already quantised to the tensor's dtype; thresholds -1 keep everything."""
+    _set_threads()
+    if out is None:
+        out = torch.empty_like(base)
+    if two_model_vote:
+        q01 = float(torch.tensor(weights[0] + weights[1], dtype=torch.float32).to(base.dtype))
+        _ties2_kernel(
+            _raw(base),
+            _raw(sources[0]),
+            _raw(sources[1]),
+            are_deltas,
+            np.float32(weights[0]),
+            np.float32(weights[1]),
+            np.float32(q01),
+            np.asarray(thresholds, dtype=np.int64),
+            np.asarray(cutoffs, dtype=np.int64),
+            normalize,
+            _raw(out),
+        )
+        return out
+    _merge_kernel(
+        _raw(base),
+        tuple(_raw(s) for s in sources),
+        are_deltas,
+        np.asarray(weights, dtype=np.float32),
+        np.asarray(thresholds, dtype=np.int64),
+        np.asarray(cutoffs, dtype=np.int64),
+        1 if consensus else 0,
+        np.float32(scalar_divisor),
+        normalize,
+        _raw(out),
+    )
+    return out
