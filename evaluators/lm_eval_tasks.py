@@ -8,6 +8,7 @@ reload.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ class LMEvalEvaluator:
         fewshot_as_multiturn: bool = False,
         batch_size: int = 16,
         add_bos_token: Optional[bool] = None,
+        progress_bars: bool = False,
     ):
         self.tasks = list(tasks)
+        self.progress_bars = progress_bars
         self.limit = limit
         self.shuffle = shuffle
         self.seed = seed
@@ -109,6 +112,11 @@ class LMEvalEvaluator:
             self.apply_chat_template = False
             self.fewshot_as_multiturn = False
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
+        if not self.progress_bars:
+            # lm-eval draws progress bars per request type and candidate; a search scores
+            # hundreds of candidates (and Ray would ship every bar to the driver's console)
+            for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+                setattr(self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True))
 
     def evaluate(self) -> dict[str, float]:
         """{task name: metric value} for the attached model as it is now."""

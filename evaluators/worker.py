@@ -72,6 +72,9 @@ class CandidateWorker:
         else:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = self.merger.build_model(template, dtype=dtype)
+        # Read every input and form the task vectors now, at start-up, not inside the first
+        # candidate's time: the starting recipe uses every model the search will.
+        self.merger.apply(template)
         donor_dir = self.merger.models[self.merger.donor].directory
         self.tokenizer = AutoTokenizer.from_pretrained(donor_dir)
         self.evaluator = LMEvalEvaluator(

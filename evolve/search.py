@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from .optimizers import Candidate, CMAOptimizer, OptunaOptimizer
 from .store import ExperimentStore, TrialRecord, recipe_hash
 
 log = logging.getLogger(__name__)
+
+# Calls queued on each worker: the next candidate waits inside the worker, not in the driver.
+QUEUE_PER_WORKER = 2
 
 BENCHMARK_PREFIXES = (
     "mmlu", "hendrycks", "agieval", "gsm8k", "hellaswag", "winogrande", "arc_", "ai2_arc",
@@ -118,6 +122,14 @@ def worker_settings(config: SearchConfig, genome: Genome, options: EvolveOptions
     )
 
 
+def _lower_thread_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # other platforms: normal priority
+        pass
+
+
 class Search:
     def __init__(self, config: SearchConfig, config_text: str, options: EvolveOptions):
         self.config = config
@@ -149,6 +161,8 @@ class Search:
         self.started = time.time()
         self.done_this_run = 0
         self.seconds: dict[str, float] = {}  # this run's time per stage, summed over candidates
+        self._executor = None  # the study writer thread, started on the first result
+        self._pending: list = []
         self.stop_reason = ""
 
     def _starting_point(self) -> list[float]:
@@ -166,7 +180,13 @@ class Search:
 
     def _count_from_store(self) -> None:
         # kept in memory from here on: re-reading the study per candidate costs O(trials)
-        self.finished = sum(1 for t in self.store.finished() if not t.user_attrs.get("interrupted"))
+        trials = self.store.finished()
+        self.finished = sum(1 for t in trials if not t.user_attrs.get("interrupted"))
+        # {generation: {index in the population: fitness or None}}, for the optimiser's tell
+        self.generations: dict[int, dict[int, Optional[float]]] = {}
+        for t in trials:
+            if t.user_attrs.get("generation") is not None:
+                self.generations.setdefault(t.user_attrs["generation"], {})[t.user_attrs.get("index")] = t.value
         best = self.store.best()
         self.best_value = best.value if best is not None else None
 
@@ -184,6 +204,9 @@ class Search:
         return fitness(metrics, specs, self.directions)
 
     def record(self, cand: Candidate, result: dict, recipe=None) -> None:
+        """Account for a finished candidate at once (counts, best, the optimiser's view) and hand
+        its storage to the writer thread, which runs at low priority: on a small machine the
+        workers' merge and evaluation get the CPU first. `flush()` waits for the writes."""
         fit = self.fitness(result["metrics"]) if result["status"] == "complete" else None
         recipe = recipe if recipe is not None else self.genome.decode(cand.genotype)
         rec = TrialRecord(
@@ -191,30 +214,60 @@ class Search:
             generation=cand.generation, index=cand.index, recipe_hash=recipe_hash(recipe), error=result.get("error"),
             merge_s=result["merge_s"], eval_s=result["eval_s"], total_s=result.get("total_s", 0.0),
         )
-        t_store = time.perf_counter()
-        number = self.store.record(rec, cand.optuna_trial)
+        number = cand.optuna_trial.number if cand.optuna_trial is not None else self.store.reserve_number()
         self.done_this_run += 1
         self.finished += 1
-        if fit is not None and (self.best_value is None or fit > self.best_value):
+        self.generations.setdefault(cand.generation, {})[cand.index] = fit if fit is not None and math.isfinite(fit) else None
+        new_best = fit is not None and (self.best_value is None or fit > self.best_value)
+        if new_best:
             self.best_value = fit
-            self.store.write_best_config(recipe, fit, result["metrics"], number)
-        store_s = time.perf_counter() - t_store
-        for key, value in (("eval", result["eval_s"]), ("merge", result["merge_s"]), ("store", store_s)):
+        self._pending.append(self._writer().submit(self._write, rec, number, cand.optuna_trial, recipe if new_best else None))
+        for key, value in (("eval", result["eval_s"]), ("merge", result["merge_s"])):
             self.seconds[key] = self.seconds.get(key, 0.0) + value
         self.progress(number, fit, result)
 
+    def _write(self, rec: TrialRecord, number: int, optuna_trial, best_recipe) -> None:
+        start = time.perf_counter()
+        stored = self.store.record(rec, optuna_trial)
+        assert stored == number, (stored, number)
+        if best_recipe is not None:
+            self.store.write_best_config(best_recipe, rec.fitness, rec.metrics, number)
+        self.seconds["store"] = self.seconds.get("store", 0.0) + time.perf_counter() - start
+
+    def _writer(self):
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="study-writer", initializer=_lower_thread_priority)
+        return self._executor
+
+    def flush(self) -> None:
+        """Wait until every finished candidate is in the study (and raise a write's error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
     def progress(self, number: int, fit: Optional[float], result: dict) -> None:
+        """One status line per candidate; on a terminal the line is rewritten in place and only new
+        bests and failures stay on screen."""
         if self.options.quiet:
             return
         elapsed = max(time.time() - self.started, 1e-9)
+        rate = 60 * self.done_this_run / elapsed
+        left = self.config.budget.max_fevals - self.finished
+        eta = f"{left / rate:.1f} min left" if rate > 0 and left > 0 else "done"
         status = f"fitness {fit:.4f}" if fit is not None else f"FAILED ({result.get('error')})"
         best = f"{self.best_value:.4f}" if self.best_value is not None else "none yet"
-        print(
-            f"[{self.finished}/{self.config.budget.max_fevals}] trial {number}: {status} | "
-            f"best {best} | {60 * self.done_this_run / elapsed:.1f} candidates/min | "
-            f"merge {result['merge_s']:.2f}s eval {result['eval_s']:.2f}s",
-            flush=True,
+        line = (
+            f"[{self.finished}/{self.config.budget.max_fevals}] trial {number}: {status} | best {best} | "
+            f"{rate:.1f} candidates/min, {eta} | merge {result['merge_s']:.2f}s eval {result['eval_s']:.2f}s"
         )
+        if not sys.stdout.isatty():
+            print(line, flush=True)
+            return
+        keep = fit is None or fit == self.best_value  # failures and new bests stay on screen
+        print("\r\033[K" + line, end="\n" if keep else "", flush=True)
+        self._line_open = not keep
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -239,7 +292,10 @@ class Search:
             use_gpu = gpus > 0 and self.options.device in ("auto", "cuda")
             count = self.options.num_workers or (gpus if use_gpu else 1)
             resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-            actor = ray.remote(**resources)(CandidateWorker)
+            # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
+            # console for every candidate: noise, and CPU taken from the evaluation
+            quiet_env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+            actor = ray.remote(**resources, runtime_env={"env_vars": quiet_env})(CandidateWorker)
             self.workers = [actor.remote(settings) for _ in range(count)]
             self.directions = ray.get(self.workers[0].directions.remote())
             t_loop = time.perf_counter()
@@ -250,6 +306,12 @@ class Search:
         except KeyboardInterrupt:
             self.stop_reason = "interrupted (Ctrl-C): resume with --resume"
         finally:
+            self.flush()
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
+            if getattr(self, "_line_open", False):
+                print(flush=True)  # end the in-place status line
             if started_ray:
                 ray.shutdown()
 
@@ -266,8 +328,9 @@ class Search:
         while self.budget_left() > 0 and not self.timed_out():
             if self.optimizer.generational:
                 cands = self.optimizer.ask()
+                self.flush()  # the study first: a checkpoint never runs ahead of the trials it counts
                 self.optimizer.save(self.store.optimizer_checkpoint)  # the population in flight too
-                done = self.store.finished_in_generation(cands[0].generation)
+                done = self.generations.get(cands[0].generation, {})
                 todo = [c for c in cands if c.index not in done]
                 if todo and len(todo) > self.budget_left():
                     todo = todo[: self.budget_left()]
@@ -277,12 +340,13 @@ class Search:
                 self._evaluate_batch(ray, todo)
                 if self.timed_out():
                     break
-                done = self.store.finished_in_generation(cands[0].generation)
-                fits = [done[c.index].value if c.index in done else None for c in cands]
+                done = self.generations.get(cands[0].generation, {})
+                fits = [done.get(c.index) for c in cands]
                 self.optimizer.tell(cands, fits)
                 # no save here: the next ask() saves the new state with its population in flight
             else:
                 self._evaluate_stream(ray)
+        self.flush()
         if self.optimizer.generational:
             self.optimizer.save(self.store.optimizer_checkpoint)
         self.stop_reason = self.stop_reason or ("timeout" if self.timed_out() else "budget spent")
@@ -297,22 +361,26 @@ class Search:
         self._dispatch(ray, lambda in_flight: self.optimizer.ask()[0] if self.budget_left() - in_flight > 0 else None)
 
     def _dispatch(self, ray, next_candidate) -> None:
-        """Hand candidates to free workers until `next_candidate(in_flight)` returns None (or time
-        is up), then wait for the ones running. A finished candidate's worker gets its next
-        candidate before the result is stored, so storage overlaps evaluation."""
+        """Hand candidates to workers until `next_candidate(in_flight)` returns None (or time is
+        up), then wait for the ones running. Each worker holds up to QUEUE_PER_WORKER calls, so it
+        starts its next candidate the moment one ends (no Ray round trip or driver work in
+        between); the driver stores a result while the workers evaluate."""
         running: dict = {}
-        free = list(self.workers)
+        load = {w: 0 for w in self.workers}
         exhausted = False
         finished = None
         while True:
-            while free and not exhausted and not self.timed_out():
+            while not exhausted and not self.timed_out():
+                worker = min(self.workers, key=lambda w: load[w])
+                if load[worker] >= QUEUE_PER_WORKER:
+                    break
                 cand = next_candidate(len(running) + (finished is not None))
                 if cand is None:
                     exhausted = True
                     break
-                worker = free.pop()
                 recipe = self.genome.decode(cand.genotype)
                 running[worker.evaluate.remote(recipe.to_plain())] = (worker, cand, recipe, time.perf_counter())
+                load[worker] += 1
             if finished is not None:
                 self.record(*finished)
                 finished = None
@@ -322,7 +390,7 @@ class Search:
             worker, cand, recipe, t0 = running.pop(ready[0])
             result = self._result(ray, ready[0])
             result["total_s"] = time.perf_counter() - t0
-            free.append(worker)
+            load[worker] -= 1
             finished = (cand, result, recipe)
 
     @staticmethod
@@ -340,12 +408,13 @@ class Search:
         if not total or not self.done_this_run:
             return ""
         outside = total - self.seconds.get("eval", 0.0)
+        n = self.done_this_run
+        merge = self.seconds.get("merge", 0.0)
         return (
             f"time per candidate outside evaluation: {100 * outside / total:.1f}% of the evaluation loop's "
-            f"wall time per worker "
-            f"(merge {self.seconds.get('merge', 0.0) / self.done_this_run:.3f}s, storage "
-            f"{self.seconds.get('store', 0.0) / self.done_this_run:.3f}s, scheduling the rest; "
-            f"evaluation {self.seconds.get('eval', 0.0) / self.done_this_run:.3f}s)"
+            f"wall time per worker (per candidate: evaluation {self.seconds.get('eval', 0.0) / n:.3f}s, "
+            f"merge {merge / n:.3f}s, Ray and scheduling {max(outside - merge, 0.0) / n:.3f}s; "
+            f"storage {self.seconds.get('store', 0.0) / n:.3f}s, in a low-priority thread overlapped with evaluation)"
         )
 
     def summary(self) -> str:

@@ -121,6 +121,11 @@ class ExperimentStore:
     def _params(self, genotype: Sequence[float]) -> dict:
         return {n: float(v) for n, v in zip(self.names, genotype)}
 
+    def reserve_number(self) -> int:
+        """The trial number the next `record` without an Optuna trial will get."""
+        self._reserved = max(getattr(self, "_reserved", self._next_number), self._next_number) + 1
+        return self._reserved - 1
+
     def record(self, record: TrialRecord, optuna_trial=None) -> int:
         """Store a finished candidate; returns its trial number."""
         import optuna
@@ -160,11 +165,6 @@ class ExperimentStore:
 
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         return [t for t in self.study.get_trials(deepcopy=False) if t.state in states]
-
-    def finished_in_generation(self, generation: int) -> dict[int, object]:
-        return {
-            t.user_attrs.get("index"): t for t in self.finished() if t.user_attrs.get("generation") == generation
-        }
 
     def abandon_running(self) -> list[dict]:
         """Trials left RUNNING by a killed run: marked failed, their parameters returned so the

@@ -7,6 +7,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class ArchitectureInfo:
     ignored_patterns: tuple[str, ...] = field(default=())
 
     def layer_weights(self, index: int) -> list[WeightInfo]:
-        return [w.for_layer(index) for w in self.layer_templates]
+        return list(_layer_weights(self.layer_templates, index))
 
     def all_weights(self, num_layers: int) -> list[WeightInfo]:
         out = list(self.pre_weights)
@@ -62,6 +63,12 @@ class ArchitectureInfo:
 
     def is_ignored(self, tensor_name: str) -> bool:
         return any(re.search(p, tensor_name) for p in self.ignored_patterns)
+
+
+@functools.lru_cache(maxsize=8192)
+def _layer_weights(templates: tuple[WeightInfo, ...], index: int) -> tuple[WeightInfo, ...]:
+    # planned again for every search candidate: the names of a layer are built once
+    return tuple(w.for_layer(index) for w in templates)
 
 
 def get_config_value(config: dict, dotted: str):

@@ -8,6 +8,7 @@ weights/densities -> merged tensor). Both executors go through these same two fu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -247,12 +248,24 @@ def _two_model_vote(weights: Sequence[float], consensus: bool) -> bool:
     return consensus and len(weights) == 2 and weights[0] != 0 and weights[1] != 0 and weights[0] + weights[1] != 0
 
 
-def _sum_divisor(weights: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
-    """Without consensus, normalize divides by the weights' sum (1 where it is ~0)."""
+@functools.lru_cache(maxsize=4096)
+def _scalar(value: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A 0-dim tensor of `value` in `dtype` (quantised as mergekit's weight tensors are); cached,
+    since a search asks for the same few values for every tensor. Never modified in place."""
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_sum_divisor(weights: tuple, dtype: torch.dtype, device: str) -> torch.Tensor:
     divisor = torch.tensor(sum(weights), dtype=torch.float32).to(dtype)
     if divisor.abs() < 1e-8:
         divisor = torch.ones((), dtype=dtype)
     return divisor.to(device)
+
+
+def _sum_divisor(weights: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """Without consensus, normalize divides by the weights' sum (1 where it is ~0)."""
+    return _cached_sum_divisor(tuple(weights), dtype, str(device))
 
 
 def _combine(weighted: list[torch.Tensor], weights: list[float], base_part: torch.Tensor, params, consensus: bool):
@@ -316,9 +329,10 @@ def _merge(
         else:
             streams.append(None)
     # weights quantised to the math dtype, as mergekit builds its weight tensor
-    w_tensors = [torch.tensor(w, dtype=base.dtype, device=base.device) for w in weights]
+    w_tensors = [_scalar(float(w), base.dtype, str(base.device)) for w in weights]
     w_quantised = [float(w) for w in w_tensors]
-    out = torch.empty_like(base)
+    out = ctx.output_buffer(base)
+    out = torch.empty_like(base) if out is None else out
     out_flat = out.view(-1)
     base_flat = vectors.base_flat
     for start, end in chunk_bounds(vectors.numel, FUSED_CHUNK):
@@ -357,7 +371,7 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
             cache[key] = fused.tie_cutoff(vectors.base_flat, sources, vectors.deltas is not None, i, threshold, quota)
         thresholds.append(threshold)
         cutoffs.append(cache[key])
-    quantised = [float(torch.tensor(w, dtype=base.dtype)) for w in weights]
+    quantised = [float(_scalar(float(w), base.dtype, "cpu")) for w in weights]
     out = ctx.output_buffer(base)
     result = fused.merge(
         vectors.base_flat,
