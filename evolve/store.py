@@ -115,6 +115,7 @@ class ExperimentStore:
             study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler
         )
         self._next_number = len(self.study.get_trials(deepcopy=False))
+        self._reserved = self._next_number  # numbers handed out before their trial is written
 
     # -- trials -----------------------------------------------------------------------------------
 
@@ -123,7 +124,7 @@ class ExperimentStore:
 
     def reserve_number(self) -> int:
         """The trial number the next `record` without an Optuna trial will get."""
-        self._reserved = max(getattr(self, "_reserved", self._next_number), self._next_number) + 1
+        self._reserved = max(self._reserved, self._next_number) + 1
         return self._reserved - 1
 
     def record(self, record: TrialRecord, optuna_trial=None) -> int:

@@ -155,6 +155,14 @@ def _top_k_threshold(vectors: _TaskVectors, i: int, k: int, cache: Optional[dict
     return (top << 16) | bottom, need - greater_low
 
 
+def _magnitude_threshold(vectors: _TaskVectors, i: int, density: float, ctx: TensorContext, cache: Optional[dict]) -> tuple[int, int]:
+    """`_top_k_threshold` for the int(density * numel) largest entries (mergekit's k)."""
+    k = int(density * vectors.numel)
+    if k <= 0:
+        raise ModelError(f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density")
+    return _top_k_threshold(vectors, i, k, cache)
+
+
 class _Sparsifier:
     """One task vector's sparsification, applied slice by slice in flat-index order."""
 
@@ -162,12 +170,7 @@ class _Sparsifier:
         self.vectors, self.i, self.density, self.kind, self.ctx = vectors, i, density, kind, ctx
         self.scale: Optional[torch.Tensor] = None
         if kind == "magnitude":
-            k = int(density * vectors.numel)
-            if k <= 0:
-                raise ModelError(
-                    f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density"
-                )
-            self.threshold, self.tied_quota = _top_k_threshold(vectors, i, k, cache)
+            self.threshold, self.tied_quota = _magnitude_threshold(vectors, i, density, ctx, cache)
         elif kind != "random":
             raise ValueError(f"unknown sparsification {kind!r}")
         self.work_dtype = None
@@ -362,10 +365,7 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
             thresholds.append(-1)
             cutoffs.append(-1)
             continue
-        k = int(density * vectors.numel)
-        if k <= 0:
-            raise ModelError(f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density")
-        threshold, quota = _top_k_threshold(vectors, i, k, cache)
+        threshold, quota = _magnitude_threshold(vectors, i, density, ctx, cache)
         key = ("cutoff", i, threshold, quota)
         if key not in cache:
             cache[key] = fused.tie_cutoff(vectors.base_flat, sources, vectors.deltas is not None, i, threshold, quota)
