@@ -51,16 +51,20 @@ _GTA_URLS = {
     "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
     "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
     "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
+    "breadcrumbs": ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
+    "breadcrumbs_ties": ("Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795"),
+    "della": ("DELLA", "https://arxiv.org/abs/2406.11617"),
+    "della_linear": ("Linear DELLA", "https://arxiv.org/abs/2406.11617"),
 }
 
 
-def _gta(name: str, normalize: bool, rescale: bool, random: bool) -> MethodSpec:
+def _gta(name: str, normalize: bool, rescale: bool, random: bool, extra: Optional[dict] = None) -> MethodSpec:
     pretty, url = _GTA_URLS[name]
     return MethodSpec(
         name=name,
         implementation=f"task_arithmetic:{name}",
         global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-        model_params={"weight": REQUIRED, "density": 1.0},
+        model_params={"weight": REQUIRED, "density": 1.0, **(extra or {})},
         requires_base=True,
         random=random,
         pretty_name=pretty,
@@ -98,6 +102,80 @@ METHODS: dict[str, MethodSpec] = {
         _gta("ties", normalize=True, rescale=False, random=False),
         _gta("dare_ties", normalize=False, rescale=True, random=True),
         _gta("dare_linear", normalize=False, rescale=True, random=True),
+        _gta("breadcrumbs", normalize=False, rescale=False, random=False, extra={"gamma": 0.01}),
+        _gta("breadcrumbs_ties", normalize=False, rescale=False, random=False, extra={"gamma": 0.01}),
+        _gta("della", normalize=True, rescale=True, random=True, extra={"epsilon": 0.15}),
+        _gta("della_linear", normalize=False, rescale=True, random=True, extra={"epsilon": 0.15}),
+        MethodSpec(
+            "nuslerp",
+            "spherical:nuslerp",
+            global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+            model_params={"weight": REQUIRED},
+            pretty_name="NuSLERP",
+        ),
+        MethodSpec(
+            "multislerp",
+            "spherical:multislerp",
+            global_params={"normalize_weights": True, "eps": 1e-8},
+            model_params={"weight": REQUIRED},
+            pretty_name="Multi-SLERP",
+            reference_url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        MethodSpec(
+            "karcher",
+            "spherical:karcher",
+            global_params={"max_iter": 10, "tol": 1e-5},
+            pretty_name="Karcher Mean",
+            reference_url="https://en.wikipedia.org/wiki/Karcher_mean",
+        ),
+        MethodSpec(
+            "model_stock",
+            "model_stock:model_stock",
+            global_params={"filter_wise": False},
+            requires_base=True,
+            pretty_name="Model Stock",
+            reference_url="https://arxiv.org/abs/2403.19522",
+        ),
+        MethodSpec(
+            "sce",
+            "selective:sce",
+            global_params={"int8_mask": False, "select_topk": 1.0},
+            requires_base=True,
+            pretty_name="SCE",
+            reference_url="https://arxiv.org/abs/2408.07990",
+            embed_shape="base",
+        ),
+        MethodSpec(
+            "ram",
+            "selective:ram",
+            global_params={"epsilon": 1e-5},
+            requires_base=True,
+            pretty_name="RAM",
+            embed_shape="base",
+        ),
+        MethodSpec(
+            "ramplus_tl",
+            "selective:ramplus_tl",
+            global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+            requires_base=True,
+            pretty_name="RAM+",
+            embed_shape="base",
+        ),
+        MethodSpec(
+            "nearswap",
+            "selective:nearswap",
+            global_params={"t": REQUIRED},
+            requires_base=True,
+            pretty_name="NearSwap",
+        ),
+        MethodSpec(
+            "arcee_fusion",
+            "selective:arcee_fusion",
+            requires_base=True,
+            random=True,  # tensors over 1e6 entries estimate quantiles from a seeded sample
+            pretty_name="Arcee Fusion",
+            reference_url="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+        ),
     ]
 }
 
