@@ -16,8 +16,14 @@ from merge_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SEARCHABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
-NEEDS_BASE = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
+SEARCHABLE_METHODS = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+    "della", "della_linear", "model_stock", "slerp",
+)
+NEEDS_BASE = (
+    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear", "model_stock",
+)
 
 
 class _Schema(BaseModel):
@@ -54,8 +60,10 @@ class GenomeDefinition(_Schema):
             )
         if self.tokenizer_source not in (None, "base"):
             raise ValueError("tokenizer_source: only 'base' is supported yet (tokenizer merging comes later)")
-        if self.smooth and self.merge_method == "slerp":
-            raise ValueError("smooth is not supported with slerp")
+        if self.smooth and self.merge_method in ("slerp", "model_stock"):
+            raise ValueError(f"smooth is not supported with {self.merge_method}")
+        if self.merge_method == "model_stock" and len([m for m in self.models if m != self.base_model]) < 2:
+            raise ValueError("model_stock needs at least two models besides base_model")
         if self.merge_method == "slerp" and len(self.models) + (self.base_model is not None and self.base_model not in self.models) < 2:
             raise ValueError("slerp needs at least two models")
         return self
@@ -64,7 +72,8 @@ class GenomeDefinition(_Schema):
     def effective_normalize(self) -> bool:
         if self.normalize is not None:
             return self.normalize
-        return self.merge_method in ("ties", "dare_ties", "linear")
+        # mergekit's defaults: normalize is on for these (della's own default is true as well)
+        return self.merge_method in ("ties", "dare_ties", "linear", "della")
 
 
 class TaskDefinition(_Schema):

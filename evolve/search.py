@@ -466,10 +466,15 @@ def dry_run_report(config: SearchConfig) -> str:
     popsize = config.optimizer.popsize or (genome.default_popsize() if config.optimizer.name == "cma" else 8)
     budget = config.budget.max_fevals
     generations = math.ceil(max(budget - 1, 0) / popsize)
+    if genome.method == "model_stock":
+        layout = f"{genome.num_groups} layer group(s) x {len(genome.filters)} parameter set(s), a filter_wise switch each"
+    else:
+        layout = (
+            f"{genome.num_groups} layer group(s) x {len(genome.models)} model(s) x {len(genome.filters)} "
+            f"parameter set(s) x {len(genome.params)} parameter(s)"
+        )
     lines = [
-        f"genome: {genome.size} dimensions ({genome.num_groups} layer group(s) x "
-        f"{len(genome.models)} model(s) x {len(genome.filters)} parameter set(s) x {len(genome.params)} parameter(s)); "
-        f"method {genome.method}",
+        f"genome: {genome.size} dimensions ({layout}); method {genome.method}",
         f"optimizer: {config.optimizer.name}, population {popsize}",
         f"budget: {budget} evaluations (1 for the starting point) -> about {generations} generation(s)"
         + (f", timeout {config.budget.timeout:.0f}s" if config.budget.timeout else ""),

@@ -21,15 +21,31 @@ from merge_engine.errors import ConfigError
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 
+# Per-model parameters searched for each method. model_stock has none: its genes are the global
+# `filter_wise` switch per layer group and filter (MODEL_STOCK_PARAM).
 METHOD_PARAMS = {
     "linear": ("weight",),
     "task_arithmetic": ("weight",),
     "ties": ("weight", "density"),
     "dare_ties": ("weight", "density"),
     "dare_linear": ("weight", "density"),
+    "breadcrumbs": ("weight", "density", "gamma"),
+    "breadcrumbs_ties": ("weight", "density", "gamma"),
+    "della": ("weight", "density", "epsilon"),
+    "della_linear": ("weight", "density", "epsilon"),
+    "model_stock": (),
     "slerp": ("t",),
 }
+TASK_VECTOR_METHODS = (
+    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
+)
+MODEL_STOCK_PARAM = "filter_wise"
 MIN_DENSITY = 0.05  # below this TIES keeps almost nothing of small tensors
+# DELLA needs 0 < density - epsilon and density + epsilon < 1 for every value the optimiser may
+# propose: fixed bounds that guarantee it, so a decoded value is always exactly the value merged.
+DELLA_DENSITY = (0.1, 0.9)
+DELLA_MAX_EPSILON = 0.09
+MAX_GAMMA = 0.1  # breadcrumbs: the share of largest-magnitude outliers dropped
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,15 @@ class Genome:
             low = -high if self.definition.allow_negative_weights else 0.0
             return low, high, 1.0 / len(self.models)
         if param == "density":
+            if self.method.startswith("della"):
+                return DELLA_DENSITY[0], DELLA_DENSITY[1], DELLA_DENSITY[1]
             return MIN_DENSITY, 1.0, 1.0
+        if param == "epsilon":
+            return 0.0, DELLA_MAX_EPSILON, 0.05
+        if param == "gamma":
+            return 0.0, MAX_GAMMA, 0.01  # mergekit's default gamma
+        if param == MODEL_STOCK_PARAM:
+            return 0.0, 1.0, 0.25  # a switch: >= 0.5 is on; starts off, as mergekit's default
         return 0.0, 1.0, 0.5  # slerp t
 
     def _build_dimensions(self) -> list[Dimension]:
@@ -113,6 +137,10 @@ class Genome:
                         dims.append(Dimension(f"g{g}.{self.labels[m]}.select", 0.0, 1.0, 0.5))
                 for f in self.filters:
                     dims.append(Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")))
+                continue
+            if self.method == "model_stock":
+                for f in self.filters:
+                    dims.append(Dimension(f"g{g}.{MODEL_STOCK_PARAM}.{f or 'all'}", *self._bounds(MODEL_STOCK_PARAM)))
                 continue
             for m in self.models:
                 for f in self.filters:
@@ -159,8 +187,10 @@ class Genome:
         return out
 
     def _fixed_parameters(self) -> dict:
+        if self.method == "model_stock":
+            return {}
         params = {"normalize": self.definition.effective_normalize}
-        if self.method in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        if self.method in TASK_VECTOR_METHODS:
             params["int8_mask"] = True
         return params
 
@@ -175,6 +205,9 @@ class Genome:
             return parse_config(recipe, "decoded genome")
         if d.base_model is not None:
             recipe["base_model"] = str(d.base_model)
+        if self.method == "model_stock":
+            recipe.update(self._decode_model_stock(x))
+            return parse_config(recipe, "decoded genome")
         recipe["parameters"] = self._fixed_parameters()
 
         def model_params(g: Optional[int], m: int) -> dict:
@@ -209,6 +242,24 @@ class Genome:
             slices.append({"sources": sources})
         recipe["slices"] = slices
         return parse_config(recipe, "decoded genome")
+
+    def _switches(self, x: list[float], g: int):
+        """model_stock's filter_wise setting for one layer group (true where the gene is >= 0.5)."""
+        start = g * len(self.filters)
+        return self._setting([bool(v >= 0.5) for v in x[start : start + len(self.filters)]])
+
+    def _decode_model_stock(self, x: list[float]) -> dict:
+        if self.num_groups == 1:
+            return {"models": [{"model": str(ref)} for ref in self.models], "parameters": {MODEL_STOCK_PARAM: self._switches(x, 0)}}
+        size = self.num_layers // self.num_groups
+        slices = []
+        for g in range(self.num_groups):
+            lr = [g * size, (g + 1) * size]
+            sources = [{"model": str(ref), "layer_range": lr} for ref in self.models]
+            if self.definition.base_model not in self.models:
+                sources.append({"model": str(self.definition.base_model), "layer_range": lr})
+            slices.append({"sources": sources, "parameters": {MODEL_STOCK_PARAM: self._switches(x, g)}})
+        return {"slices": slices}
 
     def _slerp_pair(self, x: list[float], g: int, offset: int) -> tuple[ModelReference, ModelReference]:
         pool = self.slerp_pool
@@ -253,6 +304,8 @@ class Genome:
         x = self.initial()
         if self.method == "slerp":
             return self._encode_slerp(config, x)
+        if self.method == "model_stock":
+            return self._encode_model_stock(config, x)
         for g in range(self.num_groups):
             t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
             layer = g * (self.num_layers // self.num_groups)
@@ -265,6 +318,17 @@ class Genome:
                         value = lookup_parameter(scope, p, name, t, source=source)
                         if value is not None:
                             x[self._index(g, m, f_i, p_i)] = value
+        return self._check(x)
+
+    def _encode_model_stock(self, config: MergeConfig, x: list[float]) -> list[float]:
+        for g in range(self.num_groups):
+            t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
+            layer = g * (self.num_layers // self.num_groups)
+            scope, _ = self._scope_for_layer(config, layer)
+            for f_i, f in enumerate(self.filters):
+                value = lookup_parameter(scope, MODEL_STOCK_PARAM, f"model.layers.{layer}.{f or '__other__'}", t)
+                if value is not None:
+                    x[g * len(self.filters) + f_i] = 1.0 if value else 0.0
         return self._check(x)
 
     def _encode_slerp(self, config: MergeConfig, x: list[float]) -> list[float]:

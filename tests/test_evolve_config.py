@@ -174,7 +174,7 @@ def test_slerp_with_base_model_and_one_model_is_two():
 @pytest.mark.parametrize(
     "data,path,words",
     [
-        (with_genome(merge_method="della"), "genome.merge_method", ["della"]),
+        (with_genome(merge_method="karcher"), "genome.merge_method", ["karcher"]),
         (with_genome(merge_method="passthrough"), "genome.merge_method", ["passthrough"]),
         ({"genome": GENOME, "tasks": ["x", {"name": "y", "weight": "heavy"}]}, "tasks[1].weight", []),
         ({"genome": GENOME, "tasks": ["x", {"name": "y", "direction": "up"}]}, "tasks[1].direction", ["minimize"]),
@@ -353,8 +353,8 @@ def test_cli_smooth_with_slerp(tmp_path):
 def test_cli_bad_value_names_its_path(tmp_path):
     cfg = {"genome": GENOME, "tasks": ["x", {"name": "y", "weight": "heavy"}]}
     refused(tmp_path, cfg, words=["tasks[1].weight"])
-    cfg = {"genome": {**GENOME, "merge_method": "model_stock"}, "tasks": ["x"]}
-    refused(tmp_path, cfg, words=["genome.merge_method", "model_stock"])
+    cfg = {"genome": {**GENOME, "merge_method": "nuslerp"}, "tasks": ["x"]}
+    refused(tmp_path, cfg, words=["genome.merge_method", "nuslerp"])
 
 
 def test_check_tasks_finds_a_local_task(tmp_path):

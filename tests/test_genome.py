@@ -18,11 +18,12 @@ import pytest
 from evolve.config import parse_search_config
 from merge_engine.config import Conditional, ModelReference, parse_config
 from merge_engine.errors import ConfigError
-from search_spaces.genome import METHOD_PARAMS, MIN_DENSITY, Genome
+from search_spaces.genome import DELLA_DENSITY, DELLA_MAX_EPSILON, MAX_GAMMA, METHOD_PARAMS, MIN_DENSITY, Genome
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 TA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
-NEEDS_BASE = TA_METHODS
+SPARSIFY_METHODS = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+NEEDS_BASE = TA_METHODS + SPARSIFY_METHODS + ("model_stock",)
 
 A, B, C, BASE = "/m/ft_a", "/m/ft_b", "/m/ft_c", "/m/base"
 
@@ -697,3 +698,117 @@ def test_tokenizer_source_is_refused_up_front_or_merges(llama_models, source):
         return
     with planned(g.decode(g.initial())) as plan:
         assert len(plan.tasks) == 39
+
+
+# ----------------------------------------------------------------------------------------------
+# breadcrumbs, della and model_stock genomes
+
+
+@pytest.mark.parametrize("method,third", [("breadcrumbs", "gamma"), ("breadcrumbs_ties", "gamma"), ("della", "epsilon"), ("della_linear", "epsilon")])
+@pytest.mark.parametrize("num_layers,granularity,filters", LAYOUTS)
+def test_sparsifying_methods_layout_and_bounds(method, third, num_layers, granularity, filters):
+    g = make(num_layers, merge_method=method, models=[A, B, C], layer_granularity=granularity, filters=filters)
+    assert METHOD_PARAMS[method] == ("weight", "density", third)
+    groups = num_layers // granularity if granularity else 1
+    sets = len(filters or []) + 1
+    assert g.size == groups * 3 * sets * 3
+    names = [d.name for d in g.dimensions]
+    for gi, mi, fi, p in product(range(groups), range(3), range(sets), METHOD_PARAMS[method]):
+        flt = (filters or [])[fi] if fi < sets - 1 else "all"
+        assert names[index(g, gi, mi, fi, p)] == f"g{gi}.{('ft_a', 'ft_b', 'ft_c')[mi]}.{p}.{flt}"
+    for d in g.dimensions:
+        kind = d.name.split(".")[2]
+        bounds = (d.low, d.high, d.initial)
+        if kind == "density":
+            assert bounds == ((0.1, 0.9, 0.9) if method.startswith("della") else (0.05, 1.0, 1.0))
+        elif kind == "epsilon":
+            assert bounds == (0.0, 0.09, 0.05)
+        elif kind == "gamma":
+            assert bounds == (0.0, 0.1, 0.01)
+
+
+def test_della_bounds_keep_every_proposal_valid():
+    """density +/- epsilon inside (0, 1) at the corners of the box, as DELLA requires."""
+    for density in DELLA_DENSITY:
+        for eps in (0.0, DELLA_MAX_EPSILON):
+            assert 0 < density - eps and density + eps < 1
+    assert MAX_GAMMA == 0.1
+
+
+@pytest.mark.parametrize("method", SPARSIFY_METHODS)
+def test_sparsifying_methods_round_trip_and_fixed_parameters(method):
+    g = make(4, merge_method=method, layer_granularity=2, filters=["mlp"])
+    for seed in range(3):
+        x = random_x(g, seed)
+        assert g.encode(g.decode(x)) == x
+    cfg = g.decode(g.initial())
+    assert cfg.parameters == {"normalize": 1.0 if method == "della" else 0.0, "int8_mask": 1.0}
+    assert cfg.merge_method == method
+
+
+@pytest.mark.parametrize("method,third", [("della", "epsilon"), ("breadcrumbs_ties", "gamma")])
+def test_planned_sparsifying_parameters_follow_the_genotype(llama_models, method, third):
+    g = _genome(llama_models, merge_method=method, layer_granularity=2, filters=["mlp"])
+    x = random_x(g, 5)
+    a, b = str(llama_models["a"]), str(llama_models["b"])
+    with planned(g.decode(x)) as plan:
+        for layer in range(4):
+            for tensor, fi in (("mlp.up_proj", 0), ("self_attn.v_proj", 1)):
+                task = tensor_params(plan, LAYER.format(layer, tensor))
+                for mi, m in enumerate((a, b)):
+                    for p in ("weight", "density", third):
+                        assert model_param(task, m, p) == x[index(g, layer // 2, mi, fi, p)]
+        assert task.method.name == method
+
+
+def _stock_index(g: Genome, group: int, flt: int) -> int:
+    return group * len(g.filters) + flt
+
+
+@pytest.mark.parametrize("num_layers,granularity,filters", LAYOUTS)
+def test_model_stock_layout(num_layers, granularity, filters):
+    g = make(num_layers, merge_method="model_stock", models=[A, B, C], layer_granularity=granularity, filters=filters)
+    groups = num_layers // granularity if granularity else 1
+    assert g.size == groups * (len(filters or []) + 1)
+    for gi in range(groups):
+        for fi, f in enumerate((filters or []) + ["all"]):
+            d = g.dimensions[_stock_index(g, gi, fi)]
+            assert d.name == f"g{gi}.filter_wise.{f}"
+            assert (d.low, d.high, d.initial) == (0.0, 1.0, 0.25)
+
+
+def test_model_stock_decode_switches_per_group_and_filter():
+    g = make(4, merge_method="model_stock", layer_granularity=2, filters=["mlp"])
+    cfg = g.decode([0.7, 0.2, 0.49, 0.5])
+    assert cfg.base_model == ref(BASE) and cfg.parameters is None
+    assert len(cfg.slices) == 2
+    first, second = cfg.slices
+    assert [str(s.model) for s in first.sources] == [A, B, BASE]
+    assert list(first.parameters["filter_wise"]) == [Conditional(value=1.0, filter="mlp"), Conditional(value=0.0)]
+    assert list(second.parameters["filter_wise"]) == [Conditional(value=0.0, filter="mlp"), Conditional(value=1.0)]
+    flat = make(4, merge_method="model_stock").decode([0.9])
+    assert flat.parameters == {"filter_wise": 1.0} and [str(m.model) for m in flat.models] == [A, B]
+    # encode gives the switch's on/off value back
+    assert g.encode(cfg) == [1.0, 0.0, 0.0, 1.0]
+    assert g.encode(g.decode(g.initial())) == [0.0] * 4
+
+
+def test_model_stock_refusals():
+    with pytest.raises(ConfigError, match="two models besides base_model"):
+        parse_search_config({"genome": {"models": [BASE, A], "merge_method": "model_stock", "base_model": BASE}, "tasks": ["t"]})
+    with pytest.raises(ConfigError, match="smooth"):
+        parse_search_config({"genome": {"models": [A, B], "merge_method": "model_stock", "base_model": BASE, "smooth": True, "layer_granularity": 2}, "tasks": ["t"]})
+    with pytest.raises(ConfigError, match="needs base_model"):
+        parse_search_config({"genome": {"models": [A, B], "merge_method": "model_stock"}, "tasks": ["t"]})
+
+
+def test_planned_model_stock_switch_per_group(llama_models):
+    g = _genome(llama_models, merge_method="model_stock", layer_granularity=2, filters=["mlp"])
+    x = [0.8, 0.1, 0.3, 0.6]  # group 0: mlp on, rest off; group 1: mlp off, rest on
+    with planned(g.decode(x)) as plan:
+        for layer in range(4):
+            mlp = tensor_params(plan, LAYER.format(layer, "mlp.up_proj"))
+            attn = tensor_params(plan, LAYER.format(layer, "self_attn.q_proj"))
+            assert mlp.params["filter_wise"] == (1.0 if layer < 2 else 0.0)
+            assert attn.params["filter_wise"] == (0.0 if layer < 2 else 1.0)
+            assert len(mlp.inputs) == 3 and str(mlp.inputs[mlp.base_index].model) == str(llama_models["base"])
