@@ -213,8 +213,9 @@ class _DellaProbabilities:
     p = (density - eps) + 2 eps rank / (C - 1). Ranks are exact integers, whatever the dtype.
     Computed for the whole rows that cover each requested slice, kept while slices stay inside."""
 
-    def __init__(self, vectors: _TaskVectors, i: int, shape: torch.Size, density: float, epsilon: float):
+    def __init__(self, vectors: _TaskVectors, i: int, density: float, epsilon: float):
         self.vectors, self.i, self.density, self.epsilon = vectors, i, density, epsilon
+        shape = vectors.shape
         self.row = vectors.numel if len(shape) <= 1 else vectors.numel // shape[0]
         self.rows: Optional[tuple[int, int, torch.Tensor]] = None
 
@@ -289,7 +290,7 @@ class _Sparsifier:
                 f"della: epsilon {epsilon} with density {self.density} for {label} in tensor {self.ctx.name}: "
                 f"density - epsilon and density + epsilon must lie in (0, 1)"
             )
-        return _DellaProbabilities(self.vectors, self.i, self.vectors.shape, self.density, epsilon)
+        return _DellaProbabilities(self.vectors, self.i, self.density, epsilon)
 
     def _start(self) -> None:
         for s in self.sets:
