@@ -19,7 +19,7 @@ import torch
 
 from .config import MergeConfig
 from .errors import ModelError
-from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors
+from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
 from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
 from .streaming import task_context
@@ -174,15 +174,18 @@ class ResidentMerger:
             ctx.out = out
         if task.method.name in VARIANTS:
             base, deltas, positions, histograms = self._task_vectors(task)
+            variant = VARIANTS[task.method.name]
             result = merge_task_vectors(
                 base,
                 deltas,
                 [task.model_params[i]["weight"] for i in positions],
                 [task.model_params[i]["density"] for i in positions],
                 task.params,
-                VARIANTS[task.method.name],
+                variant,
                 ctx,
                 histograms,
+                extras=variant_extras(variant, task.model_params, positions),
+                positions=positions,
             )
         else:
             tensors = [self._input(task, i) for i in range(len(task.inputs))]

@@ -1,5 +1,5 @@
 """The generalised task-arithmetic family (spec 2.6, 2.7): task_arithmetic, ties, dare_ties,
-dare_linear.
+dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear.
 
 Split in two steps so that the resident executor can keep task vectors between candidates:
 `task_vectors` (inputs -> deltas against the base) and `merge_task_vectors` (deltas + per-model
@@ -23,8 +23,11 @@ RESCALE_EPS = 1e-7
 
 @dataclass(frozen=True)
 class Variant:
-    sparsify: Optional[str]  # None, "magnitude" or "random"
+    # None, "magnitude" (TIES), "random" (DARE), "magnitude_outliers" (breadcrumbs) or
+    # "della_magprune" (DELLA)
+    sparsify: Optional[str]
     consensus: bool
+    extra: Optional[str] = None  # the sparsification's own per-model parameter
 
 
 VARIANTS = {
@@ -32,7 +35,12 @@ VARIANTS = {
     "ties": Variant("magnitude", True),
     "dare_ties": Variant("random", True),
     "dare_linear": Variant("random", False),
+    "breadcrumbs": Variant("magnitude_outliers", False, "gamma"),
+    "breadcrumbs_ties": Variant("magnitude_outliers", True, "gamma"),
+    "della": Variant("della_magprune", True, "epsilon"),
+    "della_linear": Variant("della_magprune", False, "epsilon"),
 }
+RANDOM_KINDS = ("random", "della_magprune")
 
 
 def aligned_inputs(
@@ -89,8 +97,9 @@ class _TaskVectors:
     """The task vectors of one tensor, read slice by slice: cached full deltas (resident
     executor) or `x - base` computed on the fly (streaming executor, no full delta is kept)."""
 
-    def __init__(self, base_flat: torch.Tensor, deltas=None, inputs=None):
-        self.base_flat = base_flat
+    def __init__(self, base: torch.Tensor, deltas=None, inputs=None):
+        self.base_flat = base_flat = flat(base)
+        self.shape = base.shape  # DELLA ranks within rows
         self.deltas = [flat(d) for d in deltas] if deltas is not None else None
         self.inputs = [flat(x) for x in inputs] if inputs is not None else None
         self.count = len(self.deltas if deltas is not None else self.inputs)
@@ -163,33 +172,27 @@ def _magnitude_threshold(vectors: _TaskVectors, i: int, density: float, ctx: Ten
     return _top_k_threshold(vectors, i, k, cache)
 
 
-class _Sparsifier:
-    """One task vector's sparsification, applied slice by slice in flat-index order."""
+class _TopK:
+    """Streaming membership of the k largest |delta_i|, in the order of a stable descending sort
+    (equal magnitudes: the lower flat index counts as larger). Slices come in flat order after
+    `start()`; `mask` gives 0/1 integers (arithmetic is much cheaper than boolean ops)."""
 
-    def __init__(self, vectors: _TaskVectors, i: int, density: float, kind: str, rescale: bool, ctx: TensorContext, cache: Optional[dict] = None):
-        self.vectors, self.i, self.density, self.kind, self.ctx = vectors, i, density, kind, ctx
-        self.scale: Optional[torch.Tensor] = None
-        if kind == "magnitude":
-            self.threshold, self.tied_quota = _magnitude_threshold(vectors, i, density, ctx, cache)
-        elif kind != "random":
-            raise ValueError(f"unknown sparsification {kind!r}")
-        self.work_dtype = None
-        if rescale:
-            self._measure_rescale()
+    def __init__(self, vectors: _TaskVectors, i: int, k: int, cache: Optional[dict], threshold: Optional[tuple[int, int]] = None):
+        self.k = max(0, min(k, vectors.numel))
+        self.everything = self.k == vectors.numel
+        if threshold is None and 0 < self.k < vectors.numel:
+            threshold = _top_k_threshold(vectors, i, self.k, cache)
+        self.threshold, self.tied = threshold or (0, 0)
+        self.quota = self.tied
 
-    def _start(self) -> None:
-        self.quota = getattr(self, "tied_quota", 0)
-        if self.kind == "random":
-            # each model's mask has its own stream, seeded by (run seed, tensor, model position)
-            device = self.vectors.base_flat.device
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(tensor_seed(self.ctx.seed, f"{self.ctx.name}#{self.i}"))
+    def start(self) -> None:
+        self.quota = self.tied
 
-    def _keep(self, delta: torch.Tensor) -> torch.Tensor:
-        """The slice's keep mask as 0/1 numbers (arithmetic is much cheaper than boolean ops)."""
-        if self.kind == "random":
-            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density
-        bits = _magnitude_bits(delta)
+    def mask(self, bits: torch.Tensor) -> torch.Tensor:
+        if self.k == 0:
+            return torch.zeros_like(bits)
+        if self.everything:
+            return torch.ones_like(bits)
         keep = (bits - self.threshold).clamp_(0, 1)  # 1 where |delta| > threshold
         if self.quota > 0:
             # entries equal to the threshold: the first ones in flat order, as a stable sort keeps
@@ -203,19 +206,128 @@ class _Sparsifier:
                 self.quota = 0
         return keep
 
+
+class _DellaProbabilities:
+    """DELLA's keep probabilities: per row (dim 0 indexes rows; a 1-D tensor is one row), entries
+    ranked by |delta| ascending from 0 to C-1 (a stable sort: equal magnitudes rank by position),
+    p = (density - eps) + 2 eps rank / (C - 1). Ranks are exact integers, whatever the dtype.
+    Computed for the whole rows that cover each requested slice, kept while slices stay inside."""
+
+    def __init__(self, vectors: _TaskVectors, i: int, density: float, epsilon: float):
+        self.vectors, self.i, self.density, self.epsilon = vectors, i, density, epsilon
+        shape = vectors.shape
+        self.row = vectors.numel if len(shape) <= 1 else vectors.numel // shape[0]
+        self.rows: Optional[tuple[int, int, torch.Tensor]] = None
+
+    def __call__(self, start: int, end: int) -> torch.Tensor:
+        c = self.row
+        first, last = start // c, -(-end // c)
+        if self.rows is None or not (self.rows[0] <= first and last <= self.rows[1]):
+            block = self.vectors.chunk(self.i, first * c, last * c).view(last - first, c)
+            order = torch.argsort(block.abs(), dim=1, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(c, device=order.device).expand_as(order))
+            if c == 1:
+                # mergekit divides by C - 1 = 0 (NaN probabilities); a lone entry keeps `density`
+                prob = torch.full(rank.shape, self.density, dtype=torch.float32, device=rank.device)
+            else:
+                prob = (self.density - self.epsilon) + (2 * self.epsilon) * (rank.to(torch.float32) / (c - 1))
+            self.rows = (first, last, prob.view(-1))
+        offset = self.rows[0] * c
+        return self.rows[2][start - offset : end - offset]
+
+
+class _Sparsifier:
+    """One task vector's sparsification, applied slice by slice in flat-index order."""
+
+    def __init__(
+        self,
+        vectors: _TaskVectors,
+        i: int,
+        density: float,
+        kind: str,
+        rescale: bool,
+        ctx: TensorContext,
+        cache: Optional[dict] = None,
+        extra: Optional[float] = None,
+        label: str = "",
+    ):
+        self.vectors, self.i, self.density, self.kind, self.ctx = vectors, i, density, kind, ctx
+        self.scale: Optional[torch.Tensor] = None
+        self.sets: list[_TopK] = []  # magnitude kinds: kept set, then (outliers) the top removed
+        self.probability: Optional[_DellaProbabilities] = None
+        if kind == "magnitude":
+            k = int(density * vectors.numel)
+            self.sets = [_TopK(vectors, i, k, cache, _magnitude_threshold(vectors, i, density, ctx, cache))]
+        elif kind == "magnitude_outliers":
+            self.sets = self._outlier_sets(float(extra), cache, label)
+        elif kind == "della_magprune":
+            self.probability = self._della(float(extra), label)
+        elif kind != "random":
+            raise ValueError(f"unknown sparsification {kind!r}")
+        if rescale:
+            self._measure_rescale()
+
+    def _outlier_sets(self, gamma: float, cache: Optional[dict], label: str) -> list[_TopK]:
+        """Breadcrumbs: in ascending magnitude order keep positions [n_bot, N - n_top), i.e. drop
+        the n_top largest and the n_bot smallest (mergekit's counts). mergekit slices
+        `[n_bot:-n_top]`, which keeps nothing when n_top == 0; we keep what the formula says."""
+        if not 0 <= gamma <= 1:
+            raise ModelError(f"gamma must be in [0, 1], got {gamma} for {label} in tensor {self.ctx.name}")
+        n = self.vectors.numel
+        target, top = int(self.density * n), int(gamma * n)
+        bottom = n - target - top
+        if bottom < 0:
+            top, bottom = top + bottom, 0
+        # both sets follow one total order, so the top outliers are a subset of the upper set
+        return [_TopK(self.vectors, self.i, n - bottom, cache), _TopK(self.vectors, self.i, top, cache)]
+
+    def _della(self, epsilon: float, label: str) -> Optional[_DellaProbabilities]:
+        if self.density <= 0:
+            return None  # nothing kept
+        if not (self.density - epsilon > 0 and self.density + epsilon < 1):
+            raise ModelError(
+                f"della: epsilon {epsilon} with density {self.density} for {label} in tensor {self.ctx.name}: "
+                f"density - epsilon and density + epsilon must lie in (0, 1)"
+            )
+        return _DellaProbabilities(self.vectors, self.i, self.density, epsilon)
+
+    def _start(self) -> None:
+        for s in self.sets:
+            s.start()
+        if self.kind in RANDOM_KINDS:
+            # each model's mask has its own stream, seeded by (run seed, tensor, model position)
+            device = self.vectors.base_flat.device
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(tensor_seed(self.ctx.seed, f"{self.ctx.name}#{self.i}"))
+
+    def _keep(self, start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
+        """The keep mask of the slice [start, end) as 0/1 numbers."""
+        if self.kind == "random":
+            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density
+        if self.kind == "della_magprune":
+            if self.probability is None:
+                return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.probability(start, end)
+        bits = _magnitude_bits(delta)
+        keep = self.sets[0].mask(bits)
+        for outliers in self.sets[1:]:
+            keep -= outliers.mask(bits)
+        return keep
+
     def _work(self, delta: torch.Tensor) -> torch.Tensor:
         # mergekit's DARE work dtype: the tensor's own for bf16 and on accelerators, else float32
-        if self.kind == "random" and delta.device.type == "cpu" and delta.dtype != torch.bfloat16:
+        if self.kind in RANDOM_KINDS and delta.device.type == "cpu" and delta.dtype != torch.bfloat16:
             return delta.float()
         return delta
 
     def _measure_rescale(self) -> None:
         before = after = 0.0
         self._start()
-        for _, _, delta in self.vectors.chunks(self.i):
+        for start, end, delta in self.vectors.chunks(self.i):
             work = self._work(delta)
             before += float(work.abs().sum(dtype=torch.float64))
-            after += float((work * self._keep(delta)).abs().sum(dtype=torch.float64))
+            after += float((work * self._keep(start, end, delta)).abs().sum(dtype=torch.float64))
         dtype = self._work(self.vectors.chunk(self.i, 0, 1)).dtype
         before_t = torch.tensor(before, dtype=dtype)
         after_t = torch.tensor(after, dtype=dtype)
@@ -225,7 +337,7 @@ class _Sparsifier:
     def __iter__(self):
         self._start()
         for start, end, delta in self.vectors.chunks(self.i):
-            kept = self._work(delta) * self._keep(delta)
+            kept = self._work(delta) * self._keep(start, end, delta)
             if self.scale is not None:
                 kept = kept * self.scale
             yield kept.to(delta.dtype)
@@ -316,19 +428,26 @@ def _merge(
     variant: Variant,
     ctx: TensorContext,
     cache: Optional[dict] = None,
+    extras: Optional[Sequence[float]] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     if vectors.count == 0:
         return base
     for d in densities:
         if not 0 <= d <= 1:
             raise ModelError(f"density must be in [0, 1], got {d} for tensor {ctx.name}")
+    if variant.extra is not None and extras is None:
+        raise ValueError(f"{variant.sparsify} needs the per-model {variant.extra} values")
     fused_result = _merge_fused(vectors, base, weights, densities, params, variant, ctx, cache)
     if fused_result is not None:
         return fused_result
     streams = []
     for i, density in enumerate(densities):
         if variant.sparsify is not None and density < 1:
-            streams.append(iter(_Sparsifier(vectors, i, density, variant.sparsify, bool(params["rescale"]), ctx, cache)))
+            label = ctx.label(positions[i]) if positions is not None else f"task vector {i}"
+            extra = extras[i] if extras is not None else None
+            sparsifier = _Sparsifier(vectors, i, density, variant.sparsify, bool(params["rescale"]), ctx, cache, extra, label)
+            streams.append(iter(sparsifier))
         else:
             streams.append(None)
     # weights quantised to the math dtype, as mergekit builds its weight tensor
@@ -349,9 +468,9 @@ def _merge(
 
 def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, variant: Variant, ctx: TensorContext, cache) -> Optional[torch.Tensor]:
     """The same merge through the one-pass CPU kernel, or None where only the eager path applies
-    (DARE's torch random streams, rescaling, lambda, float16, CUDA)."""
+    (random masks, breadcrumbs, rescaling, lambda, float16, CUDA)."""
     sparsified = [variant.sparsify is not None and d < 1 for d in densities]
-    if variant.sparsify == "random" and any(sparsified):
+    if variant.sparsify not in (None, "magnitude") and any(sparsified):
         return None
     if (any(sparsified) and params["rescale"]) or params["lambda"] != 1:
         return None
@@ -398,11 +517,22 @@ def merge_task_vectors(
     variant: Variant,
     ctx: TensorContext,
     cache: Optional[dict] = None,
+    extras: Optional[Sequence[float]] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Merge precomputed task vectors onto the base (they are not modified): the resident
     executor's entry point, bit-identical to the method functions below. `cache` (a dict owned by
-    the caller, one per output tensor) keeps density-independent work between candidates."""
-    return _merge(_TaskVectors(flat(base), deltas=deltas), base, weights, densities, params, variant, ctx, cache)
+    the caller, one per output tensor) keeps density-independent work between candidates.
+    `extras`: the variant's own per-model parameter (gamma, epsilon) per task vector;
+    `positions`: the task vectors' input positions (for error messages)."""
+    return _merge(_TaskVectors(base, deltas=deltas), base, weights, densities, params, variant, ctx, cache, extras, positions)
+
+
+def variant_extras(variant: Variant, model_params: Sequence[dict], positions: Sequence[int]) -> Optional[list[float]]:
+    """The variant's own per-model parameter for each task vector, or None if it has none."""
+    if variant.extra is None:
+        return None
+    return [model_params[i][variant.extra] for i in positions]
 
 
 def _make(name: str):
@@ -410,7 +540,7 @@ def _make(name: str):
 
     def method(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:
         base, others, positions = aligned_inputs(tensors, base_index, ctx)
-        vectors = _TaskVectors(flat(base), inputs=others)
+        vectors = _TaskVectors(base, inputs=others)
         return _merge(
             vectors,
             base,
@@ -419,6 +549,8 @@ def _make(name: str):
             params,
             variant,
             ctx,
+            extras=variant_extras(variant, model_params, positions),
+            positions=positions,
         )
 
     method.__name__ = name
@@ -430,3 +562,7 @@ task_arithmetic = _make("task_arithmetic")
 ties = _make("ties")
 dare_ties = _make("dare_ties")
 dare_linear = _make("dare_linear")
+breadcrumbs = _make("breadcrumbs")
+breadcrumbs_ties = _make("breadcrumbs_ties")
+della = _make("della")
+della_linear = _make("della_linear")
