@@ -52,10 +52,10 @@ def nuslerp(tensors, base_index, params, model_params, ctx: TensorContext) -> to
         return tensors[0]
     others = _others(tensors, base_index)
     if len(others) != 2:
-        base_note = "base_model plus " if base_index is not None else ""
+        detail = f"base plus {len(others)}" if base_index is not None else "no base_model"
         raise ModelError(
             f"nuslerp merges exactly two models (plus an optional base_model): tensor {ctx.name} has "
-            f"{len(tensors)} inputs ({base_note}{len(others)} models)"
+            f"{len(tensors)} inputs ({detail})"
         )
     i1, i2 = others
     w1, w2 = float(model_params[i1]["weight"]), float(model_params[i2]["weight"])
