@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -22,12 +23,10 @@ from test_methods import MERGEKIT_YAML, call, randn
 
 from merge_engine.config import parse_config
 from merge_engine.errors import ModelError
-from merge_engine.methods import selective
+from merge_engine.methods import REQUIRED, get_method_spec, selective
 from merge_engine.methods.common import TensorContext
 from merge_engine.options import MergeOptions
 from merge_engine.resident import ResidentMerger
-
-import subprocess
 
 
 def np64(t: torch.Tensor) -> np.ndarray:
@@ -232,6 +231,28 @@ def close_except(actual, expected, ambiguous, rtol=1e-5, atol=1e-6, name="", mos
     ok = np.isclose(act, expected, rtol=rtol, atol=atol)
     assert np.all(ok | ambiguous), f"{name}: {int((~ok & ~ambiguous).sum())} entries differ"
     assert ambiguous.sum() <= max(2, most * ambiguous.size), name  # the reference is well-conditioned
+
+
+# ----------------------------------------------------------------------------------------------
+# registry (spec 2.0 table)
+
+
+def test_registry_parameters_and_defaults_match_spec():
+    expected = {
+        "nuslerp": ({"nuslerp_row_wise": False, "nuslerp_flatten": True}, {"weight": REQUIRED}, False, False),
+        "multislerp": ({"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}, False, False),
+        "karcher": ({"max_iter": 10, "tol": 1e-5}, {}, False, False),
+        "model_stock": ({"filter_wise": False}, {}, True, False),
+        "sce": ({"int8_mask": False, "select_topk": 1.0}, {}, True, False),
+        "ram": ({"epsilon": 1e-5}, {}, True, False),
+        "ramplus_tl": ({"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}, True, False),
+        "nearswap": ({"t": REQUIRED}, {}, True, False),
+        "arcee_fusion": ({}, {}, True, True),
+    }
+    for name, (glob, per_model, needs_base, random) in expected.items():
+        spec = get_method_spec(name)
+        assert (spec.global_params, spec.model_params, spec.requires_base, spec.random) == (glob, per_model, needs_base, random), name
+        assert callable(spec.function), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,9 +687,8 @@ def _e2e_cases(m):
 
 
 def _ref_ram_fast(base, xs, eps=1e-5, plus=False, r=0.1, alpha=0.2):
-    """ref_ram for the llama tensors: the position loop on the first 256 entries would not
-    cover the per-model counts, so the counts come from a vectorised pass and the positions from
-    the same loop body (checked equal to ref_ram on small tensors in test_ram_reference_agrees)."""
+    """ref_ram vectorised over positions (the position loop is too slow for the llama tensors);
+    checked equal to ref_ram on small tensors in test_ram_reference_agrees."""
     B = np64(base).ravel()
     T = np.stack([np64(x).ravel() - B for x in xs])
     active = np.abs(T) > eps
