@@ -25,6 +25,18 @@ def _size(ctx, param, value):
         raise click.BadParameter(str(err)) from None
 
 
+def _lora_dtype(ctx, param, value):
+    from .config import normalize_dtype_name  # torch-free
+
+    try:
+        name = normalize_dtype_name(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if name not in (None, "bfloat16", "float16", "float32"):
+        raise click.BadParameter(f"{value!r} is not a floating-point dtype (use bfloat16, float16 or float32)")
+    return name
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     if quiet and verbose == 0:
@@ -58,8 +70,8 @@ def merge_options(f):
     opts = [
         click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow merging models of different architectures."),
         click.option("--transformers-cache", type=click.Path(), default=None, help="Hugging Face cache directory for hub models."),
-        click.option("--lora-merge-cache", type=click.Path(), default=None, help="Where model+LoRA merges are cached (LoRA inputs: not supported yet)."),
-        click.option("--lora-merge-dtype", default=None, help="dtype for applying LoRAs (LoRA inputs: not supported yet)."),
+        click.option("--lora-merge-cache", type=click.Path(), default=None, help="Folder where each model+LoRA input is merged once and kept for reuse (needed for LoRA inputs)."),
+        click.option("--lora-merge-dtype", default=None, callback=_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's)."),
         click.option("--cuda/--no-cuda", default=False, help="Do the merge maths on CUDA (same as --device cuda)."),
         click.option("--device", default=None, help="Math device: cpu, cuda, cuda:N or auto (default cpu, or cuda with --cuda)."),
         click.option("--low-cpu-memory/--no-low-cpu-memory", default=False, help=f"Keep results on the math device. {NO_EFFECT}: memory is bounded by design."),
@@ -109,6 +121,8 @@ def options_from_flags(kw: dict):
         num_threads=kw["num_threads"],
         overwrite=kw["overwrite"],
         trust_remote_code=kw["trust_remote_code"],
+        lora_merge_cache=kw.get("lora_merge_cache"),
+        lora_merge_dtype=kw.get("lora_merge_dtype"),
     )
 
 
