@@ -126,6 +126,31 @@ def options_from_flags(kw: dict):
     )
 
 
+def apply_environment(kw: dict) -> None:
+    if kw.get("transformers_cache"):
+        import os
+
+        os.environ["HF_HUB_CACHE"] = kw["transformers_cache"]
+
+
+def check_device(options) -> None:
+    """A device that cannot run the merge is a user error, reported before any work."""
+    if options.device == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(options.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise MergeError(f"--device {options.device}: unsupported device (use cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {options.device}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {options.device}: only {torch.cuda.device_count()} CUDA device(s) are available")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
@@ -133,31 +158,14 @@ def options_from_flags(kw: dict):
 def main(config_file: str, out_path: str, **kw) -> None:
     """Merge models as described by a mergekit YAML recipe into OUT_PATH."""
     setup_logging(kw["verbose"], kw["quiet"])
-    if kw.get("transformers_cache"):
-        import os
-
-        os.environ["HF_HUB_CACHE"] = kw["transformers_cache"]
+    apply_environment(kw)
 
     def action() -> None:
         from .config import load_config
 
         config, text = load_config(Path(config_file))
         options = options_from_flags(kw)
-        if options.device != "auto":
-            import torch
-
-            try:
-                device = torch.device(options.device)
-            except RuntimeError:
-                device = None
-            if device is None or device.type not in ("cpu", "cuda"):
-                raise MergeError(f"--device {options.device}: unsupported device (use cpu, cuda, cuda:N or auto)")
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise MergeError(f"--device {options.device}: no CUDA device is available")
-            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-                raise MergeError(
-                    f"--device {options.device}: only {torch.cuda.device_count()} CUDA device(s) are available"
-                )
+        check_device(options)
         from .streaming import run_merge
 
         run_merge(config, Path(out_path), options, config_text=text)
