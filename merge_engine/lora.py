@@ -69,12 +69,15 @@ def materialize_lora(
         raise ModelError(f"LoRA adapter {ref.lora}: {ADAPTER_CONFIG} is not a PEFT adapter config (no peft_type)")
     weights = _adapter_weights(ref, adapter_dir, lazy_unpickle)
     base_dir = resolve_model_dir(ModelReference(ref.model, None, ref.override_architecture))
-    log.warning("merging LoRA adapter %s into %s (cached in %s)", ref.lora, ref.model, target)
+    log.info("merging LoRA adapter %s into %s (cached in %s)", ref.lora, ref.model, target)
     out = AtomicOutputDir(target)
     try:
         with _quiet_transformers():
             _build(ref, base_dir, adapter_dir, weights, dtype, out.path)
-        out.commit()
+        if target.is_dir():  # another run finished the same entry meanwhile: keep theirs
+            out.discard()
+        else:
+            out.commit()
     except BaseException:
         out.discard()
         raise

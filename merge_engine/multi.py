@@ -194,11 +194,11 @@ def run_multi(config_path: Path, intermediate_dir: Path, out_path: Path, options
         config = map_model_paths(recipe.config, locations.get)
         target = Path(locations[recipe.name]) if recipe.name else Path(out_path)
         if recipe.name and lazy and target.is_dir() and any(target.iterdir()):
-            log.warning("%s: %s exists, reusing it (--no-lazy re-merges)", recipe.label, target)
+            log.info("%s: %s exists, reusing it (--no-lazy re-merges)", recipe.label, target)
             continue
         # an intermediate is replaced only once its new merge is complete (atomic output)
         step_options = replace(options, overwrite=True) if recipe.name else options
-        log.warning("%s: merging into %s", recipe.label, target)
+        log.info("%s: merging into %s", recipe.label, target)
         try:
             run_merge(config, target, step_options, config_text=config.to_yaml())
         except MergeError as err:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,6 @@ def test_lazy_reuse_reads_the_existing_intermediate(tmp_path, llama_models):
     inter = tmp_path / "inter"
     inter.mkdir()
     # a stand-in for an earlier run's result: fine-tune b itself
-    import shutil
-
     shutil.copytree(b, inter / "mid")
     text = linear([(a, 0.5), (base, 0.5)], name="mid") + "---\n" + linear([("mid", 0.5), (a, 0.5)])
     cfg = write_yaml(tmp_path / "multi.yml", text)
