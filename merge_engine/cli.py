@@ -25,6 +25,18 @@ def _size(ctx, param, value):
         raise click.BadParameter(str(err)) from None
 
 
+def _lora_dtype(ctx, param, value):
+    from .config import normalize_dtype_name  # torch-free
+
+    try:
+        name = normalize_dtype_name(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if name not in (None, "bfloat16", "float16", "float32"):
+        raise click.BadParameter(f"{value!r} is not a floating-point dtype (use bfloat16, float16 or float32)")
+    return name
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     if quiet and verbose == 0:
@@ -58,8 +70,8 @@ def merge_options(f):
     opts = [
         click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow merging models of different architectures."),
         click.option("--transformers-cache", type=click.Path(), default=None, help="Hugging Face cache directory for hub models."),
-        click.option("--lora-merge-cache", type=click.Path(), default=None, help="Where model+LoRA merges are cached (LoRA inputs: not supported yet)."),
-        click.option("--lora-merge-dtype", default=None, help="dtype for applying LoRAs (LoRA inputs: not supported yet)."),
+        click.option("--lora-merge-cache", type=click.Path(), default=None, help="Folder where each model+LoRA input is merged once and kept for reuse (needed for LoRA inputs)."),
+        click.option("--lora-merge-dtype", default=None, callback=_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's)."),
         click.option("--cuda/--no-cuda", default=False, help="Do the merge maths on CUDA (same as --device cuda)."),
         click.option("--device", default=None, help="Math device: cpu, cuda, cuda:N or auto (default cpu, or cuda with --cuda)."),
         click.option("--low-cpu-memory/--no-low-cpu-memory", default=False, help=f"Keep results on the math device. {NO_EFFECT}: memory is bounded by design."),
@@ -109,7 +121,34 @@ def options_from_flags(kw: dict):
         num_threads=kw["num_threads"],
         overwrite=kw["overwrite"],
         trust_remote_code=kw["trust_remote_code"],
+        lora_merge_cache=kw.get("lora_merge_cache"),
+        lora_merge_dtype=kw.get("lora_merge_dtype"),
     )
+
+
+def apply_environment(kw: dict) -> None:
+    if kw.get("transformers_cache"):
+        import os
+
+        os.environ["HF_HUB_CACHE"] = kw["transformers_cache"]
+
+
+def check_device(options) -> None:
+    """A device that cannot run the merge is a user error, reported before any work."""
+    if options.device == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(options.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise MergeError(f"--device {options.device}: unsupported device (use cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeError(f"--device {options.device}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MergeError(f"--device {options.device}: only {torch.cuda.device_count()} CUDA device(s) are available")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,31 +158,14 @@ def options_from_flags(kw: dict):
 def main(config_file: str, out_path: str, **kw) -> None:
     """Merge models as described by a mergekit YAML recipe into OUT_PATH."""
     setup_logging(kw["verbose"], kw["quiet"])
-    if kw.get("transformers_cache"):
-        import os
-
-        os.environ["HF_HUB_CACHE"] = kw["transformers_cache"]
+    apply_environment(kw)
 
     def action() -> None:
         from .config import load_config
 
         config, text = load_config(Path(config_file))
         options = options_from_flags(kw)
-        if options.device != "auto":
-            import torch
-
-            try:
-                device = torch.device(options.device)
-            except RuntimeError:
-                device = None
-            if device is None or device.type not in ("cpu", "cuda"):
-                raise MergeError(f"--device {options.device}: unsupported device (use cpu, cuda, cuda:N or auto)")
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise MergeError(f"--device {options.device}: no CUDA device is available")
-            if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-                raise MergeError(
-                    f"--device {options.device}: only {torch.cuda.device_count()} CUDA device(s) are available"
-                )
+        check_device(options)
         from .streaming import run_merge
 
         run_merge(config, Path(out_path), options, config_text=text)

@@ -452,9 +452,10 @@ def parse_config(data: Any, source: str = "config") -> MergeConfig:
     return config
 
 
-def load_yaml_text(text: str, source: str) -> Any:
+def load_yaml_text(text: str, source: str, stream: bool = False) -> Any:
+    """The YAML document in `text`, or with `stream` the list of all its `---`-separated documents."""
     try:
-        return yaml.safe_load(text)
+        return list(yaml.safe_load_all(text)) if stream else yaml.safe_load(text)
     except yaml.YAMLError as err:
         where = ""
         mark = getattr(err, "problem_mark", None)
@@ -464,15 +465,19 @@ def load_yaml_text(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
 
 
-def load_config(path: Union[str, Path]) -> tuple[MergeConfig, str]:
-    """Read and validate a recipe file; returns the config and the original text."""
-    path = Path(path)
+def read_config_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read config file: {err}") from None
+
+
+def load_config(path: Union[str, Path]) -> tuple[MergeConfig, str]:
+    """Read and validate a recipe file; returns the config and the original text."""
+    path = Path(path)
+    text = read_config_text(path)
     return parse_config(load_yaml_text(text, str(path)), str(path)), text
 
 

@@ -59,34 +59,40 @@ def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 # Finding a model's files
 
 
-def resolve_model_dir(ref: ModelReference) -> Path:
+def resolve_model_dir(
+    ref: ModelReference,
+    lora_merge_cache: Optional[str] = None,
+    lora_merge_dtype: Optional[str] = None,
+    lazy_unpickle: bool = False,
+) -> Path:
     """Local directory of a model reference. A path that does not exist locally is fetched from
-    the Hugging Face hub only if it looks like a repo id (`org/name`); offline mode is honoured."""
+    the Hugging Face hub only if it looks like a repo id (`org/name`); offline mode is honoured.
+    A `model+lora` reference resolves to the cached merge of the adapter into its base."""
     if ref.lora is not None:
-        raise ModelError(
-            f"model {ref}: LoRA references (model+adapter) are not supported yet; "
-            "merge the adapter into the model first"
-        )
+        from .lora import materialize_lora  # loads transformers and peft: only when needed
+
+        return materialize_lora(ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
     path = Path(ref.model.path).expanduser()
     if path.is_dir():
         return path
-    text = ref.model.path
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_repo:
+    if not looks_like_repo_id(ref.model.path):
         raise ModelError(f"model {ref}: directory not found: {path}")
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+    return hub_snapshot(ref.model.path, ref.model.revision, patterns, f"model {ref}")
+
+
+def looks_like_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
+
+
+def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str], what: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(
-                text,
-                revision=ref.model.revision,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
-            )
-        )
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as err:  # offline, not found, no permission: one clear line
         raise ModelError(
-            f"model {ref}: no local directory of that name, and it could not be fetched from the "
+            f"{what}: no local directory of that name, and it could not be fetched from the "
             f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
 
@@ -234,14 +240,18 @@ def read_pickle_index(file: Path) -> dict[str, TensorLocation]:
 class Checkpoint:
     """Tensor names, shapes and dtypes of one model directory; reads one tensor at a time."""
 
-    def __init__(self, directory: Path, label: str, lazy_unpickle: bool = False):
+    def __init__(self, directory: Path, label: str, lazy_unpickle: bool = False, files: Optional[Sequence[Path]] = None):
         self.directory = directory
         self.label = label
         self.tensors: dict[str, TensorLocation] = {}
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         self._zip_cache: dict[Path, zipfile.ZipFile] = {}
-        self._index(lazy_unpickle)
+        if files is None:
+            self._index(lazy_unpickle)
+        else:  # named files (a LoRA adapter's weights), read the same safe way
+            for f in files:
+                self.tensors.update(read_safetensors_header(f) if f.suffix == ".safetensors" else read_pickle_index(f))
 
     def _index(self, lazy_unpickle: bool) -> None:
         d = self.directory

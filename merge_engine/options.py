@@ -34,6 +34,8 @@ class MergeOptions:
     num_threads: Optional[int] = None
     overwrite: bool = False
     trust_remote_code: bool = False
+    lora_merge_cache: Optional[str] = None  # where model+lora inputs are merged and kept
+    lora_merge_dtype: Optional[str] = None  # dtype for applying LoRAs (None: the base's)
 
     def resolved_device(self) -> str:
         if self.device == "auto":

@@ -91,11 +91,13 @@ class MergePlan:
 # ----------------------------------------------------------------------------------------------
 
 
-def open_models(config: MergeConfig, lazy_unpickle: bool) -> dict[ModelReference, InputModel]:
+def open_models(
+    config: MergeConfig, lazy_unpickle: bool, lora_merge_cache: Optional[str] = None, lora_merge_dtype: Optional[str] = None
+) -> dict[ModelReference, InputModel]:
     models: dict[ModelReference, InputModel] = {}
     try:
         for ref in config.referenced_models():
-            directory = resolve_model_dir(ref)
+            directory = resolve_model_dir(ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
             model_config = read_json(directory / "config.json", f"model {ref}")
             if ref.override_architecture:
                 model_config["architectures"] = [ref.override_architecture]
@@ -333,7 +335,14 @@ class Planner:
         return tuple(shapes[ref])
 
 
-def build_plan(config: MergeConfig, *, allow_crimes: bool = False, lazy_unpickle: bool = False) -> MergePlan:
+def build_plan(
+    config: MergeConfig,
+    *,
+    allow_crimes: bool = False,
+    lazy_unpickle: bool = False,
+    lora_merge_cache: Optional[str] = None,
+    lora_merge_dtype: Optional[str] = None,
+) -> MergePlan:
     method = get_method_spec(config.merge_method)
     if config.tokenizer_source not in (None, "base") or (
         config.tokenizer is not None and config.tokenizer.source != "base"
@@ -341,7 +350,7 @@ def build_plan(config: MergeConfig, *, allow_crimes: bool = False, lazy_unpickle
         raise ConfigError("tokenizer merging (tokenizer_source/tokenizer other than base) is not supported yet")
     if config.chat_template is not None:
         raise ConfigError("chat_template is not supported yet")
-    models = open_models(config, lazy_unpickle)
+    models = open_models(config, lazy_unpickle, lora_merge_cache, lora_merge_dtype)
     try:
         donor = config.base_model or config.referenced_models()[0]
         arch = choose_architecture(models, donor, allow_crimes)

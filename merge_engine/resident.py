@@ -56,7 +56,7 @@ class ResidentMerger:
         self.options = options or MergeOptions(quiet=True)
         self.device = torch.device(self.options.resolved_device())
         self.template = template
-        self.models = open_models(template, self.options.lazy_unpickle)
+        self.models = open_models(template, self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
         donor = template.base_model or template.referenced_models()[0]
         self.donor = donor
         self.arch = choose_architecture(self.models, donor, self.options.allow_crimes)
@@ -87,7 +87,7 @@ class ResidentMerger:
             return
         from .config import parse_config
 
-        opened = open_models(parse_config({"merge_method": "passthrough", "models": [{"model": r.to_plain()} for r in missing]}), self.options.lazy_unpickle)
+        opened = open_models(parse_config({"merge_method": "passthrough", "models": [{"model": r.to_plain()} for r in missing]}), self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
         self.models.update(opened)
         try:
             choose_architecture(self.models, self.donor, self.options.allow_crimes)

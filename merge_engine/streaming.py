@@ -108,7 +108,13 @@ def run_merge(
     """Merge into `out_path`, atomically: the folder appears only when everything is written."""
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
-    plan = build_plan(config, allow_crimes=options.allow_crimes, lazy_unpickle=options.lazy_unpickle)
+    plan = build_plan(
+        config,
+        allow_crimes=options.allow_crimes,
+        lazy_unpickle=options.lazy_unpickle,
+        lora_merge_cache=options.lora_merge_cache,
+        lora_merge_dtype=options.lora_merge_dtype,
+    )
     out: Optional[AtomicOutputDir] = None
     writer: Optional[ShardedWriter] = None
     try:

@@ -31,13 +31,13 @@ def quickstart(tmp_path_factory):
     return {"root": root, "models": models, "tasks": tasks}
 
 
-def search_yaml(qs, path: Path, optimizer: str = "cma", budget: int = 17, popsize: int = 8) -> Path:
+def search_yaml(qs, path: Path, optimizer: str = "cma", budget: int = 17, popsize: int = 8, method: str = "task_arithmetic") -> Path:
     m = qs["models"]
     config = {
         "genome": {
             "models": [str(m["expert_arithmetic"]), str(m["expert_facts"])],
             "base_model": str(m["base"]),
-            "merge_method": "task_arithmetic",
+            "merge_method": method,
             "layer_granularity": 2,
             "dtype": "float32",
         },
@@ -107,6 +107,29 @@ def test_search_improves_on_its_starting_point_and_exports(quickstart, tmp_path)
     again = run_evolve(cfg, storage, quickstart["tasks"])
     assert again.returncode == 2 and "--resume" in again.stderr
     assert len(trials(storage)) == 17
+
+
+@pytest.mark.parametrize("method", ["della", "model_stock"])
+def test_search_over_della_and_model_stock(quickstart, tmp_path, method):
+    """The newer searchable methods run through the whole loop: resident merges on the Ray workers,
+    the exported recipe and the final streaming merge."""
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=5, popsize=4, method=method)
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 5 and all(r["state"] == "COMPLETE" for r in rows)
+    recipe = yaml.safe_load((storage / "best_config.yaml").read_text())
+    assert recipe["merge_method"] == method and len(recipe["slices"]) == 2
+    for slc in recipe["slices"]:
+        if method == "della":
+            for src in slc["sources"][:2]:
+                p = src["parameters"]
+                assert 0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] < 1
+        else:
+            assert slc["parameters"]["filter_wise"] in (True, False)
+            assert len(slc["sources"]) == 3
+    assert (storage / "final_model" / "model.safetensors").is_file()
 
 
 def test_killed_search_resumes_without_reevaluating(quickstart, tmp_path):

@@ -1,0 +1,231 @@
+"""`mergekit-multi CONFIG --intermediate-dir DIR --out-path OUT`: several merges from one YAML
+stream (spec 4.9).
+
+Documents are separated by `---`. A document with `name: X` is an intermediate merge written to
+DIR/X; any later (or earlier) recipe may use `X` as a model reference. Exactly one document has no
+name: the final merge, written to OUT. Recipes run in dependency order; every recipe is validated
+before the first merge starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+from pydantic import BaseModel
+
+from .cli import apply_environment, check_device, merge_options, options_from_flags, run_cli, setup_logging
+from .config import (
+    MergeConfig,
+    ModelPath,
+    ModelReference,
+    TokenizerConfig,
+    load_yaml_text,
+    parse_config,
+    read_config_text,
+)
+from .errors import ConfigError, MergeError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recipe:
+    number: int  # 1-based position among the stream's documents
+    name: Optional[str]  # None: the final merge
+    config: MergeConfig
+    needs: list[str]  # names of the intermediates it reads
+
+    @property
+    def label(self) -> str:
+        return f"recipe '{self.name}' (#{self.number})" if self.name else f"final recipe (#{self.number})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Model references inside a parsed recipe
+
+
+def map_model_paths(obj: Any, fn: Callable[[str], Optional[str]]) -> Any:
+    """`obj` with every model path p replaced by fn(p) where that is not None (the LoRA part of a
+    reference is kept). Walks the parsed schema, so it covers models, slices, base models and
+    tokenizer sources alike; unchanged parts are returned as they are."""
+    if isinstance(obj, ModelReference):
+        new = fn(obj.model.path) if obj.model.revision is None else None
+        return obj if new is None else replace(obj, model=ModelPath(new))
+    if isinstance(obj, BaseModel):
+        updates = {}
+        for field in type(obj).model_fields:
+            value = getattr(obj, field)
+            if isinstance(value, str) and _is_model_string(obj, field):
+                new = None if value in ("base", "union") else fn(value)
+            else:
+                new = map_model_paths(value, fn)
+            if new is not None and new is not value:
+                updates[field] = new
+        return obj.model_copy(update=updates) if updates else obj
+    if isinstance(obj, (list, tuple)):
+        items = [map_model_paths(v, fn) for v in obj]
+        return type(obj)(items) if any(a is not b for a, b in zip(items, obj)) else obj
+    if isinstance(obj, dict):
+        items = {k: map_model_paths(v, fn) for k, v in obj.items()}
+        return items if any(items[k] is not obj[k] for k in obj) else obj
+    return obj
+
+
+def _is_model_string(obj: BaseModel, field: str) -> bool:
+    """Plain-string fields that may name a model (besides the keywords base/union)."""
+    if isinstance(obj, MergeConfig):
+        return field == "tokenizer_source"
+    return isinstance(obj, TokenizerConfig) and field == "source"
+
+
+def model_paths(config: MergeConfig) -> list[str]:
+    seen: list[str] = []
+    map_model_paths(config, lambda p: seen.append(p) if p not in seen else None)
+    return seen
+
+
+def lora_paths(config: MergeConfig) -> list[str]:
+    return [str(r.lora.path) for r in config.referenced_models() if r.lora is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and ordering
+
+
+def load_recipes(path: Path) -> list[Recipe]:
+    """Parse and check every recipe of the stream; returns them in an order where each recipe
+    comes after the intermediates it uses."""
+    text = read_config_text(path)
+    documents = [d for d in load_yaml_text(text, str(path), stream=True) if d is not None]
+    if not documents:
+        raise ConfigError(f"{path}: no merge recipes in the file")
+    recipes: list[Recipe] = []
+    names: dict[str, int] = {}
+    for number, doc in enumerate(documents, start=1):
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: recipe #{number}: a recipe must be a YAML mapping, got {type(doc).__name__}")
+        doc = dict(doc)
+        name = doc.pop("name", None)
+        where = f"{path}: recipe #{number}"
+        if name is not None:
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"{where}: name: must be a non-empty string, got {name!r}")
+            if "/" in name or "\\" in name or name.startswith(".") or "+" in name or "@" in name:
+                raise ConfigError(
+                    f"{where}: name: {name!r} must be a plain folder name (no '/', '+', '@' or leading '.')"
+                )
+            if name in names:
+                raise ConfigError(f"{where}: name: '{name}' is already used by recipe #{names[name]}")
+            names[name] = number
+            where = f"{path}: recipe '{name}' (#{number})"
+        recipes.append(Recipe(number, name, parse_config(doc, where), []))
+    finals = [r for r in recipes if r.name is None]
+    if not finals:
+        raise ConfigError(f"{path}: no final recipe: exactly one recipe must have no 'name:' (it is written to --out-path)")
+    if len(finals) > 1:
+        raise ConfigError(
+            f"{path}: recipes #{finals[0].number} and #{finals[1].number} both have no 'name:'; "
+            "only the final recipe may be unnamed (give intermediates a name)"
+        )
+    for recipe in recipes:
+        for p in model_paths(recipe.config):
+            if p in names:
+                if p not in recipe.needs:
+                    recipe.needs.append(p)
+            elif not _exists_or_hub_id(p):
+                raise ConfigError(
+                    f"{path}: {recipe.label}: unknown model '{p}': not a recipe name "
+                    f"({', '.join(sorted(names)) or 'none defined'}), a local directory or a hub repo id"
+                )
+        for p in lora_paths(recipe.config):
+            if not _exists_or_hub_id(p):
+                raise ConfigError(f"{path}: {recipe.label}: LoRA adapter '{p}' not found (no such directory)")
+    return _dependency_order(recipes, path)
+
+
+def _exists_or_hub_id(text: str) -> bool:
+    from .io import looks_like_repo_id  # torch is imported by io; only reached for valid YAML
+
+    return Path(text).expanduser().exists() or looks_like_repo_id(text)
+
+
+def _dependency_order(recipes: list[Recipe], path: Path) -> list[Recipe]:
+    """Depth-first topological order (file order among independent recipes); a cycle is an error
+    naming the recipes on it."""
+    by_name = {r.name: r for r in recipes if r.name}
+    order: list[Recipe] = []
+    state: dict[int, str] = {}  # number -> "visiting" | "done"
+
+    def visit(recipe: Recipe, stack: list[Recipe]) -> None:
+        if state.get(recipe.number) == "done":
+            return
+        if state.get(recipe.number) == "visiting":
+            cycle = stack[stack.index(recipe):] + [recipe]
+            raise ConfigError(
+                f"{path}: {recipe.label}: recipes depend on each other in a cycle: "
+                + " -> ".join(r.name or "<final>" for r in cycle)
+            )
+        state[recipe.number] = "visiting"
+        for name in recipe.needs:
+            visit(by_name[name], stack + [recipe])
+        state[recipe.number] = "done"
+        order.append(recipe)
+
+    for recipe in recipes:
+        visit(recipe, [])
+    return order
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+
+
+def run_multi(config_path: Path, intermediate_dir: Path, out_path: Path, options, lazy: bool = True) -> Path:
+    from .streaming import run_merge
+
+    recipes = load_recipes(config_path)
+    intermediate_dir = Path(intermediate_dir).expanduser().resolve()
+    locations = {r.name: str(intermediate_dir / r.name) for r in recipes if r.name}
+    for recipe in recipes:
+        config = map_model_paths(recipe.config, locations.get)
+        target = Path(locations[recipe.name]) if recipe.name else Path(out_path)
+        if recipe.name and lazy and target.is_dir() and any(target.iterdir()):
+            log.info("%s: %s exists, reusing it (--no-lazy re-merges)", recipe.label, target)
+            continue
+        # an intermediate is replaced only once its new merge is complete (atomic output)
+        step_options = replace(options, overwrite=True) if recipe.name else options
+        log.info("%s: merging into %s", recipe.label, target)
+        try:
+            run_merge(config, target, step_options, config_text=config.to_yaml())
+        except MergeError as err:
+            raise type(err)(f"{recipe.label}: {err}") from None
+    return Path(out_path)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_file", type=click.Path(dir_okay=False))
+@click.option("--intermediate-dir", required=True, type=click.Path(file_okay=False), help="Folder for the named (intermediate) merges, one sub-folder per name.")
+@click.option("--out-path", required=True, type=click.Path(file_okay=False), help="Folder for the final (unnamed) merge.")
+@click.option("--lazy/--no-lazy", default=True, show_default=True, help="Reuse intermediate merges whose folder already exists.")
+@merge_options
+def main(config_file: str, intermediate_dir: str, out_path: str, lazy: bool, **kw) -> None:
+    """Run the merges of a multi-document YAML file: named intermediates, then the final merge."""
+    setup_logging(kw["verbose"], kw["quiet"])
+    apply_environment(kw)
+
+    def action() -> None:
+        options = options_from_flags(kw)
+        check_device(options)
+        run_multi(Path(config_file), Path(intermediate_dir), Path(out_path), options, lazy=lazy)
+        if not options.quiet:
+            click.echo(f"merged model written to {out_path}")
+
+    run_cli(kw["verbose"], action)
+
+
+if __name__ == "__main__":
+    main()
