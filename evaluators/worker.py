@@ -32,6 +32,8 @@ class WorkerSettings:
     device: str = "auto"
     merge_seed: int = 0
     allow_crimes: bool = False
+    lora_merge_cache: Optional[str] = None
+    lora_merge_dtype: Optional[str] = None
     eval_dtype: Optional[str] = None  # None: float32 on CPU (bf16 maths is slow there), bfloat16 on GPU
     threads: Optional[int] = None
 
@@ -62,7 +64,8 @@ class CandidateWorker:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         options = MergeOptions(
-            device=settings.device, random_seed=settings.merge_seed, allow_crimes=settings.allow_crimes, quiet=True
+            device=settings.device, random_seed=settings.merge_seed, allow_crimes=settings.allow_crimes, quiet=True,
+            lora_merge_cache=settings.lora_merge_cache, lora_merge_dtype=settings.lora_merge_dtype,
         )
         template = parse_config(settings.template_recipe, "search template")
         self.merger = ResidentMerger(template, options)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from merge_engine.cli import run_cli, setup_logging
+from merge_engine.cli import check_lora_dtype, run_cli, setup_logging
 
 NO_EFFECT = "(accepted for compatibility; no effect here)"
 
@@ -33,6 +33,8 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--merge-cuda/--no-merge-cuda", default=None, help="--no-merge-cuda = --device cpu.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="lm-eval batch size.")
 @click.option("--allow-crimes", is_flag=True, help="Allow models of different architectures.")
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False), default=None, help="Where model+lora genome models are merged and kept (default: DIR/lora_merge_cache).")
+@click.option("--lora-merge-dtype", default=None, callback=check_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's).")
 @click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmarks", is_flag=True, help="Allow optimising on public benchmark tasks.")
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False, help=f"{NO_EFFECT}: no model code is run beyond transformers' own classes.")
 @click.option("--strategy", "-s", default="pool", help=f"mergekit-evolve scheduling strategy {NO_EFFECT}: workers are always kept busy.")
@@ -48,7 +50,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
          num_workers, num_gpus, ray_address, task_search_path, save_final_model, random_seed, device, merge_cuda,
-         batch_size, allow_crimes, allow_benchmarks, verbose, quiet, **_ignored):
+         batch_size, allow_crimes, lora_merge_cache, lora_merge_dtype, allow_benchmarks, verbose, quiet, **_ignored):
     """Search merge recipes with an evolutionary optimiser; export the best one."""
     setup_logging(verbose, quiet)
 
@@ -84,6 +86,7 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             ray_address=ray_address, task_search_path=list(task_search_path), save_final_model=save_final_model,
             merge_seed=random_seed, device=dev, batch_size=batch_size, allow_crimes=allow_crimes,
             allow_benchmark_tasks=allow_benchmarks, quiet=quiet,
+            lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype,
         )
         search = Search(config, text, options)
         try:

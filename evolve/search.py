@@ -52,6 +52,12 @@ class EvolveOptions:
     allow_benchmark_tasks: bool = False
     quiet: bool = False
     threads_per_worker: Optional[int] = None
+    lora_merge_cache: Optional[str] = None  # None: <storage_path>/lora_merge_cache
+    lora_merge_dtype: Optional[str] = None
+
+    @property
+    def lora_cache(self) -> str:
+        return str(self.lora_merge_cache or Path(self.storage_path) / "lora_merge_cache")
 
 
 def build_genome(config: SearchConfig) -> Genome:
@@ -117,6 +123,8 @@ def worker_settings(config: SearchConfig, genome: Genome, options: EvolveOptions
         batch_size=options.batch_size,
         device=options.device,
         merge_seed=options.merge_seed,
+        lora_merge_cache=options.lora_cache,
+        lora_merge_dtype=options.lora_merge_dtype,
         allow_crimes=options.allow_crimes,
         threads=options.threads_per_worker,
     )
@@ -271,11 +279,22 @@ class Search:
 
     # -- running ----------------------------------------------------------------------------------
 
+    def _merge_lora_inputs(self) -> None:
+        """model+lora genome models are merged into the cache once, here, before the workers
+        start (they then only read the cached folders instead of racing to build them)."""
+        from merge_engine.io import resolve_model_dir
+
+        g = self.config.genome
+        for ref in [*g.models, *([g.base_model] if g.base_model is not None else [])]:
+            if ref.lora is not None:
+                resolve_model_dir(ref, self.options.lora_cache, self.options.lora_merge_dtype)
+
     def run(self) -> None:
         import ray
 
         from evaluators.worker import CandidateWorker
 
+        self._merge_lora_inputs()
         settings = worker_settings(self.config, self.genome, self.options, self.x0)
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -454,7 +473,8 @@ class Search:
             recipe,
             out,
             MergeOptions(device=device, random_seed=self.options.merge_seed, overwrite=True, quiet=True,
-                         allow_crimes=self.options.allow_crimes),
+                         allow_crimes=self.options.allow_crimes, lora_merge_cache=self.options.lora_cache,
+                         lora_merge_dtype=self.options.lora_merge_dtype),
             config_text=recipe.to_yaml(),
             card_extra=self.summary(),
         )

@@ -25,7 +25,7 @@ def _size(ctx, param, value):
         raise click.BadParameter(str(err)) from None
 
 
-def _lora_dtype(ctx, param, value):
+def check_lora_dtype(ctx, param, value):
     from .config import normalize_dtype_name  # torch-free
 
     try:
@@ -71,7 +71,7 @@ def merge_options(f):
         click.option("--allow-crimes/--no-allow-crimes", default=False, help="Allow merging models of different architectures."),
         click.option("--transformers-cache", type=click.Path(), default=None, help="Hugging Face cache directory for hub models."),
         click.option("--lora-merge-cache", type=click.Path(), default=None, help="Folder where each model+LoRA input is merged once and kept for reuse (needed for LoRA inputs)."),
-        click.option("--lora-merge-dtype", default=None, callback=_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's)."),
+        click.option("--lora-merge-dtype", default=None, callback=check_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's)."),
         click.option("--cuda/--no-cuda", default=False, help="Do the merge maths on CUDA (same as --device cuda)."),
         click.option("--device", default=None, help="Math device: cpu, cuda, cuda:N or auto (default cpu, or cuda with --cuda)."),
         click.option("--low-cpu-memory/--no-low-cpu-memory", default=False, help=f"Keep results on the math device. {NO_EFFECT}: memory is bounded by design."),

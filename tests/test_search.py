@@ -132,6 +132,28 @@ def test_search_over_della_and_model_stock(quickstart, tmp_path, method):
     assert (storage / "final_model" / "model.safetensors").is_file()
 
 
+def test_search_with_a_lora_genome_model(quickstart, tmp_path):
+    """A `model+adapter` genome model is merged once into DIR/lora_merge_cache before the workers
+    start; the exported recipe keeps the user's `model+adapter` reference."""
+    from test_lora_inputs import make_adapter
+
+    m = quickstart["models"]
+    adapter = make_adapter(m["expert_facts"], tmp_path / "facts_adapter")
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=3, popsize=2)
+    data = yaml.safe_load(cfg.read_text())
+    data["genome"]["models"][1] = f"{m['expert_facts']}+{adapter}"
+    cfg.write_text(yaml.safe_dump(data))
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(trials(storage)) == 3
+    entries = [p for p in (storage / "lora_merge_cache").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "config.json").is_file()
+    recipe = yaml.safe_load((storage / "best_config.yaml").read_text())
+    assert f"{m['expert_facts']}+{adapter}" in {s["model"] for slc in recipe["slices"] for s in slc["sources"]}
+    assert (storage / "final_model" / "model.safetensors").is_file()
+
+
 def test_killed_search_resumes_without_reevaluating(quickstart, tmp_path):
     cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=25)
     storage = tmp_path / "run"
