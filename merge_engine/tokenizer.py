@@ -424,13 +424,15 @@ def permute_embeddings(
     needed = torch.zeros(V, dtype=torch.bool, device=device)
     for mask in own.values():
         needed |= ~mask
-    defaults = _default_rows(vocab, needed, owners, by_model, perms, device, dtype, H)
+    # defaults only for the rows some input lacks: memory stays near one matrix per input
+    needed_idx = needed.nonzero().flatten()
+    defaults = _default_rows(vocab, needed_idx, owners, by_model, perms, dtype, H)
 
     results: dict[ModelReference, torch.Tensor] = {}
     for ref in own:
         w, p, mask = by_model[ref], perms[ref], own[ref]
         new = torch.zeros((Vp, H), device=device, dtype=dtype)
-        new[:V] = defaults
+        new[needed_idx] = defaults
         idx = mask.nonzero().flatten()
         new[idx] = w[p[idx]]
         if Vp > V:
@@ -439,37 +441,36 @@ def permute_embeddings(
     return [results[ref] for ref in models]
 
 
-def _default_rows(vocab: VocabPlan, needed, owners, by_model, perms, device, dtype, H) -> torch.Tensor:
-    """[V, H]: the default embedding of every token in `needed` (other rows zero)."""
-    V = vocab.size
-    out = torch.zeros((V, H), device=device, dtype=dtype)
-    if not bool(needed.any()):
+def _default_rows(vocab: VocabPlan, idx: torch.Tensor, owners, by_model, perms, dtype, H) -> torch.Tensor:
+    """[len(idx), H]: the default embedding of the output tokens `idx`."""
+    device = idx.device
+    out = torch.zeros((idx.numel(), H), device=device, dtype=dtype)
+    if not idx.numel():
         return out
-    configured = {j: s for j, s in vocab.configured.items() if s.kind != "rule"}
-    explicit = torch.zeros(V, dtype=torch.bool, device=device)
+    position = {j: i for i, j in enumerate(idx.tolist())} if vocab.configured else {}
+    configured = {position[j]: s for j, s in vocab.configured.items() if s.kind != "rule" and j in position}
+    explicit = torch.zeros(idx.numel(), dtype=torch.bool, device=device)
     if configured:
         explicit[torch.tensor(list(configured), device=device)] = True
-    todo = needed & ~explicit
-    has = {r: (perms[r] >= 0) & todo for r in owners}
-    count = torch.zeros(V, dtype=torch.long, device=device)
+    rows = {r: perms[r][idx] for r in owners}  # each owner's row per needed token, -1 absent
+    has = {r: (rows[r] >= 0) & ~explicit for r in owners}
+    count = torch.zeros(idx.numel(), dtype=torch.long, device=device)
     for mask in has.values():
         count += mask.long()
-    base_has = has.get(vocab.base)
     single = count == 1
-    by_base = (count >= 2) & base_has if base_has is not None else torch.zeros_like(single)
+    by_base = (count >= 2) & has[vocab.base] if vocab.base in has else torch.zeros_like(single)
     average = (count >= 2) & ~by_base
     for ref in owners:
         for sel in (has[ref] & single, has[ref] & average):
-            idx = sel.nonzero().flatten()
-            if idx.numel():
-                out[idx] += by_model[ref][perms[ref][idx]]  # single: 0 + row; average: the sum
-    if average.any():
-        idx = average.nonzero().flatten()
-        out[idx] = out[idx] / count[idx].unsqueeze(1).to(dtype)
-    if base_has is not None:
-        idx = by_base.nonzero().flatten()
-        if idx.numel():
-            out[idx] = by_model[vocab.base][perms[vocab.base][idx]]
-    for j, src in configured.items():
-        out[j] = 0 if src.kind == "zero" else by_model[src.model][src.row]
+            pos = sel.nonzero().flatten()
+            if pos.numel():
+                out[pos] += by_model[ref][rows[ref][pos]]  # single: 0 + its row; average: the sum
+    pos = average.nonzero().flatten()
+    if pos.numel():
+        out[pos] = out[pos] / count[pos].unsqueeze(1).to(dtype)
+    pos = by_base.nonzero().flatten()
+    if pos.numel():
+        out[pos] = by_model[vocab.base][rows[vocab.base][pos]]
+    for i, src in configured.items():
+        out[i] = 0 if src.kind == "zero" else by_model[src.model][src.row]
     return out
