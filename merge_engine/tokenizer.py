@@ -130,9 +130,6 @@ class VocabPlan:
         """Models whose rows a permutation may read besides the inputs of a tensor."""
         return {self.base} | {s.model for s in self.configured.values() if s.model is not None}
 
-    def token(self, j: int) -> str:
-        return self.tokenizer.convert_ids_to_tokens(j)
-
 
 def builds_tokenizer(config: MergeConfig) -> bool:
     """`base` without tokens or padding keeps the donor's tokenizer files as they are."""
@@ -298,8 +295,10 @@ def build_vocab(config: MergeConfig, models: dict[ModelReference, "InputModel"],
     refs = config.referenced_models()
     base = config.base_model or refs[0]
     source_ref = None
-    if source not in ("union", "base"):
-        source_ref = _find_model(str(source), models, source_key)
+    if isinstance(source, ModelReference):
+        source_ref = _member(source, models, source_key)
+    elif source not in ("union", "base"):
+        source_ref = _find_model(source, models, source_key)
 
     base_tok = tokenizers.get(base, required=True)
     sizes: dict[ModelReference, int] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import read_model, write_yaml
+from helpers import read_model
 from merge_engine.config import parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.options import MergeOptions
@@ -188,8 +188,7 @@ def test_pad_to_multiple_of_pads_rows_with_the_mean_row(models, inputs, tmp_path
 
 
 def test_per_token_sources(models, inputs, tmp_path):
-    a, b = str(models["ft_a"]), str(models["ft_b"])
-    base = str(models["base"])
+    b, base = str(models["ft_b"]), str(models["base"])
     tokens_cfg = {
         "<|im_end|>": {"source": b, "force": True},  # everyone takes ft_b's row
         "<|im_start|>": {"source": {"kind": "model_token", "model": base, "token_id": 5}},  # who lacks it
