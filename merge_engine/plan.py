@@ -6,6 +6,7 @@ model directories, architectures, layer ranges, missing tensors, shapes, require
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from .config import (
 from .errors import ConfigError, ModelError
 from .io import Checkpoint, OutputTensorSpec, read_json, resolve_model_dir, torch_dtype
 from .methods import REQUIRED, MethodSpec, get_method_spec
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,11 @@ class TensorTask:
     params: dict
     model_params: list[dict]
     math_dtype: torch.dtype
+    # With a built tokenizer, an embedding's inputs are re-indexed to the output vocabulary
+    # before merging; `aux_inputs` are the same tensor of models whose rows that needs although
+    # they are not inputs here (the tokenizer's base model, configured token sources).
+    vocab: Optional[VocabPlan] = None
+    aux_inputs: tuple[TensorInput, ...] = ()
 
 
 @dataclass
@@ -82,6 +89,8 @@ class MergePlan:
     out_config: dict
     donor: ModelReference
     out_num_layers: int
+    vocab: Optional[VocabPlan] = None  # the tokenizer to write, when one is built
+    chat_template: Optional[str] = None  # Jinja text to store with the written tokenizer
 
     def close(self) -> None:
         for m in self.models.values():
@@ -190,8 +199,16 @@ def _normalized_slices(config: MergeConfig, models: dict[ModelReference, InputMo
 
 
 class Planner:
-    def __init__(self, config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo, seed_dtype: Optional[str]):
+    def __init__(
+        self,
+        config: MergeConfig,
+        models: dict[ModelReference, InputModel],
+        arch: ArchitectureInfo,
+        seed_dtype: Optional[str],
+        vocab: Optional[VocabPlan] = None,
+    ):
         self.config = config
+        self.vocab = vocab
         self.models = models
         self.arch = arch
         self.method = get_method_spec(config.merge_method)
@@ -300,7 +317,12 @@ class Planner:
         locations = [self.models[inp.model].checkpoint.tensors[inp.tensor_name] for inp in inputs]
         first = locations[base_index] if base_index is not None else locations[0]
         math_dtype = self.dtype or first.dtype
-        shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
+        vocab, aux = None, ()
+        if self.vocab is not None and out_w.is_embed and all(len(loc.shape) == 2 for loc in locations):
+            vocab, aux = self.vocab, self._vocab_inputs(out_w, inputs)
+            shape = self._vocab_shape(out_w, list(inputs) + list(aux))
+        else:
+            shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
         self.tasks.append(
             TensorTask(
                 out=OutputTensorSpec(out_w.name, shape, self.out_dtype or math_dtype),
@@ -311,8 +333,43 @@ class Planner:
                 params=params,
                 model_params=model_params,
                 math_dtype=math_dtype,
+                vocab=vocab,
+                aux_inputs=aux,
             )
         )
+
+    def _vocab_inputs(self, out_w: WeightInfo, inputs: list[TensorInput]) -> tuple[TensorInput, ...]:
+        present = {inp.model for inp in inputs}
+        wanted = self.vocab.row_models() - present
+        aux = []
+        for ref in (r for r in self.models if r in wanted):
+            ckpt = self.models[ref].checkpoint
+            found = ckpt.find(out_w.all_names) or ckpt.find(out_w.tied_names)
+            if found is None:
+                if ref != self.vocab.base:
+                    raise ModelError(f"tensor {out_w.name}: model {ref}, a source of tokenizer.tokens, has no such tensor")
+                continue  # the default rule then looks at the inputs only
+            aux.append(TensorInput(ref, found))
+        return tuple(aux)
+
+    def _vocab_shape(self, out_w: WeightInfo, inputs: list[TensorInput]) -> tuple[int, int]:
+        """[V', H]; every input must be as wide as the others and hold every row it is mapped to."""
+        vocab = self.vocab
+        shapes = [self.models[inp.model].checkpoint.tensors[inp.tensor_name].shape for inp in inputs]
+        for inp, s in zip(inputs, shapes):
+            if s[1] != shapes[0][1]:
+                raise ModelError(
+                    f"shape mismatch for tensor {out_w.name}: model {inputs[0].model} has {list(shapes[0])}, "
+                    f"model {inp.model} has {list(s)}"
+                )
+            rows = [int(vocab.permutations[inp.model].max())]
+            rows += [src.row for src in vocab.configured.values() if src.model == inp.model]
+            if max(rows) >= s[0]:
+                raise ModelError(
+                    f"model {inp.model}: tensor {inp.tensor_name} has {s[0]} rows, but the merged vocabulary "
+                    f"needs its row {max(rows)}"
+                )
+        return (vocab.padded_size, shapes[0][1])
 
     def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[int, ...]:
         def mismatch(i: int, j: int) -> ModelError:
@@ -344,12 +401,10 @@ def build_plan(
     lora_merge_dtype: Optional[str] = None,
 ) -> MergePlan:
     method = get_method_spec(config.merge_method)
-    if config.tokenizer_source not in (None, "base") or (
-        config.tokenizer is not None and config.tokenizer.source != "base"
-    ) or (config.tokenizer is not None and config.tokenizer.tokens):
-        raise ConfigError("tokenizer merging (tokenizer_source/tokenizer other than base) is not supported yet")
-    if config.chat_template is not None:
-        raise ConfigError("chat_template is not supported yet")
+    if config.chat_template not in (None, "auto"):
+        from .chat_templates import template_for
+
+        template_for(config.chat_template)  # an invalid template fails before models are opened
     models = open_models(config, lazy_unpickle, lora_merge_cache, lora_merge_dtype)
     try:
         donor = config.base_model or config.referenced_models()[0]
@@ -360,10 +415,13 @@ def build_plan(
             s.base_model for s in (config.slices or [])
         ):
             raise ConfigError(f"merge_method {method.name} needs base_model")
-        planner = Planner(config, models, arch, config.dtype)
+        tokenizers = TokenizerCache(models)
+        vocab = build_vocab(config, models, tokenizers)
+        chat_template = resolve_chat_template(config, tokenizers, config.referenced_models())
+        planner = Planner(config, models, arch, config.dtype, vocab)
         tasks, out_layers = planner.plan()
-        out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins)
-        return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers)
+        out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
+        return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template)
     except BaseException:
         for m in models.values():
             m.checkpoint.close()
@@ -377,8 +435,11 @@ def _output_config(
     arch: ArchitectureInfo,
     out_layers: int,
     layer_origins: list[tuple[ModelReference, int]],
+    vocab: Optional[VocabPlan] = None,
 ) -> dict:
-    out = dict(models[donor].config)
+    out = copy.deepcopy(models[donor].config)  # nested keys (text_config.*) may be rewritten
+    if vocab is not None:
+        set_vocab_size(out, vocab.padded_size)
     dtype = config.out_dtype or config.dtype
     if dtype:
         keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]

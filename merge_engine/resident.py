@@ -23,6 +23,7 @@ from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors,
 from .options import MergeOptions
 from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
 from .streaming import task_context
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, permute_embeddings, vocab_key
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,15 @@ def _task_key(task: TensorTask) -> tuple:
         task.math_dtype,
         task.out.dtype,
         task.out.shape,
+        _vocab_context(task),
     )
+
+
+def _vocab_context(task: TensorTask) -> tuple:
+    """What an embedding's permuted inputs depend on besides the tensor itself."""
+    if task.vocab is None:
+        return ()
+    return (task.vocab.key, tuple(str(i.model) for i in task.inputs), tuple((str(i.model), i.tensor_name) for i in task.aux_inputs))
 
 
 class ResidentMerger:
@@ -69,15 +78,25 @@ class ResidentMerger:
         self._last: dict[str, tuple] = {}
         self.model: Optional[torch.nn.Module] = None
         self._targets: dict[str, Optional[torch.Tensor]] = {}
+        self._vocabs: dict[tuple, Optional[VocabPlan]] = {}
 
     # -- planning -------------------------------------------------------------------------------
 
     def plan(self, config: MergeConfig) -> MergePlan:
         self._open_missing(config)
-        planner = Planner(config, self.models, self.arch, config.dtype)
+        vocab = self.vocab(config)
+        planner = Planner(config, self.models, self.arch, config.dtype, vocab)
         tasks, layers = planner.plan()
-        out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins)
-        return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers)
+        out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab)
+        return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers, vocab)
+
+    def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
+        """The recipe's built tokenizer and permutations (None: the donor's tokenizer), built once
+        per distinct tokenizer setting; `.tokenizer` is what the merged model must be run with."""
+        key = vocab_key(config)
+        if key not in self._vocabs:
+            self._vocabs[key] = build_vocab(config, self.models, TokenizerCache(self.models))
+        return self._vocabs[key]
 
     def _open_missing(self, config: MergeConfig) -> None:
         """Candidates may use models the first recipe did not (a slerp search picks its pair per
@@ -143,27 +162,40 @@ class ResidentMerger:
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def _input(self, task: TensorTask, i: int) -> torch.Tensor:
+    def _input_key(self, task: TensorTask, i: int) -> tuple:
         inp = task.inputs[i]
-        key = (inp.model, inp.tensor_name, task.math_dtype)
+        return (inp.model, inp.tensor_name, task.math_dtype, _vocab_context(task))
+
+    def _read(self, task: TensorTask, inp) -> torch.Tensor:
+        return self.models[inp.model].checkpoint.read(inp.tensor_name).to(device=self.device, dtype=task.math_dtype)
+
+    def _input(self, task: TensorTask, i: int) -> torch.Tensor:
+        key = self._input_key(task, i)
         tensor = self._inputs.get(key)
         if tensor is None:
-            raw = self.models[inp.model].checkpoint.read(inp.tensor_name)
-            tensor = raw.to(device=self.device, dtype=task.math_dtype)
-            self._inputs[key] = tensor
+            if task.vocab is None:
+                tensor = self._inputs[key] = self._read(task, task.inputs[i])
+            else:
+                # permuted once when read, with the streaming executor's function
+                raw = [self._read(task, inp) for inp in task.inputs]
+                extra = {inp.model: self._read(task, inp) for inp in task.aux_inputs}
+                permuted = permute_embeddings(task.vocab, task.out.name, [x.model for x in task.inputs], raw, extra)
+                for j, t in enumerate(permuted):
+                    self._inputs[self._input_key(task, j)] = t
+                tensor = permuted[i]
         return tensor
 
     def _task_vectors(self, task: TensorTask):
-        key = (tuple((i.model, i.tensor_name) for i in task.inputs), task.base_index, task.math_dtype, task.out.name)
+        key = (tuple((i.model, i.tensor_name) for i in task.inputs), task.base_index, task.math_dtype, task.out.name, _vocab_context(task))
         cached = self._deltas.get(key)
         if cached is None:
             tensors = [self._input(task, i) for i in range(len(task.inputs))]
             base, deltas, positions = task_vectors(tensors, task.base_index, task_context(task, self.options.random_seed))
             cached = self._deltas[key] = (base, deltas, positions, {})  # {} : magnitude histograms
             # the raw fine-tunes are no longer needed once their task vectors exist
-            for i, inp in enumerate(task.inputs):
+            for i in range(len(task.inputs)):
                 if i != task.base_index:
-                    self._inputs.pop((inp.model, inp.tensor_name, task.math_dtype), None)
+                    self._inputs.pop(self._input_key(task, i), None)
         return cached
 
     def compute(self, task: TensorTask, out: Optional[torch.Tensor] = None) -> torch.Tensor:

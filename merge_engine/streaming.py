@@ -22,6 +22,7 @@ from .io import AtomicOutputDir, ShardedWriter, copy_files
 from .methods.common import TensorContext
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, build_plan
+from .tokenizer import load_tokenizer, permute_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,13 @@ TOKENIZER_FILES = (
 
 
 def load_task_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
-    out = []
-    for inp in task.inputs:
-        tensor = plan.models[inp.model].checkpoint.map(inp.tensor_name)
-        out.append(tensor.to(device=device, dtype=task.math_dtype))
+    def load(inp) -> torch.Tensor:
+        return plan.models[inp.model].checkpoint.map(inp.tensor_name).to(device=device, dtype=task.math_dtype)
+
+    out = [load(inp) for inp in task.inputs]
+    if task.vocab is not None:
+        extra = {inp.model: load(inp) for inp in task.aux_inputs}
+        out = permute_embeddings(task.vocab, task.out.name, [i.model for i in task.inputs], out, extra)
     return out
 
 
@@ -145,15 +149,48 @@ def write_model_files(
     final_path: Path,
 ) -> None:
     (directory / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
-    donor_dir = plan.models[plan.donor].directory
-    if options.copy_tokenizer:
-        copied = copy_files(donor_dir, directory, TOKENIZER_FILES)
-        if not any(name in copied for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            log.warning("donor model %s has no tokenizer files to copy", plan.donor)
+    write_tokenizer(plan, directory, options.copy_tokenizer)
     text = config_text if config_text is not None else plan.config.to_yaml()
     if options.write_model_card:
         (directory / "mergekit_config.yml").write_text(text)
         (directory / "README.md").write_text(render_card(plan.config, text, final_path, card_extra))
+
+
+def write_tokenizer(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
+    """The built tokenizer, else (with --copy-tokenizer) the donor's: its files as they are, or
+    re-saved through transformers when a chat template must be set (spec 4.7 step 11)."""
+    donor_dir = plan.models[plan.donor].directory
+    tokenizer = None
+    if plan.vocab is not None:
+        tokenizer = plan.vocab.tokenizer
+    elif not copy_tokenizer:
+        if plan.chat_template is not None:
+            log.warning("chat_template ignored: no tokenizer is written (--no-copy-tokenizer)")
+        return
+    elif plan.chat_template is not None:
+        tokenizer = load_tokenizer(donor_dir, str(plan.donor))
+        if tokenizer is None:
+            log.warning("chat_template ignored: the donor's tokenizer could not be loaded; copying its files")
+    if tokenizer is None:
+        copied = copy_files(donor_dir, directory, TOKENIZER_FILES)
+        if not any(name in copied for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            log.warning("donor model %s has no tokenizer files to copy", plan.donor)
+        return
+    if plan.chat_template is not None:
+        tokenizer.chat_template = plan.chat_template
+    tokenizer.save_pretrained(str(directory))
+    _drop_load_options(directory / "tokenizer_config.json")
+    copy_files(donor_dir, directory, ("generation_config.json",))
+
+
+def _drop_load_options(file: Path) -> None:
+    # transformers records how *we* loaded the tokenizer (offline, local); not the merged model's business
+    if file.is_file():
+        data = json.loads(file.read_text())
+        if any(k in data for k in ("is_local", "local_files_only")):
+            for k in ("is_local", "local_files_only"):
+                data.pop(k, None)
+            file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def merge_file(config_path: Path, out_path: Path, options: MergeOptions) -> Path:
