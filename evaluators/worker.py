@@ -78,8 +78,12 @@ class CandidateWorker:
         # Read every input and form the task vectors now, at start-up, not inside the first
         # candidate's time: the starting recipe uses every model the search will.
         self.merger.apply(template)
-        donor_dir = self.merger.models[self.merger.donor].directory
-        self.tokenizer = AutoTokenizer.from_pretrained(donor_dir)
+        # with tokenizer merging the candidates are run with the merged tokenizer, else the donor's
+        vocab = self.merger.vocab(template)
+        if vocab is not None and vocab.tokenizer is not None:
+            self.tokenizer = vocab.tokenizer
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.merger.models[self.merger.donor].directory)
         self.evaluator = LMEvalEvaluator(
             [TaskSpec(**t) for t in settings.tasks],
             include_paths=settings.include_paths,

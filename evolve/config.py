@@ -58,8 +58,6 @@ class GenomeDefinition(_Schema):
             raise ValueError(
                 "linear does not use a base model: list base_model under models (so it gets a weight) or drop it"
             )
-        if self.tokenizer_source not in (None, "base"):
-            raise ValueError("tokenizer_source: only 'base' is supported yet (tokenizer merging comes later)")
         if self.smooth and self.merge_method in ("slerp", "model_stock"):
             raise ValueError(f"smooth is not supported with {self.merge_method}")
         if self.merge_method == "model_stock" and len([m for m in self.models if m != self.base_model]) < 2:

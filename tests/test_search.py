@@ -132,9 +132,10 @@ def test_search_over_della_and_model_stock(quickstart, tmp_path, method):
     assert (storage / "final_model" / "model.safetensors").is_file()
 
 
-def test_search_with_a_lora_genome_model(quickstart, tmp_path):
+def test_search_with_a_lora_genome_model_and_tokenizer_union(quickstart, tmp_path):
     """A `model+adapter` genome model is merged once into DIR/lora_merge_cache before the workers
-    start; the exported recipe keeps the user's `model+adapter` reference."""
+    start; the exported recipe keeps the user's `model+adapter` reference. `tokenizer_source:
+    union` runs the candidates with the merged tokenizer and exports it."""
     from test_lora_inputs import make_adapter
 
     m = quickstart["models"]
@@ -142,6 +143,7 @@ def test_search_with_a_lora_genome_model(quickstart, tmp_path):
     cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=3, popsize=2)
     data = yaml.safe_load(cfg.read_text())
     data["genome"]["models"][1] = f"{m['expert_facts']}+{adapter}"
+    data["genome"]["tokenizer_source"] = "union"
     cfg.write_text(yaml.safe_dump(data))
     storage = tmp_path / "run"
     proc = run_evolve(cfg, storage, quickstart["tasks"], "--quiet")
@@ -151,7 +153,13 @@ def test_search_with_a_lora_genome_model(quickstart, tmp_path):
     assert len(entries) == 1 and (entries[0] / "config.json").is_file()
     recipe = yaml.safe_load((storage / "best_config.yaml").read_text())
     assert f"{m['expert_facts']}+{adapter}" in {s["model"] for slc in recipe["slices"] for s in slc["sources"]}
+    assert recipe["tokenizer_source"] == "union"
     assert (storage / "final_model" / "model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    merged_tok = AutoTokenizer.from_pretrained(storage / "final_model")
+    base_tok = AutoTokenizer.from_pretrained(m["base"])
+    assert merged_tok.get_vocab() == base_tok.get_vocab()  # the experts share the base's vocabulary
 
 
 def test_killed_search_resumes_without_reevaluating(quickstart, tmp_path):
