@@ -8,11 +8,13 @@ arithmetic); nearswap and arcee_fusion use the common top-left block of embeddin
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..errors import ModelError
-from .common import TensorContext, check_same_shape, rectify_embed_sizes
-from .task_arithmetic import aligned_inputs
+from .common import TensorContext, check_same_shape, chunk_bounds, flat, rectify_embed_sizes
+from .task_arithmetic import aligned_inputs, top_k_mask
 
 SCE_WEIGHT_EPS = 1e-6
 NEARSWAP_DIFF_EPS = 1e-6
@@ -23,12 +25,32 @@ FUSION_SAMPLE = 1_000_000
 FUSION_RANDPERM_MAX = 1 << 24
 
 
-def _stacked_task_vectors(tensors, base_index, ctx: TensorContext):
-    """(base, task vectors stacked on dim 0, or None when only the base has this tensor)."""
-    base, others, _ = aligned_inputs(tensors, base_index, ctx)
-    if not others:
-        return base, None
-    return base, torch.stack([x - base for x in others], dim=0)
+class _Deltas:
+    """The task vectors of one tensor against the base, computed slice by slice (flat index
+    ranges) so that no stack of full-size task vectors is ever held: the methods below do their
+    global reductions in a first pass and their elementwise combination in a second."""
+
+    def __init__(self, tensors, base_index, ctx: TensorContext):
+        self.base, others, _ = aligned_inputs(tensors, base_index, ctx)
+        self.base_flat = flat(self.base)
+        self.others = [flat(x) for x in others]
+        self.numel = self.base_flat.numel()
+
+    def stacked(self, start: int, end: int) -> torch.Tensor:
+        """(models, end - start) task vectors of one slice."""
+        part = self.base_flat[start:end]
+        return torch.stack([x[start:end] - part for x in self.others], dim=0)
+
+    def slices(self):
+        for start, end in chunk_bounds(self.numel):
+            yield start, end, self.stacked(start, end)
+
+    def output(self, parts) -> torch.Tensor:
+        """base + the merged change, from (start, end, change) slices."""
+        out = torch.empty_like(self.base_flat)
+        for start, end, change in parts:
+            out[start:end] = self.base_flat[start:end] + change
+        return out.view(self.base.shape)
 
 
 def _per_model(values, like: torch.Tensor) -> torch.Tensor:
@@ -39,64 +61,98 @@ def _per_model(values, like: torch.Tensor) -> torch.Tensor:
 # -- sce ----------------------------------------------------------------------------------------
 
 
-def _variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
+def _variance_mask(deltas: _Deltas, fraction: float) -> Optional[torch.Tensor]:
     """Keep the int(fraction * #nonzero) positions where the models disagree most (largest
-    variance across models); the same positions in every task vector."""
-    variance = torch.var(deltas, dim=0, correction=0)
+    variance across models); the same positions in every task vector. Equal variances at the
+    cut are kept in flat order (mergekit's topk leaves that order unspecified)."""
+    variance = torch.empty_like(deltas.base_flat)
+    for start, end, stacked in deltas.slices():
+        # population variance across models in float32 (torch.var on bf16 CPU tensors is ~10x
+        # slower); agrees with it to float rounding
+        wide = stacked.float()
+        variance[start:end] = (wide - wide.mean(dim=0)).square_().mean(dim=0)
     k = int(int(torch.count_nonzero(variance)) * fraction)
-    mask = torch.zeros(variance.numel(), dtype=torch.bool, device=deltas.device)
-    if k > 0:
-        mask[torch.topk(variance.abs().reshape(-1), k).indices] = True
-    return mask.view(variance.shape)
+    return top_k_mask(variance, k)
+
+
+def _sce_energies(deltas: _Deltas, mask: Optional[torch.Tensor]) -> list[float]:
+    """Each task vector's mean square (after the variance mask), rounded to the math dtype as
+    torch's mean in that dtype is."""
+    sums = torch.zeros(len(deltas.others), dtype=torch.float64)
+    for start, end, stacked in deltas.slices():
+        if mask is not None:
+            stacked = stacked * mask[start:end]
+        sums += (stacked**2).sum(dim=1, dtype=torch.float64).cpu()
+    means = (sums / deltas.numel).to(deltas.base.dtype)
+    return [float(m) for m in means]
 
 
 def sce(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:
-    base, deltas = _stacked_task_vectors(tensors, base_index, ctx)
-    if deltas is None:
-        return base
+    deltas = _Deltas(tensors, base_index, ctx)
+    if not deltas.others:
+        return deltas.base
     fraction = float(params["select_topk"])
-    if fraction < 1:
-        deltas = deltas * _variance_mask(deltas, fraction)
-    # TIES sign election on the unweighted task vectors (zeros never agree)
-    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agree = deltas.sign() == majority
-    energies = [float((d**2).mean()) for d in deltas]
+    mask = _variance_mask(deltas, fraction) if fraction < 1 else None
+    energies = _sce_energies(deltas, mask)
     total = sum(energies)
     count = len(energies)
     q = [1.0 / count] * count if abs(total) < SCE_WEIGHT_EPS else [e / total for e in energies]
-    w = _per_model(q, deltas)
-    mixed = (deltas * w * agree).sum(dim=0)
-    divisor = (w * agree).sum(dim=0).clamp_min(SCE_WEIGHT_EPS)
-    return base + mixed / divisor
+
+    # the weights quantised to the math dtype as mergekit's weight tensor is; the combination
+    # runs in float32 and rounds once (as `linear` does): equal to mergekit's to float rounding
+    w = _per_model(q, deltas.base.reshape(1, -1)).float()
+
+    def merged():
+        for start, end, stacked in deltas.slices():
+            if mask is not None:
+                stacked = stacked * mask[start:end]
+            wide = stacked.float()
+            # TIES sign election on the unweighted task vectors (zeros never agree)
+            majority = torch.sign(torch.sign(stacked.sum(dim=0).float()).add_(0.5))  # +1 where the sum >= 0
+            agree = (wide.sign() * majority).clamp_(min=0)  # 1 where the sign agrees, else 0
+            weights = w * agree
+            mixed = (wide * weights).sum(dim=0)
+            yield start, end, mixed.div_(weights.sum(dim=0).clamp_min_(SCE_WEIGHT_EPS))
+
+    return deltas.output(merged())
 
 
 # -- ram / ramplus_tl ---------------------------------------------------------------------------
 
 
 def _ram(tensors, base_index, params, ctx: TensorContext, plus: bool) -> torch.Tensor:
-    base, deltas = _stacked_task_vectors(tensors, base_index, ctx)
-    if deltas is None:
-        return base
+    deltas = _Deltas(tensors, base_index, ctx)
+    if not deltas.others:
+        return deltas.base
     eps = float(params["epsilon"])
-    deltas = deltas.reshape(deltas.shape[0], -1)
-    active = deltas.abs() > eps
-    count = active.sum(dim=0)
-    unique = count == 1
-    overlap = count > 1
-    masked = deltas * active
-    unique_part = masked * unique
+
+    def activity(stacked):
+        active = stacked.abs() > eps
+        count = active.sum(dim=0)
+        return active, count, count == 1, count > 1
+
+    boosts = None
     if plus:
         # models whose changes mostly overlap others' get their unique changes boosted
         r, alpha = float(params["r"]), float(params["alpha"])
-        boosts = []
-        for a in active:
-            shared = int((a & overlap).sum())
-            own = int((a & unique).sum())
-            ratio = shared / max(own, eps)
-            boosts.append(1 + r * min(max(ratio, 0.0), alpha))
-        unique_part = unique_part * _per_model(boosts, deltas)
-    merged = unique_part.sum(dim=0) + (masked * overlap).sum(dim=0) / count.clamp_min(1)
-    return base + merged.view(base.shape)
+        shared = torch.zeros(len(deltas.others), dtype=torch.int64)
+        own = torch.zeros(len(deltas.others), dtype=torch.int64)
+        for _, _, stacked in deltas.slices():
+            active, _, unique, overlap = activity(stacked)
+            shared += (active & overlap).sum(dim=1).cpu()
+            own += (active & unique).sum(dim=1).cpu()
+        boosts = [1 + r * min(max(int(s) / max(int(o), eps), 0.0), alpha) for s, o in zip(shared, own)]
+
+    def merged():
+        for start, end, stacked in deltas.slices():
+            active, count, unique, overlap = activity(stacked)
+            masked = stacked * active
+            unique_part = masked * unique
+            if boosts is not None:
+                unique_part = unique_part * _per_model(boosts, stacked)
+            yield start, end, unique_part.sum(dim=0) + (masked * overlap).sum(dim=0) / count.clamp_min(1)
+
+    return deltas.output(merged())
 
 
 def ram(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:

@@ -207,6 +207,18 @@ class _TopK:
         return keep
 
 
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |values| (equal magnitudes: lower flat index first), found
+    with the same histogram threshold search as TIES instead of a sort, built slice by slice."""
+    vectors = _TaskVectors(values, deltas=[values])
+    top = _TopK(vectors, 0, k, None)
+    top.start()
+    mask = torch.empty(values.numel(), dtype=torch.bool, device=values.device)
+    for start, end, part in vectors.chunks(0):
+        mask[start:end] = top.mask(_magnitude_bits(part))
+    return mask.view(values.shape)
+
+
 class _DellaProbabilities:
     """DELLA's keep probabilities: per row (dim 0 indexes rows; a 1-D tensor is one row), entries
     ranked by |delta| ascending from 0 to C-1 (a stable sort: equal magnitudes rank by position),
@@ -224,7 +236,8 @@ class _DellaProbabilities:
         first, last = start // c, -(-end // c)
         if self.rows is None or not (self.rows[0] <= first and last <= self.rows[1]):
             block = self.vectors.chunk(self.i, first * c, last * c).view(last - first, c)
-            order = torch.argsort(block.abs(), dim=1, stable=True)
+            # the magnitudes' bit patterns sort like the magnitudes, and integer sorts are faster
+            order = torch.argsort(_magnitude_bits(block), dim=1, stable=True)
             rank = torch.empty_like(order)
             rank.scatter_(1, order, torch.arange(c, device=order.device).expand_as(order))
             if c == 1:
@@ -256,6 +269,7 @@ class _Sparsifier:
         self.scale: Optional[torch.Tensor] = None
         self.sets: list[_TopK] = []  # magnitude kinds: kept set, then (outliers) the top removed
         self.probability: Optional[_DellaProbabilities] = None
+        self.masks: Optional[list] = None  # random kinds with rescale: the masks drawn while measuring
         if kind == "magnitude":
             k = int(density * vectors.numel)
             self.sets = [_TopK(vectors, i, k, cache, _magnitude_threshold(vectors, i, density, ctx, cache))]
@@ -324,10 +338,16 @@ class _Sparsifier:
     def _measure_rescale(self) -> None:
         before = after = 0.0
         self._start()
+        # Random masks (DARE, DELLA) cost far more to draw (and DELLA's to rank) than to keep:
+        # the measuring pass keeps them, one byte per entry, for the merging pass.
+        self.masks = [] if self.kind in RANDOM_KINDS else None
         for start, end, delta in self.vectors.chunks(self.i):
             work = self._work(delta)
+            keep = self._keep(start, end, delta)
+            if self.masks is not None:
+                self.masks.append(keep)
             before += float(work.abs().sum(dtype=torch.float64))
-            after += float((work * self._keep(start, end, delta)).abs().sum(dtype=torch.float64))
+            after += float((work * keep).abs().sum(dtype=torch.float64))
         dtype = self._work(self.vectors.chunk(self.i, 0, 1)).dtype
         before_t = torch.tensor(before, dtype=dtype)
         after_t = torch.tensor(after, dtype=dtype)
@@ -335,9 +355,14 @@ class _Sparsifier:
             self.scale = (before_t / after_t).to(self.vectors.base_flat.device)
 
     def __iter__(self):
+        masks, self.masks = self.masks, None  # each kept mask is used once, then freed
         self._start()
-        for start, end, delta in self.vectors.chunks(self.i):
-            kept = self._work(delta) * self._keep(start, end, delta)
+        for n, (start, end, delta) in enumerate(self.vectors.chunks(self.i)):
+            if masks is not None:
+                keep, masks[n] = masks[n], None
+            else:
+                keep = self._keep(start, end, delta)
+            kept = self._work(delta) * keep
             if self.scale is not None:
                 kept = kept * self.scale
             yield kept.to(delta.dtype)
