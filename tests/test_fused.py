@@ -157,3 +157,25 @@ def test_small_tensors_keep_the_eager_path():
     assert fused.usable([big, big])
     assert not fused.usable([big, big.float()])
     assert not fused.usable([big, torch.zeros(2 * fused.MIN_FUSED_NUMEL, dtype=torch.bfloat16)[::2]])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,scale", [((300, 2048), 0.02), ((7, 5), 1.0), ((40, 4096), 1e-4), ((2, 70000), 0.5), ((5, 1), 1.0)])
+def test_row_ranks_kernel_equals_a_stable_argsort(dtype, shape, scale):
+    """DELLA's per-row ranks from the radix kernel: exactly a stable argsort's, ties (many in 16-bit
+    floats, zeros of both signs included) ranked by position."""
+    from merge_engine.methods.task_arithmetic import _magnitude_bits
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[1])) * scale).to(dtype)
+    x[0, : min(3, shape[1])] = 0
+    x[-1, -1] = -0.0
+    bits = _magnitude_bits(x)
+    ranks = fused.row_ranks(bits)
+    assert ranks is not None and ranks.dtype == torch.int32
+    expected = torch.empty(shape, dtype=torch.int64)
+    for r in range(shape[0]):  # independent: Python's sort is stable
+        order = sorted(range(shape[1]), key=lambda j: (abs(float(x[r, j])), j))
+        for rank, j in enumerate(order):
+            expected[r, j] = rank
+    assert torch.equal(ranks.long(), expected)
+    assert fused.row_ranks(_magnitude_bits(x.float())) is None  # 32-bit: torch's sort

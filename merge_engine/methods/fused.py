@@ -271,6 +271,50 @@ if numba is not None:
                     _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, False)
 
 
+if numba is not None:
+
+    @njit(parallel=True, cache=True)
+    def _row_ranks16(keys, ranks):
+        """Per row, each entry's position in a stable ascending sort of the 15-bit keys: a
+        two-pass radix sort (low 8 bits, then high 7), linear in the row length."""
+        rows, c = keys.shape
+        for r in prange(rows):
+            row = keys[r]
+            count = np.zeros(257, np.int64)
+            for j in range(c):
+                count[(row[j] & 0xFF) + 1] += 1
+            for b in range(256):
+                count[b + 1] += count[b]
+            by_low = np.empty(c, np.int64)
+            for j in range(c):
+                b = row[j] & 0xFF
+                by_low[count[b]] = j
+                count[b] += 1
+            high = np.zeros(129, np.int64)
+            for j in range(c):
+                high[((row[j] >> 8) & 0x7F) + 1] += 1
+            for b in range(128):
+                high[b + 1] += high[b]
+            for p in range(c):
+                j = by_low[p]
+                b = (row[j] >> 8) & 0x7F
+                ranks[r, j] = high[b]
+                high[b] += 1
+
+
+def row_ranks(magnitude_bits: torch.Tensor) -> Optional[torch.Tensor]:
+    """Ranks (0..C-1) of every entry within its row of a 2-D tensor of 16-bit magnitude bits
+    (sign cleared), equal magnitudes by position, as a stable argsort gives them; None where the
+    kernels are off or the bits are not 16-bit (the caller sorts with torch then)."""
+    if not available() or magnitude_bits.element_size() != 2 or magnitude_bits.device.type != "cpu":
+        return None
+    _set_threads()
+    keys = magnitude_bits.contiguous().numpy().view(np.uint16)
+    ranks = np.empty(keys.shape, np.int32)
+    _row_ranks16(keys, ranks)
+    return torch.from_numpy(ranks)
+
+
 def _raw(t: torch.Tensor) -> np.ndarray:
     """The tensor's bits as an unsigned numpy array (numpy has no bfloat16), sharing memory."""
     return t.reshape(-1).view(_NUMPY_BITS[t.dtype]).numpy().view(np.uint16 if t.element_size() == 2 else np.uint32)

@@ -219,6 +219,17 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view(values.shape)
 
 
+def _row_ranks(bits: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank within its row in a stable ascending sort of the magnitude bits (which
+    sort like the magnitudes): a radix-sort kernel for 16-bit floats, else torch's sort."""
+    ranks = fused.row_ranks(bits)
+    if ranks is not None:
+        return ranks
+    order = torch.argsort(bits, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(bits.shape[1], device=order.device).expand_as(order))
+
+
 class _DellaProbabilities:
     """DELLA's keep probabilities: per row (dim 0 indexes rows; a 1-D tensor is one row), entries
     ranked by |delta| ascending from 0 to C-1 (a stable sort: equal magnitudes rank by position),
@@ -236,10 +247,7 @@ class _DellaProbabilities:
         first, last = start // c, -(-end // c)
         if self.rows is None or not (self.rows[0] <= first and last <= self.rows[1]):
             block = self.vectors.chunk(self.i, first * c, last * c).view(last - first, c)
-            # the magnitudes' bit patterns sort like the magnitudes, and integer sorts are faster
-            order = torch.argsort(_magnitude_bits(block), dim=1, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(c, device=order.device).expand_as(order))
+            rank = _row_ranks(_magnitude_bits(block))
             if c == 1:
                 # mergekit divides by C - 1 = 0 (NaN probabilities); a lone entry keeps `density`
                 prob = torch.full(rank.shape, self.density, dtype=torch.float32, device=rank.device)
