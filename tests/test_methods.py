@@ -1007,3 +1007,13 @@ dtype: float32
     for name, tensor in out.items():
         xs = [ins["a"][name].float(), ins["b"][name].float()]
         assert_rounding_equal(tensor, ref_linear(xs, [0.3, 0.6], True), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slerp_bit_equal_on_a_tensor_of_several_slices(dtype):
+    # more entries than one slice (2^21): u0·u1 and the result are built slice by slice
+    v0 = randn(1100, 2000, seed=70, dtype=dtype)
+    v1 = (0.6 * v0.float() + randn(1100, 2000, seed=71)).to(dtype)
+    out = call("slerp", [v0, v1], 0, {"t": 0.3})
+    assert_bit_equal(out, ref_slerp_f32(0.3, v0, v1))
+    torch.testing.assert_close(out.double(), ref_slerp_f64(0.3, v0, v1), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)

@@ -744,7 +744,7 @@ def test_cli_nuslerp_three_models_without_base(llama_models, tmp_path):
     m = llama_models
     line = fails(
         tmp_path,
-        f"merge_method: nuslerp\nmodels:\n"
+        "merge_method: nuslerp\nmodels:\n"
         + "".join(f"  - model: {m[k]}\n    parameters: {{weight: 1.0}}\n" for k in ("base", "a", "b")),
         "nuslerp", "model.embed_tokens.weight", "3 inputs", flags=("--quiet",),
     )
@@ -779,3 +779,47 @@ def test_resident_model_stock_equals_streaming(llama_models, tmp_path):
     for name, tensor in streamed.items():
         assert tensor.dtype == torch.bfloat16
         assert torch.equal(resident[name], tensor), name
+
+
+# ----------------------------------------------------------------------------------------------
+# large tensors: whole-tensor reductions summed over several slices, rows processed in blocks
+
+
+BIG = (1100, 2000)  # 2.2M entries: more than one slice of CHUNK_ELEMENTS (2^21), two row blocks
+
+
+def test_spherical_methods_and_model_stock_on_tensors_of_several_slices():
+    base = randn(*BIG, seed=60)
+    x1 = base + 0.5 * randn(*BIG, seed=61)
+    x2 = base + 0.5 * randn(*BIG, seed=62) + 0.3 * (x1 - base)
+    mps = [{"weight": 0.3}, {"weight": None}, {"weight": 0.9}]
+    for variant, (flatten, row_wise) in VARIANTS.items():
+        params = {"nuslerp_flatten": flatten, "nuslerp_row_wise": row_wise}
+        out = call("nuslerp", [x1, base, x2], 1, params, mps)
+        close(out, ref_nuslerp(0.3, 0.9, x1, x2, base, flatten, row_wise), rtol=1e-4, atol=1e-5, name=variant)
+    out = call("multislerp", [x1, base, x2], 1, {}, mps)
+    close(out, ref_multislerp([x1, x2], [0.3, 0.9], base), rtol=1e-4, atol=1e-5)
+    xs = [x1, 2 * base, x2]
+    close(call("karcher", xs, None, {"max_iter": 3.0}), ref_karcher(xs, 3), rtol=1e-4, atol=1e-5)
+    for filter_wise in (False, True):
+        out = call("model_stock", [x1, base, x2], 1, {"filter_wise": filter_wise})
+        close(out, ref_model_stock(base, [x1, x2], filter_wise), rtol=1e-4, atol=1e-5, name=str(filter_wise))
+
+
+@pytest.mark.parametrize("method", ["slerp", "nuslerp", "multislerp", "karcher", "model_stock"])
+def test_sliced_methods_write_into_the_output_buffer(method):
+    base = randn(40, 30, seed=63, dtype=torch.bfloat16)
+    xs = [base, base + randn(40, 30, seed=64, dtype=torch.bfloat16), base - randn(40, 30, seed=65, dtype=torch.bfloat16)]
+    if method == "slerp":
+        xs = xs[:2]
+    spec = get_method_spec(method)
+    params = {k: v for k, v in spec.global_params.items() if v is not REQUIRED}
+    params.update({"t": 0.4} if method == "slerp" else {})
+    mps = [{"weight": None if i == 0 else 0.5} for i in range(len(xs))]
+    expected = spec.function(list(xs), 0, params, mps, TensorContext("model.layers.0.mlp.up_proj.weight"))
+    buffer = torch.full_like(base, float("nan"))
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", out=buffer)
+    out = spec.function(list(xs), 0, params, mps, ctx)
+    assert out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer, expected)
+    assert not torch.equal(expected, base)  # a real merge, not the base passed through

@@ -76,3 +76,25 @@ def chunk_bounds(numel: int, size: int = CHUNK_ELEMENTS):
 
 def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+
+
+def sliced_sums(numel: int, terms) -> torch.Tensor:
+    """Whole-tensor sums over flat slices: `terms(start, end)` returns the slice's partial sums (a
+    1-D tensor, float32 or float64), which add up in float64. No full-size temporary is made, and
+    the result equals one reduction over the whole tensor up to float rounding."""
+    total = None
+    for start, end in chunk_bounds(numel):
+        part = terms(start, end).double()
+        total = part if total is None else total + part
+    return total
+
+
+def sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Σx² along the last dim, accumulated in float32 (as torch's norm does for half types)."""
+    return x.float().square().sum(dim=-1)
+
+
+def new_output(ctx: TensorContext, like: torch.Tensor) -> torch.Tensor:
+    """The contiguous result tensor (shaped and typed like `like`) that slices are written into."""
+    out = ctx.output_buffer(like)
+    return out if out is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
