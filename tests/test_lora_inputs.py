@@ -212,22 +212,14 @@ def test_adapter_directory_missing(tmp_path, llama_models):
     assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(missing), "not found")
 
 
-def test_adapter_without_config(tmp_path, llama_models, adapter):
+@pytest.mark.parametrize("kept,missing", [("adapter_model.safetensors", "adapter_config.json"), ("adapter_config.json", "adapter_model.safetensors")])
+def test_adapter_missing_a_file(tmp_path, llama_models, adapter, kept, missing):
     broken = tmp_path / "broken"
     broken.mkdir()
-    shutil.copy(adapter / "adapter_model.safetensors", broken)
+    shutil.copy(adapter / kept, broken)
     cfg = write_yaml(tmp_path / "m.yml", linear_yaml(f"{llama_models['base']}+{broken}", str(llama_models["a"])))
     proc = run_cli(cfg, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "cache"))
-    assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(broken), "adapter_config.json")
-
-
-def test_adapter_without_weights(tmp_path, llama_models, adapter):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    shutil.copy(adapter / "adapter_config.json", broken)
-    cfg = write_yaml(tmp_path / "m.yml", linear_yaml(f"{llama_models['base']}+{broken}", str(llama_models["a"])))
-    proc = run_cli(cfg, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "cache"))
-    assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(broken), "adapter_model.safetensors")
+    assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(broken), missing)
 
 
 def test_adapter_for_a_different_base(tmp_path, llama_models):
