@@ -1,0 +1,194 @@
+"""mergekit-moe: Mixtral / Qwen3-MoE / Qwen2-MoE outputs from tiny dense models, checked by loading
+them in stock transformers, against the dense weights, and against the dense base's logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from helpers import make_model, read_model, tiny_config, write_yaml
+from merge_engine.moe import main as moe_main
+
+FLAG = "--i-understand-this-is-not-useful-without-training"
+TOPICS = {
+    "fox": ["The quick brown fox jumps over the lazy dog.", "The lazy dog sleeps while the fox jumps."],
+    "math": ["One plus two is three.", "Two plus two is four. One plus one is two."],
+    "geo": ["The capital of France is Paris.", "The capital of Italy is Rome."],
+}
+
+
+def run_moe(config: Path, out: Path, *flags: str):
+    result = CliRunner().invoke(moe_main, [str(config), str(out), "--quiet", *flags])
+    return result
+
+
+def build(tmp_path: Path, text: str, *flags: str, name: str = "out") -> Path:
+    cfg = write_yaml(tmp_path / f"{name}.yml", text)
+    out = tmp_path / name
+    result = run_moe(cfg, out, *flags)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def experts_yaml(models, prompts=True) -> str:
+    lines = []
+    for (topic, ps), m in zip(TOPICS.items(), models):
+        lines.append(f"  - source_model: {m}")
+        if prompts:
+            lines.append(f"    positive_prompts: {ps!r}".replace("'", '"'))
+    return "\n".join(lines)
+
+
+def load(out: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+def generates(model) -> None:
+    ids = torch.tensor([[0, 5, 6, 7]])
+    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 8)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def check_expert_slices(out: Path, experts: list[Path], layers: int) -> None:
+    """Expert e's fused slices are that expert's dense weights, exactly."""
+    moe = read_model(out)
+    dense = [read_model(p) for p in experts]
+    for i in range(layers):
+        gu = moe[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        dn = moe[f"model.layers.{i}.mlp.experts.down_proj"]
+        assert gu.shape[0] == dn.shape[0] == len(experts)
+        for e, d in enumerate(dense):
+            I = d[f"model.layers.{i}.mlp.gate_proj.weight"].shape[0]
+            assert torch.equal(gu[e, :I], d[f"model.layers.{i}.mlp.gate_proj.weight"])
+            assert torch.equal(gu[e, I:], d[f"model.layers.{i}.mlp.up_proj.weight"])
+            assert torch.equal(dn[e], d[f"model.layers.{i}.mlp.down_proj.weight"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixtral
+
+
+@pytest.fixture(scope="module")
+def mistral_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mistral")
+    cfg = tiny_config("mistral")
+    base = make_model(root / "base", cfg, seed=0)
+    return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+
+
+@pytest.fixture(scope="module")
+def qwen3_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    cfg = tiny_config("qwen3")
+    base = make_model(root / "base", cfg, seed=0)
+    return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_mixtral_builds_loads_generates(tmp_path, family, llama_models, mistral_models):
+    models = llama_models if family == "llama" else mistral_models
+    experts = [models["base"], models["a"], models["b"]]
+    out = build(tmp_path, f"base_model: {models['base']}\ngate_mode: cheap_embed\nexperts_per_token: 2\nexperts:\n{experts_yaml(experts)}\n")
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
+    assert cfg["num_local_experts"] == 3 and cfg["num_experts_per_tok"] == 2
+    assert cfg["intermediate_size"] == 64 and cfg["sliding_window"] is None
+    assert (out / "mergekit_moe_config.yml").is_file() and (out / "README.md").is_file()
+    assert (out / "tokenizer.json").read_bytes() == (models["base"] / "tokenizer.json").read_bytes()
+    tensors = read_model(out)
+    assert tensors["model.layers.0.mlp.gate.weight"].shape == (3, 32)
+    assert tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (3, 128, 32)
+    assert tensors["model.layers.0.mlp.experts.down_proj"].shape == (3, 32, 64)
+    check_expert_slices(out, experts, 4)
+    base = read_model(models["base"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.self_attn.k_proj.weight", "model.norm.weight"):
+        assert torch.equal(tensors[name], base[name])
+    model = load(out)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    generates(model)
+
+
+def _same_expert_logits(tmp_path, models, k: int, seed: int):
+    """Every expert is the base's own MLP: with normalised top-k weights the MoE is the dense base,
+    whatever the (random) routing."""
+    base = models["base"]
+    text = f"base_model: {base}\ngate_mode: random\nexperts_per_token: {k}\nexperts:\n" + "".join(
+        f"  - source_model: {base}\n" for _ in range(4)
+    )
+    out = build(tmp_path, text, FLAG, "--random-seed", str(seed))
+    moe, dense = load(out), load(base)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
+    ref = logits(dense, ids)
+    got = logits(moe, ids)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+    # the router really routes: different tokens pick different experts somewhere
+    G = read_model(out)["model.layers.0.mlp.gate.weight"]
+    picks = (dense.model.embed_tokens(ids).reshape(-1, 32) @ G.T).argmax(-1)
+    assert len(set(picks.tolist())) > 1
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mixtral_of_base_experts_is_the_dense_base(tmp_path, llama_models, k):
+    _same_expert_logits(tmp_path, llama_models, k, seed=k)
+
+
+def test_cheap_embed_rows_are_prompt_embeddings(tmp_path, llama_models):
+    from transformers import AutoTokenizer
+
+    experts = [llama_models["a"], llama_models["b"]]
+    neg = "Evolutionary search finds good merge recipes."
+    text = (
+        f"base_model: {llama_models['base']}\ngate_mode: cheap_embed\nexperts:\n{experts_yaml(experts)}\n"
+        f'    negative_prompts: ["{neg}"]\n'
+    )
+    out = build(tmp_path, text)
+    G = torch.stack([read_model(out)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])
+    for i in range(1, 4):
+        assert torch.equal(G[i], G[0])
+    tok = AutoTokenizer.from_pretrained(llama_models["base"])
+    E = read_model(llama_models["base"])["model.embed_tokens.weight"]
+
+    def vec(prompts):
+        v = torch.zeros(32)
+        for p in prompts:
+            for t in [tok.bos_token_id] + tok.encode(p, add_special_tokens=False):
+                v += E[t]
+        return v / v.norm()
+
+    want0 = vec(TOPICS["fox"])
+    want1 = vec(TOPICS["math"]) - vec([neg])
+    want1 = want1 / want1.norm()
+    assert torch.allclose(G[0, 0], want0, atol=1e-6)
+    assert torch.allclose(G[0, 1], want1, atol=1e-6)
+
+
+def test_random_gates_reproducible_and_need_the_flag(tmp_path, llama_models):
+    base = llama_models["base"]
+    text = f"base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {llama_models['a']}\n  - source_model: {llama_models['b']}\n"
+    cfg = write_yaml(tmp_path / "r.yml", text)
+    refused = run_moe(cfg, tmp_path / "refused")
+    assert refused.exit_code == 2 and "--i-understand-this-is-not-useful-without-training" in refused.output
+    assert not (tmp_path / "refused").exists()
+    gates = []
+    for name, seed in (("s1", "7"), ("s2", "7"), ("s3", "8")):
+        assert run_moe(cfg, tmp_path / name, FLAG, "--random-seed", seed).exit_code == 0
+        gates.append(torch.stack([read_model(tmp_path / name)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)]))
+    assert torch.equal(gates[0], gates[1])
+    assert not torch.allclose(gates[0], gates[2])
+    # standard normal draws from a generator seeded with --random-seed (not the global RNG)
+    assert torch.equal(gates[0], torch.randn(4, 2, 32, generator=torch.Generator().manual_seed(7)))
