@@ -192,3 +192,63 @@ def test_random_gates_reproducible_and_need_the_flag(tmp_path, llama_models):
     assert not torch.allclose(gates[0], gates[2])
     # standard normal draws from a generator seeded with --random-seed (not the global RNG)
     assert torch.equal(gates[0], torch.randn(4, 2, 32, generator=torch.Generator().manual_seed(7)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hidden-state routers
+
+
+@pytest.fixture(scope="module")
+def topic_experts(tmp_path_factory, llama_models):
+    """Three stand-in fine-tunes of the llama base, one per topic."""
+    root = tmp_path_factory.mktemp("topic")
+    cfg = tiny_config("llama")
+    return [make_model(root / t, cfg, seed=10 + i, base=llama_models["base"], noise=0.02) for i, t in enumerate(TOPICS)]
+
+
+@torch.no_grad()
+def _layer_inputs(model, tok, prompt: str) -> torch.Tensor:
+    """[L, H]: the hidden state entering each layer at the prompt's last token, prompt alone."""
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
+    hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    return torch.stack([h[0, -1] for h in hs[: model.config.num_hidden_layers]])
+
+
+def test_hidden_rows_are_mean_layer_inputs(tmp_path, llama_models, topic_experts):
+    from transformers import AutoTokenizer
+
+    neg = "Evolutionary search finds good merge recipes."
+    text = f"base_model: {llama_models['base']}\ngate_mode: hidden\nexperts:\n{experts_yaml(topic_experts)}\n"
+    text += f'    negative_prompts: ["{neg}", "Merging models combines what each fine-tune learned."]\n'
+    out = build(tmp_path, text)
+    G = torch.stack([read_model(out)[f"model.layers.{i}.mlp.gate.weight"] for i in range(4)])  # [L, E, H]
+    base, tok = load(llama_models["base"]), AutoTokenizer.from_pretrained(llama_models["base"])
+    # one prompt at a time, no padding: the batched, left-padded computation must agree
+    for e, (topic, prompts) in enumerate(TOPICS.items()):
+        v = sum(_layer_inputs(base, tok, p) for p in prompts) / len(prompts)
+        if e == 2:
+            negs = [neg, "Merging models combines what each fine-tune learned."]
+            v = v - sum(_layer_inputs(base, tok, p) for p in negs) / 2
+        want = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # layer 0: same last token "." -> 0
+        assert torch.allclose(G[:, e], want, atol=1e-5), (e, (G[:, e] - want).abs().max())
+
+
+def test_hidden_routing_sends_prompts_to_their_expert(tmp_path, llama_models, topic_experts):
+    from transformers import AutoTokenizer
+
+    text = f"base_model: {llama_models['base']}\ngate_mode: hidden\nexperts_per_token: 1\nexperts:\n{experts_yaml(topic_experts)}\n"
+    out = build(tmp_path, text)
+    moe, tok = load(out), AutoTokenizer.from_pretrained(out)
+    hits = torch.zeros(4)
+    total = 0
+    for e, prompts in enumerate(TOPICS.values()):
+        for p in prompts:
+            h = _layer_inputs(moe, tok, p)  # the output model's own layer inputs
+            total += 1
+            for i, layer in enumerate(moe.model.layers):
+                hits[i] += (layer.mlp.gate.weight @ h[i]).argmax().item() == e
+    print(f"routing: expert's own prompts top-1 per layer {hits.tolist()} of {total}; all layers {hits.sum() / (4 * total):.2f}")
+    # Layer 0's input is the last token's embedding, and every prompt ends in ".": that layer cannot
+    # tell the topics apart; from layer 1 on the context decides.
+    assert hits.sum() / (4 * total) >= 0.75
+    assert hits[1:].sum() / (3 * total) >= 0.9
