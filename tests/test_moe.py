@@ -252,3 +252,77 @@ def test_hidden_routing_sends_prompts_to_their_expert(tmp_path, llama_models, to
     # tell the topics apart; from layer 1 on the context decides.
     assert hits.sum() / (4 * total) >= 0.75
     assert hits[1:].sum() / (3 * total) >= 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen3-MoE and Qwen2-MoE
+
+
+def test_qwen3_moe_builds_loads_generates(tmp_path, qwen3_models):
+    import json
+
+    experts = [qwen3_models["a"], qwen3_models["b"]]
+    out = build(tmp_path, f"base_model: {qwen3_models['base']}\ngate_mode: cheap_embed\nexperts_per_token: 1\nexperts:\n{experts_yaml(experts)}\n")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["model_type"] == "qwen3_moe"
+    assert (cfg["num_local_experts"], cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]) == (2, 2, 1, 64)
+    assert cfg["norm_topk_prob"] is True and cfg["decoder_sparse_step"] == 1 and cfg["mlp_only_layers"] == []
+    tensors = read_model(out)
+    assert tensors["model.layers.1.mlp.experts.gate_up_proj"].shape == (2, 128, 32)
+    assert tensors["model.layers.1.mlp.experts.down_proj"].shape == (2, 32, 64)
+    assert tensors["model.layers.1.mlp.gate.weight"].shape == (2, 32)
+    base = read_model(qwen3_models["base"])
+    assert torch.equal(tensors["model.layers.3.self_attn.q_norm.weight"], base["model.layers.3.self_attn.q_norm.weight"])
+    check_expert_slices(out, experts, 4)
+    model = load(out)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    generates(model)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_qwen3_moe_of_base_experts_is_the_dense_base(tmp_path, qwen3_models, k):
+    out = _same_expert_logits(tmp_path, qwen3_models, k, seed=10 + k)
+    assert type(load(out)).__name__ == "Qwen3MoeForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def qwen2_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2")
+    cfg = tiny_config("qwen2")
+    base = make_model(root / "base", cfg, seed=0)
+    return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_qwen2_moe_with_a_shared_expert(tmp_path, family, llama_models, mistral_models, qwen2_models):
+    import json
+
+    models = {"llama": llama_models, "mistral": mistral_models, "qwen2": qwen2_models}[family]
+    experts = [models["a"], models["b"]]
+    text = (
+        f"base_model: {models['base']}\ngate_mode: hidden\narchitecture: qwen\nexperts:\n{experts_yaml(experts)}\n"
+        f"shared_experts:\n  - source_model: {models['base']}\n    positive_prompts: [\"The capital of France is Paris.\"]\n"
+        "    residual_scale: 0.5\n"
+    )
+    out = build(tmp_path, text)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2MoeForCausalLM"] and cfg["model_type"] == "qwen2_moe"
+    assert (cfg["num_experts"], cfg["num_experts_per_tok"]) == (2, 2)
+    assert cfg["moe_intermediate_size"] == cfg["shared_expert_intermediate_size"] == 64
+    assert cfg["norm_topk_prob"] is True and cfg["use_sliding_window"] is False
+    t, base = read_model(out), read_model(models["base"])
+    check_expert_slices(out, experts, 4)
+    for i in range(4):
+        p = f"model.layers.{i}"
+        assert torch.equal(t[f"{p}.mlp.shared_expert.gate_proj.weight"], base[f"{p}.mlp.gate_proj.weight"])
+        assert torch.equal(t[f"{p}.mlp.shared_expert.up_proj.weight"], base[f"{p}.mlp.up_proj.weight"])
+        assert torch.equal(t[f"{p}.mlp.shared_expert.down_proj.weight"], base[f"{p}.mlp.down_proj.weight"] * 0.5)
+        assert t[f"{p}.mlp.shared_expert_gate.weight"].shape == (1, 32)
+        assert torch.allclose(t[f"{p}.mlp.shared_expert_gate.weight"].norm(), torch.tensor(1.0)) or i == 0
+        for proj, n in (("q", 32), ("k", 16), ("v", 16)):
+            bias = t[f"{p}.self_attn.{proj}_proj.bias"]
+            want = base.get(f"{p}.self_attn.{proj}_proj.bias", torch.zeros(n))  # llama has none: zeros
+            assert torch.equal(bias, want)
+    model = load(out)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    generates(model)

@@ -206,6 +206,9 @@ def output_config(arch: str, base_config: dict, n_experts: int, k: int, dtype_na
 def _config_json(cfg, dtype_name: str) -> str:
     data = cfg.to_dict()
     data["dtype"] = dtype_name
+    if cfg.model_type == "qwen3_moe":
+        # transformers 5 stores it as num_local_experts; older readers (v4, llama.cpp) look for num_experts
+        data.setdefault("num_experts", cfg.num_experts)
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
