@@ -326,3 +326,92 @@ def test_qwen2_moe_with_a_shared_expert(tmp_path, family, llama_models, mistral_
     model = load(out)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
     generates(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input through the real console script: exit 2, one line naming the problem, no output
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("wide") / "m", tiny_config("llama", hidden=48), seed=3)
+
+
+BAD = {
+    "other_architecture": (
+        "base_model: {base}\ngate_mode: cheap_embed\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n"
+        "  - source_model: {qwen3}\n    positive_prompts: [y]\n",
+        "different model_types",
+    ),
+    "other_hidden_size": (
+        "base_model: {base}\ngate_mode: cheap_embed\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n"
+        "  - source_model: {wide}\n    positive_prompts: [y]\n",
+        "hidden_size 48",
+    ),
+    "qwen2_moe_without_shared": (
+        "base_model: {base}\narchitecture: qwen\ngate_mode: cheap_embed\nexperts:\n  - source_model: {a}\n"
+        "    positive_prompts: [x]\n  - source_model: {b}\n    positive_prompts: [y]\n",
+        "exactly one shared expert (the recipe has 0)",
+    ),
+    "qwen2_moe_two_shared": (
+        "base_model: {base}\narchitecture: qwen\ngate_mode: cheap_embed\nexperts:\n  - source_model: {a}\n"
+        "    positive_prompts: [x]\n  - source_model: {b}\n    positive_prompts: [y]\nshared_experts:\n"
+        "  - source_model: {base}\n    positive_prompts: [z]\n  - source_model: {a}\n    positive_prompts: [w]\n",
+        "exactly one shared expert (the recipe has 2)",
+    ),
+    "empty_positive_prompts": (
+        "base_model: {base}\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n"
+        "  - source_model: {b}\n    positive_prompts: []\n",
+        "experts[1].positive_prompts",
+    ),
+    "missing_positive_prompts": (
+        "base_model: {base}\ngate_mode: hidden\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n"
+        "  - source_model: {b}\n",
+        "experts[1].positive_prompts",
+    ),
+    "deepseek": (
+        "base_model: {base}\narchitecture: deepseek\ngate_mode: cheap_embed\nexperts:\n  - source_model: {a}\n"
+        "    positive_prompts: [x]\n  - source_model: {b}\n    positive_prompts: [y]\n",
+        "trust_remote_code",
+    ),
+    "missing_base": ("experts:\n  - source_model: {a}\n", "missing required key 'base_model'"),
+    "too_few_experts": (
+        "base_model: {base}\nexperts_per_token: 3\nexperts:\n  - source_model: {a}\n    positive_prompts: [x]\n"
+        "  - source_model: {b}\n    positive_prompts: [y]\n",
+        "experts_per_token",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recipes_fail_cleanly(tmp_path, case, llama_models, qwen3_models, wide_llama):
+    text, expected = BAD[case]
+    names = dict(base=llama_models["base"], a=llama_models["a"], b=llama_models["b"], qwen3=qwen3_models["a"], wide=wide_llama)
+    cfg = write_yaml(tmp_path / "bad.yml", text.format(**names))
+    out = tmp_path / "out"
+    script = Path(sys.executable).parent / "mergekit-moe"
+    proc = subprocess.run([str(script), str(cfg), str(out), "--quiet"], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+
+
+def test_noise_scale_and_uniform_random(tmp_path, llama_models):
+    base, a = llama_models["base"], llama_models["a"]
+    text = (
+        f"base_model: {base}\ngate_mode: uniform_random\nexperts:\n  - source_model: {a}\n    noise_scale: 0.5\n"
+        f"  - source_model: {base}\n"
+    )
+    out = build(tmp_path, text, FLAG, "--random-seed", "3")
+    t, dense_a, dense_base = read_model(out), read_model(a), read_model(base)
+    # uniform_random: U(-1/sqrt(H), 1/sqrt(H)) from the seeded generator
+    want = (torch.rand(4, 2, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1) / 32**0.5
+    assert torch.equal(t["model.layers.2.mlp.gate.weight"], want[2])
+    # noise only on the expert that asks for it, with the requested spread
+    diff = t["model.layers.1.mlp.experts.down_proj"][0] - dense_a["model.layers.1.mlp.down_proj.weight"]
+    assert 0.4 < diff.std().item() < 0.6
+    assert torch.equal(t["model.layers.1.mlp.experts.down_proj"][1], dense_base["model.layers.1.mlp.down_proj.weight"])
+    again = build(tmp_path, text, FLAG, "--random-seed", "3", name="again")
+    assert torch.equal(read_model(again)["model.layers.1.mlp.experts.gate_up_proj"], t["model.layers.1.mlp.experts.gate_up_proj"])

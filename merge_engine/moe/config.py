@@ -120,9 +120,9 @@ def supported_architectures(config: MoEConfig, model_types: list[str]) -> dict[s
         return None
 
     out: dict[str, Optional[str]] = {}
-    out["mixtral"] = "it has no shared experts" if shared else same_type(("llama", "mistral"))
+    out["mixtral"] = "it takes no shared experts" if shared else same_type(("llama", "mistral"))
     if len(shared) > 1:
-        out["deepseek"] = "it has at most one shared expert"
+        out["deepseek"] = "it takes at most one shared expert"
     elif shared and shared[0].positive_prompts:
         out["deepseek"] = "its shared expert takes no prompts"
     else:
@@ -133,7 +133,7 @@ def supported_architectures(config: MoEConfig, model_types: list[str]) -> dict[s
         out["qwen2_moe"] = f"its shared expert needs positive prompts for its gate (gate_mode {config.gate_mode})"
     else:
         out["qwen2_moe"] = same_type(("llama", "mistral", "qwen2"))
-    out["qwen3_moe"] = "it has no shared experts" if shared else same_type(("qwen3",))
+    out["qwen3_moe"] = "it takes no shared experts" if shared else same_type(("qwen3",))
     return out
 
 
