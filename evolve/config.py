@@ -5,16 +5,14 @@ Torch-free, so `--dry-run` and config errors answer at once.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merge_engine.config import DtypeName, ModelRef, iter_unknown_keys, load_yaml_text, validation_message
+from merge_engine.config import DtypeName, ModelRef, load_yaml_text, parse_with_schema
 from merge_engine.errors import ConfigError
 
-log = logging.getLogger(__name__)
 
 SEARCHABLE_METHODS = (
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
@@ -122,15 +120,7 @@ class SearchConfig(_Schema):
 
 
 def parse_search_config(data, source: str = "search.yml") -> SearchConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the search config must be a YAML mapping, got {type(data).__name__}")
-    try:
-        config = SearchConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(validation_message(err, source)) from None
-    for key_path in iter_unknown_keys(config):
-        log.warning("%s: unknown key '%s' is ignored", source, key_path)
-    return config
+    return parse_with_schema(SearchConfig, data, source, "the search config")
 
 
 def load_search_config(path: Union[str, Path]) -> tuple[SearchConfig, str]:

@@ -440,16 +440,22 @@ def iter_unknown_keys(obj: Any, path: tuple = ()) -> Iterator[str]:
             yield from iter_unknown_keys(item, path + (key,))
 
 
-def parse_config(data: Any, source: str = "config") -> MergeConfig:
+def parse_with_schema(schema: type, data: Any, source: str, what: str):
+    """Validate a YAML document against a pydantic schema: a ConfigError naming `source` and the
+    key for bad input, a warning for each unknown key (stale keys of old configs still run)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the recipe must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{source}: {what} must be a YAML mapping, got {type(data).__name__}")
     try:
-        config = MergeConfig.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(validation_message(err, source)) from None
     for key_path in iter_unknown_keys(config):
         log.warning("%s: unknown key '%s' is ignored", source, key_path)
     return config
+
+
+def parse_config(data: Any, source: str = "config") -> MergeConfig:
+    return parse_with_schema(MergeConfig, data, source, "the recipe")
 
 
 def load_yaml_text(text: str, source: str, stream: bool = False) -> Any:

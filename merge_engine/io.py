@@ -558,3 +558,20 @@ def copy_files(src_dir: Path, dst_dir: Path, names: Iterable[str]) -> list[str]:
             shutil.copyfile(src, dst_dir / name)
             copied.append(name)
     return copied
+
+
+@contextlib.contextmanager
+def atomic_model_output(out_path: Path, overwrite: bool, specs: Sequence[OutputTensorSpec], shard_size: int, safe_serialization: bool):
+    """(folder, shard writer) for a model being written: the folder appears at `out_path` only
+    when the block completes; on any error (Ctrl-C included) everything written so far is removed."""
+    out = AtomicOutputDir(Path(out_path), overwrite=overwrite)
+    writer: Optional[ShardedWriter] = None
+    try:
+        writer = ShardedWriter(out.path, specs, shard_size, safe_serialization)
+        yield out.path, writer
+        out.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        out.discard()
+        raise

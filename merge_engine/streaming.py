@@ -18,7 +18,7 @@ import torch
 from . import __version__
 from .card import render_card
 from .config import MergeConfig
-from .io import AtomicOutputDir, ShardedWriter, copy_files
+from .io import atomic_model_output, copy_files
 from .methods.common import TensorContext
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, build_plan
@@ -119,21 +119,12 @@ def run_merge(
         lora_merge_cache=options.lora_merge_cache,
         lora_merge_dtype=options.lora_merge_dtype,
     )
-    out: Optional[AtomicOutputDir] = None
-    writer: Optional[ShardedWriter] = None
     try:
-        out = AtomicOutputDir(Path(out_path), overwrite=options.overwrite)
-        writer = ShardedWriter(out.path, [t.out for t in plan.tasks], options.out_shard_size, options.safe_serialization)
-        execute_plan(plan, lambda task, tensor: writer.write(task.out.name, tensor), options)
-        writer.finish(__version__)
-        write_model_files(plan, out.path, options, config_text, card_extra, Path(out_path))
-        out.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if out is not None:
-            out.discard()
-        raise
+        specs = [t.out for t in plan.tasks]
+        with atomic_model_output(out_path, options.overwrite, specs, options.out_shard_size, options.safe_serialization) as (folder, writer):
+            execute_plan(plan, lambda task, tensor: writer.write(task.out.name, tensor), options)
+            writer.finish(__version__)
+            write_model_files(plan, folder, options, config_text, card_extra, Path(out_path))
     finally:
         plan.close()
     log.info("merged model written to %s", out_path)

@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..card import _is_hub_id, _render_model
 from ..errors import ModelError
-from ..io import AtomicOutputDir, OutputTensorSpec, ShardedWriter, copy_files, torch_dtype
+from ..io import OutputTensorSpec, atomic_model_output, copy_files, torch_dtype
 from ..methods.common import tensor_seed
 from ..options import MergeOptions
 from ..plan import InputModel, open_models
@@ -304,8 +304,6 @@ def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: Merg
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     models = open_models(config, options.lazy_unpickle, options.lora_merge_cache, options.lora_merge_dtype)
-    out: Optional[AtomicOutputDir] = None
-    writer: Optional[ShardedWriter] = None
     try:
         types = [str(models[r].config.get("model_type")) for r in config.referenced_models()]
         arch = choose_architecture(config, types, source)
@@ -333,39 +331,31 @@ def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: Merg
             expected = [(k, s) for k, s in expected if k != "lm_head.weight"]
         specs = [OutputTensorSpec(k, s, dtype) for k, s in expected]
         src = _TensorSource(config, models, arch, G, dtype, options.random_seed)
-        out = AtomicOutputDir(Path(out_path), overwrite=options.overwrite)
-        writer = ShardedWriter(out.path, specs, options.out_shard_size, options.safe_serialization)
-        progress = None
-        if not options.quiet:
-            from tqdm import tqdm
+        with atomic_model_output(out_path, options.overwrite, specs, options.out_shard_size, options.safe_serialization) as (folder, writer):
+            progress = None
+            if not options.quiet:
+                from tqdm import tqdm
 
-            progress = tqdm(total=len(specs), unit="tensor", desc="building MoE")
-        for spec in specs:
-            writer.write(spec.name, src.tensor(spec.name, spec.shape).contiguous())
+                progress = tqdm(total=len(specs), unit="tensor", desc="building MoE")
+            for spec in specs:
+                writer.write(spec.name, src.tensor(spec.name, spec.shape).contiguous())
+                if progress is not None:
+                    progress.update(1)
             if progress is not None:
-                progress.update(1)
-        if progress is not None:
-            progress.close()
-        unused = [k for k in base.checkpoint.tensors if not _MLP.match(k) and k not in src.used and k != "lm_head.weight"]
-        if unused:
-            raise ModelError(
-                f"model {config.base_model}: tensor {unused[0]} has no place in the {ARCH_CLASSES[arch]} output"
-                + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
-            )
-        writer.finish(__version__)
-        (out.path / "config.json").write_text(_config_json(cfg, dtype_name))
-        if options.copy_tokenizer:
-            copy_files(base.directory, out.path, TOKENIZER_FILES)
-        if options.write_model_card:
-            (out.path / "mergekit_moe_config.yml").write_text(config_text)
-            (out.path / "README.md").write_text(render_moe_card(config, arch, config_text, Path(out_path)))
-        out.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if out is not None:
-            out.discard()
-        raise
+                progress.close()
+            unused = [k for k in base.checkpoint.tensors if not _MLP.match(k) and k not in src.used and k != "lm_head.weight"]
+            if unused:
+                raise ModelError(
+                    f"model {config.base_model}: tensor {unused[0]} has no place in the {ARCH_CLASSES[arch]} output"
+                    + (f" (and {len(unused) - 1} more)" if len(unused) > 1 else "")
+                )
+            writer.finish(__version__)
+            (folder / "config.json").write_text(_config_json(cfg, dtype_name))
+            if options.copy_tokenizer:
+                copy_files(base.directory, folder, TOKENIZER_FILES)
+            if options.write_model_card:
+                (folder / "mergekit_moe_config.yml").write_text(config_text)
+                (folder / "README.md").write_text(render_moe_card(config, arch, config_text, Path(out_path)))
     finally:
         for m in models.values():
             m.checkpoint.close()

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import ValidationError, field_validator
+from pydantic import field_validator
 
-from ..config import DtypeName, ModelRef, ModelReference, _Schema, iter_unknown_keys, load_yaml_text, read_config_text, validation_message
+from ..config import DtypeName, ModelRef, ModelReference, _Schema, load_yaml_text, parse_with_schema, read_config_text
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,15 +58,7 @@ class MoEConfig(_Schema):
 
 
 def parse_moe_config(data, source: str) -> MoEConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the MoE recipe must be a YAML mapping, got {type(data).__name__}")
-    try:
-        config = MoEConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(validation_message(err, source)) from None
-    for key_path in iter_unknown_keys(config):
-        log.warning("%s: unknown key '%s' is ignored", source, key_path)
-    return config
+    return parse_with_schema(MoEConfig, data, source, "the MoE recipe")
 
 
 def load_moe_config(path: Union[str, Path]) -> tuple[MoEConfig, str]:
