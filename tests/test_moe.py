@@ -80,20 +80,21 @@ def check_expert_slices(out: Path, experts: list[Path], layers: int) -> None:
 # Mixtral
 
 
-@pytest.fixture(scope="module")
-def mistral_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mistral")
-    cfg = tiny_config("mistral")
+def _base_and_two_finetunes(tmp_path_factory, family: str) -> dict:
+    root = tmp_path_factory.mktemp(family)
+    cfg = tiny_config(family)
     base = make_model(root / "base", cfg, seed=0)
     return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+
+
+@pytest.fixture(scope="module")
+def mistral_models(tmp_path_factory):
+    return _base_and_two_finetunes(tmp_path_factory, "mistral")
 
 
 @pytest.fixture(scope="module")
 def qwen3_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3")
-    cfg = tiny_config("qwen3")
-    base = make_model(root / "base", cfg, seed=0)
-    return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+    return _base_and_two_finetunes(tmp_path_factory, "qwen3")
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
@@ -287,10 +288,7 @@ def test_qwen3_moe_of_base_experts_is_the_dense_base(tmp_path, qwen3_models, k):
 
 @pytest.fixture(scope="module")
 def qwen2_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen2")
-    cfg = tiny_config("qwen2")
-    base = make_model(root / "base", cfg, seed=0)
-    return {"base": base, "a": make_model(root / "a", cfg, seed=1, base=base), "b": make_model(root / "b", cfg, seed=2, base=base)}
+    return _base_and_two_finetunes(tmp_path_factory, "qwen2")
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
