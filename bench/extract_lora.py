@@ -7,6 +7,9 @@ Extracts an adapter from `ft_a` against `base` (~1.1B parameters each, or 4 laye
 generated and cached there) in its own process and prints wall time, peak RSS and the adapter's
 size. Peak RSS should stay near a few weight matrices plus the SVD workspace, far below one model
 (~2.2 GB in bf16): exit status 1 if it passes 1.5 GB.
+
+Measured (2 shared CPU cores, --max-rank 32): 22 layers 223.8 s, peak RSS 0.64 GB, adapter 312.8 MB
+(embed_tokens and lm_head saved whole); --quick 41.7 s, 0.63 GB. Time is the 154 float32 SVDs.
 """
 
 from __future__ import annotations
