@@ -278,19 +278,11 @@ def low_rank_factors(delta, max_rank: int, sv_epsilon: float, distribute_scale: 
 
 
 def render_lora_card(ft_ref, base_ref, out_dir: Path, vocab_differs: bool, command_line: str) -> str:
-    import yaml
+    from .card import card_header, render_model
 
-    from .card import _is_hub_id, _render_model
-
-    hub = sorted({r.model.path for r in (ft_ref, base_ref) if _is_hub_id(r.model.path)})
-    front = {"base_model": hub, "library_name": "peft", "tags": ["mergekit", "peft", "evomerge"]}
     lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=True).rstrip(),
-        "---",
-        f"# {out_dir.name}",
-        "",
-        f"This LoRA adapter was extracted from {_render_model(ft_ref)} and uses {_render_model(base_ref)} as a base.",
+        *card_header([ft_ref, base_ref], "peft", ["mergekit", "peft", "evomerge"], out_dir),
+        f"This LoRA adapter was extracted from {render_model(ft_ref)} and uses {render_model(base_ref)} as a base.",
         "",
     ]
     if vocab_differs:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from ..card import _is_hub_id, _render_model
+from ..card import card_header, render_model
 from ..errors import ModelError
 from ..io import OutputTensorSpec, atomic_model_output, copy_files, torch_dtype
 from ..methods.common import tensor_seed
@@ -274,20 +274,16 @@ class _TensorSource:
 
 
 def render_moe_card(config: MoEConfig, arch: str, config_text: str, out_dir: Path) -> str:
-    import yaml
-
-    hub = sorted({r.model.path for r in config.referenced_models() if _is_hub_id(r.model.path)})
-    front = {"base_model": hub, "library_name": "transformers", "tags": ["mergekit", "merge", "moe", "evomerge"]}
-    experts = [f"* {_render_model(e.source_model)}" for e in config.experts]
-    shared = [f"* {_render_model(e.source_model)} (shared)" for e in config.shared_experts or []]
+    experts = [f"* {render_model(e.source_model)}" for e in config.experts]
+    shared = [f"* {render_model(e.source_model)} (shared)" for e in config.shared_experts or []]
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", f"# {out_dir.name}", "",
+        *card_header(config.referenced_models(), "transformers", ["mergekit", "merge", "moe", "evomerge"], out_dir),
         "This is a mixture of experts built from pre-trained language models with evomerge's `mergekit-moe` "
         "(compatible with [mergekit](https://github.com/arcee-ai/mergekit) MoE recipes).", "",
         "## Details", "",
         f"Output architecture: {ARCH_CLASSES[arch]}, {len(config.experts)} experts, "
         f"{config.experts_per_token} per token, routers initialised with gate_mode `{config.gate_mode}`, "
-        f"using {_render_model(config.base_model)} as the base (attention, norms, embeddings).", "",
+        f"using {render_model(config.base_model)} as the base (attention, norms, embeddings).", "",
         "### Experts", "", *experts, *shared, "",
         "### Configuration", "", "The following YAML configuration was used to produce this model:", "",
         "```yaml", config_text.rstrip(), "```", "",
