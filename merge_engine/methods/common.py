@@ -98,3 +98,15 @@ def new_output(ctx: TensorContext, like: torch.Tensor) -> torch.Tensor:
     """The contiguous result tensor (shaped and typed like `like`) that slices are written into."""
     out = ctx.output_buffer(like)
     return out if out is not None else torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+def weighted_sum_into(out: torch.Tensor, flats: Sequence[torch.Tensor], coeffs: Sequence[float]) -> torch.Tensor:
+    """out = sum_i coeffs[i] * flats[i] (flat inputs), accumulated in float32 slice by slice and
+    rounded once into `out`'s dtype; returns `out`."""
+    out_flat = out.view(-1)
+    for start, end in chunk_bounds(out.numel()):
+        acc = flats[0][start:end].float() * coeffs[0]
+        for f, c in zip(flats[1:], coeffs[1:]):
+            acc.add_(f[start:end], alpha=c)
+        out_flat[start:end] = acc
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ModelError
-from .common import TensorContext, check_same_shape, chunk_bounds, flat, rectify_embed_sizes
+from .common import TensorContext, check_same_shape, flat, rectify_embed_sizes, weighted_sum_into
 
 
 def _quantised(value: float, dtype: torch.dtype) -> float:
@@ -34,12 +34,5 @@ def linear(tensors, base_index, params, model_params, ctx: TensorContext) -> tor
         scale = coeffs[0] + coeffs[1]
         result = torch.lerp(tensors[0], tensors[1], coeffs[1] / scale, out=out)
         return result if scale == 1 else result.mul_(scale)
-    flats = [flat(t) for t in tensors]
     result = out if out is not None else torch.empty_like(like)
-    result_flat = result.view(-1)
-    for start, end in chunk_bounds(result.numel()):
-        acc = flats[0][start:end].float() * coeffs[0]
-        for f, c in zip(flats[1:], coeffs[1:]):
-            acc.add_(f[start:end], alpha=c)
-        result_flat[start:end] = acc
-    return result
+    return weighted_sum_into(result, [flat(t) for t in tensors], coeffs)

@@ -24,6 +24,7 @@ from .common import (
     rectify_embed_sizes,
     sliced_sums,
     sum_squares,
+    weighted_sum_into,
 )
 
 NUSLERP_NORM_EPS = 1e-7
@@ -265,10 +266,4 @@ def karcher(tensors, base_index, params, model_params, ctx: TensorContext) -> to
             beta = beta / u_norm
     # the scale averages over every input, zero-norm ones included (mergekit's alphas)
     coefs = (float(norms.sum()) / n * beta / safe).tolist()
-    out_flat = out.view(-1)
-    for start, end in chunk_bounds(out.numel()):
-        acc = xs[0][start:end].float() * coefs[0]
-        for x, c in zip(xs[1:], coefs[1:]):
-            acc.add_(x[start:end], alpha=c)
-        out_flat[start:end] = acc
-    return out
+    return weighted_sum_into(out, xs, coefs)
