@@ -89,6 +89,11 @@ class LMEvalEvaluator:
         }
         self.lm = None
 
+    @classmethod
+    def from_spec(cls, tasks: Sequence[dict], **options) -> "LMEvalEvaluator":
+        """Built from a worker's evaluator spec: tasks as plain dicts of TaskSpec fields."""
+        return cls([TaskSpec(**t) for t in tasks], **options)
+
     def _subsets(self) -> Optional[dict[str, list[int]]]:
         """The same items for every candidate: the first `limit` documents, or with `shuffle` a
         subset drawn with `seed` (mergekit-evolve's unseeded shuffle gave every candidate other items)."""
@@ -143,13 +148,3 @@ class LMEvalEvaluator:
                 )
             out[t.name] = float(task_results[t.metric])
         return out
-
-
-def fitness(metrics: dict[str, float], tasks: Sequence[TaskSpec], directions: dict[str, str]) -> float:
-    """mergekit-evolve's fitness, Σ weight·metric, with lower-is-better metrics counted negatively
-    so that one maximised number ranks candidates."""
-    total = 0.0
-    for t in tasks:
-        sign = 1.0 if directions.get(t.name, "maximize") == "maximize" else -1.0
-        total += sign * t.weight * metrics[t.name]
-    return total

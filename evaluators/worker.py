@@ -1,8 +1,9 @@
 """A search worker: one resident model, merged in place per candidate, then scored.
 
-`CandidateWorker` is plain Python; the search runs it as a Ray actor (one per GPU, or
-`--num-workers` on CPU). A candidate that fails (non-finite weights, an evaluator error) comes
-back as a failed result with its reason: it never raises into the driver.
+`CandidateWorker` is plain Python; the search runs it as a Ray actor (see evolve.pool). Which
+evaluator scores the model is data (`WorkerSettings.evaluator`, see evaluators.EVALUATORS): the
+worker does not know. A candidate that fails (non-finite weights, an evaluator error) comes back
+as a failed result with its reason: it never raises into the driver.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -20,20 +21,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorkerSettings:
     template_recipe: dict  # a decoded recipe: fixes the models, method and layer layout
-    tasks: list[dict]  # TaskSpec fields
-    include_paths: list[str] = field(default_factory=list)
-    limit: Optional[int] = None
-    num_fewshot: Optional[int] = None
-    shuffle: bool = False
-    seed: int = 0
-    apply_chat_template: bool = False
-    fewshot_as_multiturn: bool = False
-    batch_size: int = 16
-    device: str = "auto"
-    merge_seed: int = 0
-    allow_crimes: bool = False
-    lora_merge_cache: Optional[str] = None
-    lora_merge_dtype: Optional[str] = None
+    evaluator: dict  # {"kind": ..., **options}: see evaluators.build_evaluator
+    merge_options: dict  # merge_engine.options.MergeOptions fields
     eval_dtype: Optional[str] = None  # None: float32 on CPU (bf16 maths is slow there), bfloat16 on GPU
     threads: Optional[int] = None
 
@@ -55,7 +44,7 @@ class CandidateWorker:
         import torch
         from transformers import AutoTokenizer
 
-        from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
+        from evaluators import build_evaluator
         from merge_engine.config import parse_config
         from merge_engine.options import MergeOptions
         from merge_engine.resident import ResidentMerger
@@ -63,12 +52,8 @@ class CandidateWorker:
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        options = MergeOptions(
-            device=settings.device, random_seed=settings.merge_seed, allow_crimes=settings.allow_crimes, quiet=True,
-            lora_merge_cache=settings.lora_merge_cache, lora_merge_dtype=settings.lora_merge_dtype,
-        )
         template = parse_config(settings.template_recipe, "search template")
-        self.merger = ResidentMerger(template, options)
+        self.merger = ResidentMerger(template, MergeOptions(**settings.merge_options))
         device = self.merger.device
         if settings.eval_dtype:
             dtype = getattr(torch, settings.eval_dtype)
@@ -84,22 +69,13 @@ class CandidateWorker:
             self.tokenizer = vocab.tokenizer
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(self.merger.models[self.merger.donor].directory)
-        self.evaluator = LMEvalEvaluator(
-            [TaskSpec(**t) for t in settings.tasks],
-            include_paths=settings.include_paths,
-            limit=settings.limit,
-            num_fewshot=settings.num_fewshot,
-            shuffle=settings.shuffle,
-            seed=settings.seed,
-            apply_chat_template=settings.apply_chat_template,
-            fewshot_as_multiturn=settings.fewshot_as_multiturn,
-            batch_size=settings.batch_size,
-        )
+        self.evaluator = build_evaluator(settings.evaluator)
         self.evaluator.attach(self.model, self.tokenizer)
         self.name = f"{os.uname().nodename}:{os.getpid()}"
 
-    def directions(self) -> dict[str, str]:
-        return dict(self.evaluator.directions)
+    def ready(self) -> dict:
+        """Called once by the pool when the worker is up."""
+        return {"directions": dict(self.evaluator.directions), "worker": self.name, "pid": os.getpid()}
 
     def evaluate(self, recipe: dict) -> dict:
         from merge_engine.config import parse_config

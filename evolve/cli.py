@@ -5,11 +5,14 @@ mergekit-evolve's options keep their names; those that have no effect here say s
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
 
 from merge_engine.cli import check_lora_dtype, run_cli, setup_logging
+
+from .report import faults_text
 
 NO_EFFECT = "(accepted for compatibility; no effect here)"
 
@@ -25,7 +28,10 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--force-population-size", type=click.IntRange(min=2), default=None, help="Population size (CMA-ES) / candidates per batch.")
 @click.option("--num-workers", type=click.IntRange(min=1), default=None, help="Ray workers (default: one per GPU, else 1).")
 @click.option("--num-gpus", type=click.IntRange(min=0), default=None, help="Same as --num-workers when GPUs are present.")
-@click.option("--ray-address", default=None, help="Join an existing Ray cluster instead of starting a local one.")
+@click.option("--ray-address", default=None, help="Join an existing Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS) instead of starting a private local one.")
+@click.option("--candidate-timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Cancel a candidate that runs longer than this many seconds (its worker is replaced; recorded as failed).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None, help="GPUs each worker reserves (fractional for small models; default 1 when the cluster has GPUs).")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="CPUs each worker reserves.")
 @click.option("--task-search-path", multiple=True, type=click.Path(), help="Folder of local lm-eval task YAMLs (repeatable).")
 @click.option("--save-final-model/--no-save-final-model", default=True, help="Merge the best recipe into DIR/final_model at the end.")
 @click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random merge methods (DARE), shared by search and export.")
@@ -49,7 +55,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
-         num_workers, num_gpus, ray_address, task_search_path, save_final_model, random_seed, device, merge_cuda,
+         num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, cpus_per_worker, task_search_path, save_final_model, random_seed, device, merge_cuda,
          batch_size, allow_crimes, lora_merge_cache, lora_merge_dtype, allow_benchmarks, verbose, quiet, **_ignored):
     """Search merge recipes with an evolutionary optimiser; export the best one."""
     setup_logging(verbose, quiet)
@@ -78,7 +84,7 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             return
         if not storage_path:
             raise ConfigError("--storage-path is required (except with --dry-run)")
-        from .search import EvolveOptions, Search
+        from .search import EvolveOptions, SearchRun
 
         dev = "cpu" if merge_cuda is False else device
         options = EvolveOptions(
@@ -87,16 +93,18 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             merge_seed=random_seed, device=dev, batch_size=batch_size, allow_crimes=allow_crimes,
             allow_benchmark_tasks=allow_benchmarks, quiet=quiet,
             lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype,
+            candidate_timeout=candidate_timeout, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         )
-        search = Search(config, text, options)
+        search = SearchRun(config, text, options)
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's stop: export, then exit
         try:
             search.run()
         finally:
+            signal.signal(signal.SIGTERM, previous)
             # whatever stopped the search, the work done so far is exported
             if not quiet:
-                click.echo(f"search stopped: {search.stop_reason or 'error'}; {search.finished_count()} evaluations in {storage_path}")
-                if search.overhead_report():
-                    click.echo(search.overhead_report())
+                click.echo(f"search stopped: {search.record.stop_reason}; {search.finished} evaluations in {storage_path}"
+                           + (f" ({faults})" if (faults := faults_text(search.record.retried, search.record.replaced, search.record.timed_out)) else ""))
             out = search.export()
             best = search.store.best()
             if best is not None:
@@ -105,6 +113,10 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
                 click.echo(f"final model: {out}")
 
     run_cli(verbose, action)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ class OptimizerDefinition(_Schema):
     popsize: Optional[int] = Field(default=None, ge=2)
     sigma0: float = Field(default=1 / 6, gt=0)
     seed: int = 0
+    # evomerge, cma only: true = classic CMA-ES, workers wait for each generation's last result
+    generation_barrier: bool = False
 
 
 class BudgetDefinition(_Schema):

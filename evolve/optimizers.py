@@ -1,125 +1,289 @@
-"""One ask/tell interface over pycma's CMA-ES and Optuna's samplers, always maximising fitness.
+"""Optimisers behind one small ask/tell interface, always maximising fitness, and a registry.
 
-pycma works a generation at a time (ask a population, tell all of it); Optuna samplers ask one
-candidate at a time, so workers never wait for a generation to finish. Both are seeded and both
-checkpoint: pycma by pickling the strategy (with the population in flight), Optuna through its
-SQLite study.
+Lifecycle of an optimiser during a search:
+
+1. `make_optimizer(name, space, x0, seed, **options)` builds it. `x0` (the genome's starting point)
+   is always the first proposal: the baseline every later candidate must beat.
+2. The search loop calls `ask()` whenever a worker is free and `tell(proposal, fitness)` as soon as
+   a candidate's result is in, in whatever order results arrive. `fitness` is None for a failed
+   candidate (worse than any finite value). `ask()` may return None: "nothing to propose until more
+   results are told" (only the classic CMA-ES generation barrier does that).
+3. `state_dict()` returns everything needed to continue exactly, every random state included, as
+   plain picklable data; `load_state_dict()` on a freshly built optimiser (same name, space, x0,
+   seed and options) restores it. After a restore, the same sequence of tells yields the same
+   proposals as the optimiser that was never stopped.
+
+`generational` says whether the optimiser works in populations (pycma) or one candidate at a time
+(Optuna samplers); it only changes what reports say, never how the loop drives it.
+
+Adding an optimiser = one `Optimizer` subclass + one line in `OPTIMIZERS`. Optimisers never touch
+storage, Ray or the terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional, Sequence
-
-import numpy as np
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 
-@dataclass
-class Candidate:
-    genotype: list[float]
+@dataclass(frozen=True)
+class SearchSpace:
+    """The box the optimiser searches: one named, bounded dimension per gene."""
+
+    names: tuple[str, ...]
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One point to evaluate. `generation` and `index` are the optimiser's own bookkeeping (for
+    pycma: the distribution update it was sampled after and its position among that update's
+    samples; -1 marks the starting point)."""
+
+    genotype: tuple[float, ...]
     generation: int
-    index: int  # position inside its generation (CMA) or the study's trial number (Optuna)
-    optuna_trial: Optional[object] = field(default=None, repr=False)
+    index: int
 
 
-class CMAOptimizer:
-    """pycma CMA-ES with box bounds. `ask()` returns a whole generation; the pending generation
-    is part of the checkpoint, so a resumed run re-evaluates only its unfinished members."""
+class Optimizer(ABC):
+    generational: bool = False
+
+    @abstractmethod
+    def ask(self) -> Optional[Proposal]:
+        """The next point to evaluate, or None if the optimiser must first be told more results."""
+
+    @abstractmethod
+    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
+        """The result of a proposal (None: the candidate failed). Any order, each proposal once."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly (random states included), picklable."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output into an optimiser built with the same arguments."""
+
+
+def _finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@contextlib.contextmanager
+def _numpy_global_rng(holder: dict):
+    """For any draw pycma still makes from numpy's global generator: swap in the optimiser's own
+    state for the duration of a call and take it back out afterwards, so that state is part of the
+    checkpoint and nothing else in the process can shift the optimiser's random stream."""
+    import numpy as np
+
+    outside = np.random.get_state()
+    if holder.get("state") is not None:
+        np.random.set_state(holder["state"])
+    try:
+        yield
+    finally:
+        holder["state"] = np.random.get_state()
+        np.random.set_state(outside)
+
+
+class CMAESOptimizer(Optimizer):
+    """pycma CMA-ES with box bounds, driven one candidate at a time without a generation barrier.
+
+    Scheme: the distribution is updated as soon as `popsize` results have been told since the last
+    update, whichever candidates they belong to. While the current generation's members are still
+    running, a free worker gets an extra sample drawn from the same (current) distribution.
+    Why this is sound: every sample is an independent draw from the distribution it was drawn
+    from, so `popsize` results of the current distribution are a valid population regardless of
+    which ones finished first (merge and evaluation time do not depend on the merge weights).
+    Results of an older distribution that arrive after its update are not thrown away: they join
+    the next update the way pycma treats injected solutions (their step lengths are clipped by
+    `check_points`), so every evaluation informs the search. With one worker no extra sample is
+    ever drawn and the run is exactly classic CMA-ES. `generation_barrier=True` restores the
+    classic behaviour with several workers too (`ask()` returns None until the generation is told).
+    """
 
     generational = True
 
-    def __init__(self, x0: Sequence[float], lower, upper, sigma0: float, popsize: Optional[int], seed: int, max_fevals: int):
+    def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, popsize: Optional[int] = None,
+                 sigma0: float = 1 / 6, max_fevals: Optional[int] = None, generation_barrier: bool = False):
         import cma
+        import numpy as np
 
+        # pycma draws from numpy's global generator unless given its own: a private generator,
+        # pickled with the strategy, makes the random stream part of the checkpoint
+        self._random = np.random.RandomState(seed + 1)  # seed + 1: pycma's seed 0 means "from the clock"
         opts = {
-            "bounds": [list(lower), list(upper)],
-            "seed": seed + 1,  # pycma treats 0 as "seed from time"
+            "bounds": [list(space.lower), list(space.upper)],
+            "randn": self._random.randn,
             "verbose": -9,
-            "maxfevals": max_fevals,
             "tolfun": 0,
             "tolflatfitness": 10**9,
             "tolfunhist": 0,
             "tolstagnation": 10**9,
+            # sigma0 is relative to each dimension's width (dimensions of very different ranges)
+            "CMA_stds": list(np.array(space.upper, dtype=float) - np.array(space.lower, dtype=float)),
         }
+        if max_fevals:
+            opts["maxfevals"] = max_fevals
         if popsize:
             opts["popsize"] = popsize
-        # Dimensions of very different ranges: sigma is relative to each dimension's width.
-        widths = np.array(upper, dtype=float) - np.array(lower, dtype=float)
-        opts["CMA_stds"] = list(widths)
-        self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
-        self.generation = 0
-        self.pending: Optional[list[list[float]]] = None
+        self._rng: dict = {}
+        with _numpy_global_rng(self._rng):
+            self.es = cma.CMAEvolutionStrategy(list(map(float, x0)), sigma0, opts)
+        self.x0 = tuple(map(float, x0))
+        self.barrier = generation_barrier
+        self.x0_asked = False
+        self.updates = 0  # distribution updates so far (= the generation of new samples)
+        self.batch: list[tuple[float, ...]] = []  # samples of the current distribution not yet handed out
+        self.handed = 0  # samples of the current distribution handed out
+        self.results: list[tuple[tuple[float, ...], float, bool]] = []  # (x, loss, stale) awaiting an update
+        self.sampled_since_update = False  # pycma allows one tell per ask
 
     @property
     def popsize(self) -> int:
         return int(self.es.popsize)
 
-    def ask(self) -> list[Candidate]:
-        if self.pending is None:
-            self.pending = [list(map(float, x)) for x in self.es.ask()]
-        return [Candidate(x, self.generation, i) for i, x in enumerate(self.pending)]
+    def ask(self) -> Optional[Proposal]:
+        if not self.x0_asked:
+            self.x0_asked = True
+            return Proposal(self.x0, -1, 0)
+        if len(self.results) >= self.popsize and self.sampled_since_update:
+            self._update()  # deferred: more workers than popsize told a population between two asks
+        if not self.batch:
+            if self.handed >= self.popsize and self.barrier:
+                return None
+            with _numpy_global_rng(self._rng):
+                # a fresh generation, or one extra sample of the current distribution
+                number = self.popsize if self.handed == 0 else 1
+                self.batch = [tuple(map(float, x)) for x in self.es.ask(number)]
+            self.sampled_since_update = True
+        x = self.batch.pop(0)
+        self.handed += 1
+        return Proposal(x, self.updates, self.handed - 1)
 
-    def tell(self, candidates: Sequence[Candidate], fitnesses: Sequence[float]) -> None:
-        xs = [np.array(c.genotype) for c in candidates]
-        # pycma minimises; failed candidates (None) count as worse than every finite one
-        finite = [f for f in fitnesses if f is not None and math.isfinite(f)]
-        worst = (min(finite) - 1.0 - abs(min(finite))) if finite else -1.0
-        losses = [-(f if f is not None and math.isfinite(f) else worst) for f in fitnesses]
-        self.es.tell(xs, losses)
-        self.generation += 1
-        self.pending = None
+    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
+        if proposal.generation < 0:
+            return  # the starting point is not a sample of any distribution
+        loss = -fitness if _finite(fitness) else math.inf  # pycma minimises; failures rank last
+        self.results.append((proposal.genotype, loss, proposal.generation < self.updates))
+        if len(self.results) >= self.popsize and self.sampled_since_update:
+            self._update()
 
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump({"es": self.es, "generation": self.generation, "pending": self.pending}, f)
-        tmp.replace(path)
+    def _update(self) -> None:
+        import numpy as np
 
-    def load(self, path: Path) -> None:
-        # The checkpoint is our own file in the experiment directory, written by save().
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-        self.es, self.generation, self.pending = state["es"], state["generation"], state["pending"]
+        xs = [np.array(x) for x, _, _ in self.results]
+        finite = [loss for _, loss, _ in self.results if math.isfinite(loss)]
+        worst = (max(finite) + 1.0 + abs(max(finite))) if finite else 1.0
+        losses = [loss if math.isfinite(loss) else worst for _, loss, _ in self.results]
+        stale = [i for i, (_, _, old) in enumerate(self.results) if old]
+        with _numpy_global_rng(self._rng):
+            self.es.tell(xs, losses, check_points=stale or None)
+        self.updates += 1
+        self.sampled_since_update = False
+        self.results = []
+        self.batch = []  # unhanded samples of the old distribution are dropped, never evaluated
+        self.handed = 0
+
+    def state_dict(self) -> dict:
+        return {"pickle": pickle.dumps({k: v for k, v in self.__dict__.items()})}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(pickle.loads(state["pickle"]))
 
 
-class OptunaOptimizer:
-    """Optuna samplers (CMA-ES, TPE, random) on the experiment's study: one candidate per ask."""
+class OptunaSamplerOptimizer(Optimizer):
+    """An Optuna sampler (TPE, CMA-ES, random) over a private in-memory study: one candidate per
+    ask. The experiment's SQLite study is written by the store, not here, so the optimiser's
+    state (its study and the sampler's random state) is exactly what its checkpoint holds."""
 
-    generational = False
-
-    def __init__(self, study, names: Sequence[str], lower, upper):
+    def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, sampler: str = "tpe",
+                 popsize: Optional[int] = None):
         import optuna
 
-        self.study = study
-        self.names = list(names)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.space = space
         self.distributions = {
-            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(self.names, lower, upper)
+            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
         }
-        self.generation = 0
+        start = dict(zip(space.names, map(float, x0)))
+        self.study = optuna.create_study(direction="maximize", sampler=SAMPLERS[sampler](seed, start, popsize))
+        self.study.enqueue_trial(start)
 
-    @staticmethod
-    def make_sampler(kind: str, seed: int, x0: dict, popsize: Optional[int]):
+    def ask(self) -> Proposal:
+        trial = self.study.ask(self.distributions)
+        x = tuple(float(trial.params[n]) for n in self.space.names)
+        return Proposal(x, -1 if trial.number == 0 else 0, trial.number)
+
+    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
         import optuna
 
-        if kind == "optuna-cmaes":
-            return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
-        if kind == "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        return optuna.samplers.RandomSampler(seed=seed)
+        if _finite(fitness):
+            self.study.tell(proposal.index, fitness)
+        else:
+            self.study.tell(proposal.index, state=optuna.trial.TrialState.FAIL)
 
-    def ask(self) -> list[Candidate]:
-        trial = self.study.ask(self.distributions)
-        x = [float(trial.params[n]) for n in self.names]
-        return [Candidate(x, self.generation, trial.number, optuna_trial=trial)]
+    def state_dict(self) -> dict:
+        return {"pickle": pickle.dumps(self.study)}
 
-    def tell(self, candidates, fitnesses) -> None:  # recorded through the study by the store
-        pass
+    def load_state_dict(self, state: dict) -> None:
+        self.study = pickle.loads(state["pickle"])
 
-    def save(self, path: Path) -> None:  # the study is the checkpoint
-        pass
 
-    def load(self, path: Path) -> None:
-        pass
+def _tpe(seed: int, x0: dict, popsize: Optional[int]):
+    import optuna
+
+    # constant_liar: candidates still running count as bad, so parallel workers spread out
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
+def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int]):
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
+
+
+def _random(seed: int, x0: dict, popsize: Optional[int]):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+SAMPLERS: dict[str, Callable] = {"tpe": _tpe, "optuna-cmaes": _optuna_cmaes, "random": _random}
+
+
+def _cma(space, x0, seed, popsize=None, sigma0=1 / 6, max_fevals=None, generation_barrier=False, **_):
+    return CMAESOptimizer(space, x0, seed, popsize, sigma0, max_fevals, generation_barrier)
+
+
+def _sampler(kind: str) -> Callable:
+    def factory(space, x0, seed, popsize=None, **_):
+        return OptunaSamplerOptimizer(space, x0, seed, kind, popsize)
+
+    return factory
+
+
+# name -> factory(space, x0, seed, **options). Options an optimiser does not use are ignored.
+OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
+    "cma": _cma,
+    "tpe": _sampler("tpe"),
+    "optuna-cmaes": _sampler("optuna-cmaes"),
+    "random": _sampler("random"),
+}
+
+
+def make_optimizer(name: str, space: SearchSpace, x0: Sequence[float], seed: int, **options) -> Optimizer:
+    try:
+        factory = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})") from None
+    return factory(space, x0, seed, **options)

@@ -1,12 +1,18 @@
 """The experiment directory (`--storage-path`): the single source of truth of a search.
 
-    study.db            Optuna study (SQLite): one trial per candidate, with its genotype, recipe
-                        hash, per-task metrics, timings and status; `optuna-dashboard` reads it
-    optimizer.pkl       the optimiser's checkpoint (pycma), rewritten after every generation
+    study.db            Optuna study (SQLite): one trial per candidate, trial number = candidate
+                        number; params = genotype; user attributes = the journal (see evolve.loop)
+                        plus per-task metrics, recipe hash, timings, attempts and errors.
+                        `optuna-dashboard sqlite:///DIR/study.db` reads it.
+    checkpoint.pkl      the optimiser's state and the loop's position (see evolve.loop.snapshot)
     manifest.json       package versions, seeds, the search config's hash and text
     best_config.yaml    the best recipe so far, with the user's own model references
     fitness.png         fitness over evaluations (written at the end)
     final_model/        the best recipe merged by the streaming engine (at the end)
+
+This module owns every Optuna object of the experiment and the one writer thread. Writes are
+queued and applied in order by that thread, at low priority (on a small machine the workers get
+the CPU first), so a checkpoint is never on disk before the journal entries it counts.
 """
 
 from __future__ import annotations
@@ -15,18 +21,26 @@ import hashlib
 import json
 import logging
 import math
+import os
+import pickle
 import platform
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Sequence
 
 from merge_engine.config import MergeConfig
 from merge_engine.errors import ConfigError
 
+from .loop import Candidate, JournalEntry, LoopState, Outcome, snapshot
+from .optimizers import Optimizer, Proposal, SearchSpace
+
 log = logging.getLogger(__name__)
 
 STUDY_NAME = "evomerge"
+STORE_FORMAT = 2  # 2: trial number = candidate number, with the ask/tell journal in user attributes
+CHECKPOINT_EVERY_S = 5.0  # the journal replays whatever happened since the last checkpoint
 
 
 def text_hash(text: str) -> str:
@@ -35,22 +49,6 @@ def text_hash(text: str) -> str:
 
 def recipe_hash(config: MergeConfig) -> str:
     return text_hash(config.to_yaml())
-
-
-@dataclass
-class TrialRecord:
-    number: int
-    genotype: list[float]
-    fitness: Optional[float]
-    metrics: dict
-    status: str  # "complete" | "failed"
-    generation: int
-    index: int
-    recipe_hash: str
-    error: Optional[str] = None
-    merge_s: float = 0.0
-    eval_s: float = 0.0
-    total_s: float = 0.0
 
 
 def _versions() -> dict:
@@ -65,20 +63,41 @@ def _versions() -> dict:
     return out
 
 
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _lower_thread_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # other platforms: normal priority
+        pass
+
+
 class ExperimentStore:
-    def __init__(self, root: Path, dimension_names: Sequence[str], lower, upper):
+    def __init__(self, root: Path, space: SearchSpace):
         import optuna
 
         self.root = Path(root)
-        self.names = list(dimension_names)
+        self.space = space
         self.distributions = {
-            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(self.names, lower, upper)
+            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
         }
         self.study = None
+        self._writer: Optional[ThreadPoolExecutor] = None
+        self._pending: list[Future] = []
+        self._last_checkpoint = 0.0
+        self._known_trials = 0  # trials in the study, counting queued creations
 
     # -- opening ----------------------------------------------------------------------------------
 
-    def open(self, config_text: str, seeds: dict, resume: bool, sampler=None) -> None:
+    def open(self, config_text: str, seeds: dict, resume: bool) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -93,6 +112,11 @@ class ExperimentStore:
                     f"--resume: the search config differs from the one {self.root} was started with "
                     f"(see {manifest_path}); resume with the same file or use a new --storage-path"
                 )
+            if manifest.get("store_format") != STORE_FORMAT:
+                raise ConfigError(
+                    f"--resume: {self.root} was written by an older evomerge (store format "
+                    f"{manifest.get('store_format', 1)}, this version writes {STORE_FORMAT}); start a new --storage-path"
+                )
         elif manifest_path.exists() or (self.root / "study.db").exists():
             raise ConfigError(
                 f"--storage-path {self.root} already holds an experiment: pass --resume to continue it, "
@@ -102,64 +126,139 @@ class ExperimentStore:
         if not resume:
             manifest = {
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "store_format": STORE_FORMAT,
                 "config_hash": config_hash,
                 "config": config_text,
                 "seeds": seeds,
                 "versions": _versions(),
             }
-            tmp = manifest_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(manifest, indent=2))
-            tmp.replace(manifest_path)
+            _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
         storage = f"sqlite:///{(self.root / 'study.db').resolve()}"
-        self.study = optuna.create_study(
-            study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True, sampler=sampler
-        )
-        self._next_number = len(self.study.get_trials(deepcopy=False))
-        self._reserved = self._next_number  # numbers handed out before their trial is written
+        self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
+        self._known_trials = len(self.study.get_trials(deepcopy=False))
 
-    # -- trials -----------------------------------------------------------------------------------
+    # -- reading the journal ----------------------------------------------------------------------
 
-    def _params(self, genotype: Sequence[float]) -> dict:
-        return {n: float(v) for n, v in zip(self.names, genotype)}
-
-    def reserve_number(self) -> int:
-        """The trial number the next `record` without an Optuna trial will get."""
-        self._reserved = max(self._reserved, self._next_number) + 1
-        return self._reserved - 1
-
-    def record(self, record: TrialRecord, optuna_trial=None) -> int:
-        """Store a finished candidate; returns its trial number."""
+    def journal(self) -> list[JournalEntry]:
+        """Every candidate of the experiment, by number (see evolve.loop)."""
         import optuna
 
-        attrs = {
-            "generation": record.generation,
-            "index": record.index,
-            "recipe_hash": record.recipe_hash,
-            "metrics": record.metrics,
-            "merge_s": record.merge_s,
-            "eval_s": record.eval_s,
-            "total_s": record.total_s,
-        }
-        if record.error:
-            attrs["error"] = record.error[:2000]
-        ok = record.status == "complete" and record.fitness is not None and math.isfinite(record.fitness)
-        state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
-        if optuna_trial is not None:
-            for k, v in attrs.items():
-                optuna_trial.set_user_attr(k, v)
-            self.study.tell(optuna_trial, record.fitness if ok else None, state=state)
-            self._next_number = max(self._next_number, optuna_trial.number + 1)
-            return optuna_trial.number
+        entries = []
+        for t in sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number):
+            a = t.user_attrs
+            proposal = Proposal(tuple(self.genotype_of(t)), a["generation"], a["index"])
+            candidate = Candidate(t.number, proposal, a["told_before"])
+            if t.state == optuna.trial.TrialState.RUNNING:
+                entries.append(JournalEntry(candidate))
+                continue
+            outcome = Outcome(
+                status=a.get("status", "failed"), fitness=t.value, metrics=a.get("metrics", {}), error=a.get("error"),
+                timings=a.get("timings", {}), attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"),
+            )
+            entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
+        return entries
+
+    def load_checkpoint(self) -> Optional[dict]:
+        path = self.checkpoint_path
+        if not path.exists():
+            return None
+        # our own file, written by checkpoint() into the experiment directory
+        with open(path, "rb") as f:
+            return pickle.load(f)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.root / "checkpoint.pkl"
+
+    # -- writing (the loop's Recorder) ------------------------------------------------------------
+
+    def asked(self, candidate: Candidate) -> None:
+        self._submit(self._write_asked, candidate)
+        self._known_trials = max(self._known_trials, candidate.number + 1)
+
+    def told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None:
+        self._submit(self._write_told, candidate, outcome, tell_order)
+
+    def checkpoint(self, optimizer: Optimizer, state: LoopState, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_checkpoint < CHECKPOINT_EVERY_S:
+            return
+        self._last_checkpoint = now
+        data = pickle.dumps(snapshot(optimizer, state))  # taken now: consistent with the journal so far
+        self._submit(_atomic_write, self.checkpoint_path, data)
+
+    def write_best_config(self, config: MergeConfig, fitness: float, metrics: dict, number: int) -> None:
+        header = f"# best recipe so far: trial {number}, fitness {fitness:.6g}, metrics {json.dumps(metrics)}\n"
+        self._submit(_atomic_write, self.root / "best_config.yaml", (header + config.to_yaml()).encode())
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk (and raise a write's error)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
+
+    def _submit(self, fn, *args) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="study-writer", initializer=_lower_thread_priority)
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        self._pending.append(self._writer.submit(fn, *args))
+
+    def _trial_id(self, number: int) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+
+    def _write_asked(self, candidate: Candidate) -> None:
+        import optuna
+
+        existing = len(self.study.get_trials(deepcopy=False))
+        if existing > candidate.number:
+            return  # already in the study (asked before a resume)
+        if existing != candidate.number:
+            raise RuntimeError(f"study has {existing} trials, cannot add candidate {candidate.number}")
         trial = optuna.trial.create_trial(
-            params=self._params(record.genotype),
+            state=optuna.trial.TrialState.RUNNING,
+            params={n: float(v) for n, v in zip(self.space.names, candidate.genotype)},
             distributions=self.distributions,
-            value=record.fitness if ok else None,
-            state=state,
-            user_attrs=attrs,
+            user_attrs={
+                "generation": candidate.proposal.generation,
+                "index": candidate.proposal.index,
+                "told_before": candidate.told_before,
+            },
         )
         self.study.add_trial(trial)
-        self._next_number += 1
-        return self._next_number - 1
+
+    def _write_told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None:
+        import optuna
+
+        storage = self.study._storage
+        trial_id = self._trial_id(candidate.number)
+        attrs = {
+            "status": outcome.status,
+            "tell_order": tell_order,
+            "metrics": outcome.metrics,
+            "timings": outcome.timings,
+            "attempts": outcome.attempts,
+        }
+        if outcome.recipe_hash:
+            attrs["recipe_hash"] = outcome.recipe_hash
+        if outcome.error:
+            attrs["error"] = outcome.error[:2000]
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        ok = outcome.status == "complete" and outcome.fitness is not None and math.isfinite(outcome.fitness)
+        if ok:
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.COMPLETE, [outcome.fitness])
+        else:
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+
+    # -- reading results --------------------------------------------------------------------------
 
     def finished(self) -> list:
         import optuna
@@ -167,66 +266,9 @@ class ExperimentStore:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         return [t for t in self.study.get_trials(deepcopy=False) if t.state in states]
 
-    def abandon_running(self) -> list[dict]:
-        """Trials left RUNNING by a killed run: marked failed, their parameters returned so the
-        optimiser can evaluate them again."""
-        import optuna
-
-        params = []
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            self.study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-            self.study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted; re-queued on resume")
-            params.append(dict(t.params))
-        return params
-
     def best(self):
         complete = [t for t in self.finished() if t.value is not None]
-        return max(complete, key=lambda t: t.value) if complete else None
+        return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
     def genotype_of(self, trial) -> list[float]:
-        return [float(trial.params[n]) for n in self.names]
-
-    # -- files ------------------------------------------------------------------------------------
-
-    def write_best_config(self, config: MergeConfig, fitness: float, metrics: dict, number: int) -> None:
-        header = f"# best recipe so far: trial {number}, fitness {fitness:.6g}, metrics {json.dumps(metrics)}\n"
-        path = self.root / "best_config.yaml"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(header + config.to_yaml())
-        tmp.replace(path)
-
-    @property
-    def optimizer_checkpoint(self) -> Path:
-        return self.root / "optimizer.pkl"
-
-    def plot(self) -> Optional[Path]:
-        """fitness.png: every evaluation's fitness and the best so far."""
-        trials = sorted(self.finished(), key=lambda t: t.number)
-        if not trials:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        xs = [t.number for t in trials if t.value is not None]
-        ys = [t.value for t in trials if t.value is not None]
-        best, running = [], -math.inf
-        for y in ys:
-            running = max(running, y)
-            best.append(running)
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.scatter(xs, ys, s=12, alpha=0.6, label="candidate")
-        ax.step(xs, best, where="post", color="C3", label="best so far")
-        failed = [t.number for t in trials if t.value is None]
-        if failed:
-            ax.scatter(failed, [min(ys) if ys else 0] * len(failed), marker="x", color="k", label="failed")
-        ax.set_xlabel("evaluation")
-        ax.set_ylabel("fitness")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.root / "fitness.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return path
+        return [float(trial.params[n]) for n in self.space.names]

@@ -1,1 +1,1 @@
-"""Placeholder package: filled in by a later issue (see DESIGN.md)."""
+"""Genomes: a vector of bounded numbers <-> a merge recipe (search_spaces.genome)."""

@@ -1,0 +1,169 @@
+"""The search loop: ask -> evaluate -> tell, with a journal that makes resume exact.
+
+Pure: no Ray, no Optuna, no files, no printing. It takes
+- an `Optimizer` (evolve.optimizers),
+- a `Runner` that evaluates candidates (the Ray pool in a search, a fake in unit tests),
+- a `Recorder` that keeps the journal (the experiment store in a search, a list in unit tests).
+
+Candidates are numbered in the order they are asked. The journal holds, per candidate, its
+proposal, how many results had been told to the optimiser when it was asked (`told_before`) and,
+once finished, its outcome and its place in the order of tells (`tell_order`). That is the exact
+interleaving of asks and tells the optimiser saw, so `resume()` can rebuild the optimiser by
+replaying it (from the latest checkpoint on), whatever the timing of the workers was. The recorder
+writes journal entries and checkpoints in the order it receives them, so a checkpoint never runs
+ahead of the journal; a lost tail of the journal is work that is simply done again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Protocol, Sequence
+
+from .optimizers import Optimizer, Proposal
+
+
+@dataclass(frozen=True)
+class Candidate:
+    number: int
+    proposal: Proposal
+    told_before: int  # results told to the optimiser when this candidate was asked
+
+    @property
+    def genotype(self) -> tuple[float, ...]:
+        return self.proposal.genotype
+
+
+@dataclass
+class Outcome:
+    status: str  # "complete" | "failed"
+    fitness: Optional[float]
+    metrics: dict = field(default_factory=dict)
+    error: Optional[str] = None
+    timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
+    attempts: int = 1  # evaluations started for this candidate (> 1: retried after a worker died)
+    recipe_hash: Optional[str] = None
+
+
+@dataclass
+class JournalEntry:
+    """One candidate as the journal holds it."""
+
+    candidate: Candidate
+    outcome: Optional[Outcome] = None  # None: asked, never finished
+    tell_order: Optional[int] = None
+
+
+@dataclass
+class LoopState:
+    asked: int = 0  # candidates asked so far (= the next candidate's number)
+    told: int = 0  # results told so far
+    pending: dict[int, Candidate] = field(default_factory=dict)  # asked, not yet told
+
+
+class Runner(Protocol):
+    capacity: int  # candidates it can evaluate at once
+
+    def submit(self, candidate: Candidate) -> None: ...
+
+    def wait(self) -> list[tuple[Candidate, Outcome]]:
+        """Block until at least one submitted candidate has finished; return those finished."""
+
+
+class Recorder(Protocol):
+    def asked(self, candidate: Candidate) -> None: ...
+
+    def told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None: ...
+
+    def checkpoint(self, optimizer: Optimizer, state: LoopState) -> None:
+        """Offered after every round of results; the recorder decides whether to snapshot
+        (`optimizer.state_dict()` and a copy of `state`, taken now) and keeps it behind the
+        journal entries it already holds."""
+
+
+class JournalMismatch(Exception):
+    """The optimiser does not re-propose what the journal recorded (a changed config or version)."""
+
+
+def resume(optimizer: Optimizer, journal: Sequence[JournalEntry], checkpoint: Optional[dict] = None) -> LoopState:
+    """Bring a freshly built optimiser to the state it had at the end of the journal.
+
+    `checkpoint` is a snapshot made by `snapshot()`;
+    the journal entries after it are replayed: asks re-asked (and checked against the journal),
+    tells re-told with the recorded outcomes."""
+    state = LoopState()
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = LoopState(checkpoint["asked"], checkpoint["told"], dict(checkpoint["pending"]))
+    entries = {e.candidate.number: e for e in journal}
+    tells = sorted((e for e in journal if e.tell_order is not None and e.tell_order >= state.told),
+                   key=lambda e: e.tell_order)
+    while True:
+        entry = entries.get(state.asked)
+        if entry is not None and entry.candidate.told_before <= state.told:
+            proposal = optimizer.ask()
+            if proposal is None or proposal.genotype != entry.candidate.genotype:
+                raise JournalMismatch(
+                    f"candidate {state.asked}: the optimizer proposes {proposal and proposal.genotype} where the "
+                    f"journal holds {entry.candidate.genotype}"
+                )
+            state.pending[state.asked] = Candidate(state.asked, proposal, state.told)
+            state.asked += 1
+        elif tells and tells[0].tell_order == state.told and tells[0].candidate.number in state.pending:
+            entry = tells.pop(0)
+            optimizer.tell(state.pending.pop(entry.candidate.number).proposal, entry.outcome.fitness)
+            state.told += 1
+        else:
+            return state
+
+
+def run_loop(
+    optimizer: Optimizer,
+    runner: Runner,
+    recorder: Recorder,
+    budget: int,
+    state: Optional[LoopState] = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_outcome: Callable[[Candidate, Outcome], None] = lambda c, o: None,
+) -> LoopState:
+    """Evaluate candidates until `budget` candidates have been asked and told, or `should_stop()`.
+
+    A stop asks no new candidate but lets those running finish and records them. Candidates still
+    pending in `state` (asked before a stop) are evaluated first. A worker is never left waiting
+    for a generation: the optimiser is asked whenever the runner has room."""
+    state = state or LoopState()
+    running = set()
+    for candidate in state.pending.values():
+        runner.submit(candidate)
+        running.add(candidate.number)
+    while True:
+        stopping = should_stop()
+        while not stopping and state.asked < budget and len(running) < runner.capacity:
+            proposal = optimizer.ask()
+            if proposal is None:
+                break  # a generation barrier: wait for results
+            candidate = Candidate(state.asked, proposal, state.told)
+            state.asked += 1
+            state.pending[candidate.number] = candidate
+            recorder.asked(candidate)
+            runner.submit(candidate)
+            running.add(candidate.number)
+        if not running:
+            return state
+        for candidate, outcome in runner.wait():
+            running.discard(candidate.number)
+            del state.pending[candidate.number]
+            optimizer.tell(candidate.proposal, outcome.fitness)
+            recorder.told(candidate, outcome, state.told)
+            state.told += 1
+            on_outcome(candidate, outcome)
+        recorder.checkpoint(optimizer, state)
+
+
+def snapshot(optimizer: Optimizer, state: LoopState) -> dict:
+    """What a checkpoint holds: the optimiser's state and the loop's position, taken together."""
+    return {"optimizer": optimizer.state_dict(), "asked": state.asked, "told": state.told, "pending": dict(state.pending)}
+
+
+def outcomes_in_order(journal: Iterable[JournalEntry]) -> list[tuple[int, Optional[float]]]:
+    """(number, fitness) of every finished candidate, by number: what two runs are compared on."""
+    return sorted((e.candidate.number, e.outcome.fitness) for e in journal if e.outcome is not None)

@@ -1,0 +1,181 @@
+"""What a search shows and hands back: the status line, the run log, the fitness plot, the model
+card's summary and the export of the best recipe (YAML and full model).
+
+Reads the experiment store; never drives the search.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+RUN_LOG = "runs.jsonl"  # one line per run of the driver (a search resumed 3 times has 4)
+
+
+@dataclass
+class RunRecord:
+    """One run of the driver over an experiment, appended to DIR/runs.jsonl when it ends."""
+
+    started: str
+    ended: str = ""
+    stop_reason: str = ""
+    evaluated: int = 0  # candidates finished in this run
+    retried: int = 0  # attempts started again after a worker died
+    replaced: int = 0  # workers started to replace dead or timed-out ones
+    timed_out: int = 0
+    workers: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def append_run(root: Path, record: RunRecord) -> None:
+    with open(Path(root) / RUN_LOG, "a", encoding="utf-8") as f:
+        f.write(json.dumps(asdict(record)) + "\n")
+
+
+def read_runs(root: Path) -> list[RunRecord]:
+    path = Path(root) / RUN_LOG
+    if not path.exists():
+        return []
+    runs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            runs.append(RunRecord(**json.loads(line)))
+        except (ValueError, TypeError):  # a line cut by a kill: skip it
+            continue
+    return runs
+
+
+class StatusLine:
+    """One line per finished candidate; on a terminal the line is rewritten in place and only new
+    bests and failures stay on screen."""
+
+    def __init__(self, budget: int, quiet: bool = False):
+        self.budget = budget
+        self.quiet = quiet
+        self.started = time.time()
+        self.done_this_run = 0
+        self.line_open = False
+
+    def update(self, number: int, finished: int, fitness: Optional[float], error: Optional[str], best: Optional[float],
+               timings: dict, faults: str) -> None:
+        self.done_this_run += 1
+        if self.quiet:
+            return
+        elapsed = max(time.time() - self.started, 1e-9)
+        rate = 60 * self.done_this_run / elapsed
+        left = self.budget - finished
+        eta = f"{left / rate:.1f} min left" if rate > 0 and left > 0 else "done"
+        status = f"fitness {fitness:.4f}" if fitness is not None and math.isfinite(fitness) else f"FAILED ({error})"
+        best_text = f"{best:.4f}" if best is not None else "none yet"
+        line = (
+            f"[{finished}/{self.budget}] trial {number}: {status} | best {best_text} | {rate:.1f} candidates/min, {eta} | "
+            f"merge {timings.get('merge_s', 0.0):.2f}s eval {timings.get('eval_s', 0.0):.2f}s"
+            + (f" | {faults}" if faults else "")
+        )
+        if not sys.stdout.isatty():
+            print(line, flush=True)
+            return
+        keep = fitness is None or fitness == best
+        print("\r\033[K" + line, end="\n" if keep else "", flush=True)
+        self.line_open = not keep
+
+    def close(self) -> None:
+        if self.line_open:
+            print(flush=True)
+            self.line_open = False
+
+
+def faults_text(retried: int, replaced: int, timed_out: int = 0) -> str:
+    parts = []
+    if retried:
+        parts.append(f"{retried} attempt(s) retried")
+    if replaced:
+        parts.append(f"{replaced} worker(s) replaced")
+    if timed_out:
+        parts.append(f"{timed_out} timed out")
+    return ", ".join(parts)
+
+
+def plot_fitness(store) -> Optional[Path]:
+    """fitness.png: every evaluation's fitness and the best so far."""
+    trials = sorted(store.finished(), key=lambda t: t.number)
+    if not trials:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [t.number for t in trials if t.value is not None]
+    ys = [t.value for t in trials if t.value is not None]
+    best, running = [], -math.inf
+    for y in ys:
+        running = max(running, y)
+        best.append(running)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(xs, ys, s=12, alpha=0.6, label="candidate")
+    ax.step(xs, best, where="post", color="C3", label="best so far")
+    failed = [t.number for t in trials if t.value is None]
+    if failed:
+        ax.scatter(failed, [min(ys) if ys else 0] * len(failed), marker="x", color="k", label="failed")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("fitness")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = store.root / "fitness.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def search_summary(store, optimizer_name: str, genome_size: int) -> str:
+    """The model card's section on how the recipe was found."""
+    trials = store.finished()
+    best = store.best()
+    runs = read_runs(store.root)
+    retried = sum(max(t.user_attrs.get("attempts", 1) - 1, 0) for t in trials)
+    replaced = sum(r.replaced for r in runs)
+    timed_out = sum(1 for t in trials if "timed out" in str(t.user_attrs.get("error", "")))
+    lines = ["## Evolutionary search", ""]
+    lines.append(
+        f"Found by `mergekit-evolve` (evomerge) with {optimizer_name} over a genome of {genome_size} dimensions: "
+        f"{len(trials)} evaluations ({sum(1 for t in trials if t.value is None)} failed) in {max(len(runs), 1)} run(s); "
+        f"{retried} attempt(s) retried after a worker died, {replaced} worker(s) replaced, {timed_out} timed out."
+    )
+    if best is not None:
+        lines.append(f"Best fitness {best.value:.6g} (trial {best.number}); task metrics:")
+        lines.append("")
+        for name, value in best.user_attrs.get("metrics", {}).items():
+            lines.append(f"* {name}: {value:.6g}")
+    return "\n".join(lines)
+
+
+def export_best(store, genome, merge_options, save_final_model: bool, summary: str, quiet: bool = False) -> Optional[Path]:
+    """best_config.yaml (the user's model references) and, unless disabled, DIR/final_model merged
+    by the streaming engine (written atomically: a kill during export leaves no half model)."""
+    plot = plot_fitness(store)
+    if plot and not quiet:
+        print(f"fitness plot: {plot}")
+    best = store.best()
+    if best is None:
+        print("no candidate completed: nothing to export", file=sys.stderr)
+        return None
+    recipe = genome.decode(store.genotype_of(best))
+    store.write_best_config(recipe, best.value, best.user_attrs.get("metrics", {}), best.number)
+    store.flush()
+    if not save_final_model:
+        return None
+    from merge_engine.streaming import run_merge
+
+    out = store.root / "final_model"
+    run_merge(recipe, out, merge_options, config_text=recipe.to_yaml(), card_extra=summary)
+    return out

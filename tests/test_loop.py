@@ -1,0 +1,267 @@
+"""The search loop without Ray: real optimisers (pycma, Optuna samplers), a fake evaluator on a
+virtual clock, and a journal kept in memory that can 'crash' at any event and lose its tail."""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from evolve.loop import Candidate, JournalEntry, LoopState, Outcome, resume, run_loop, snapshot
+from evolve.optimizers import OPTIMIZERS, CMAESOptimizer, SearchSpace, make_optimizer
+
+SPACE = SearchSpace(("a", "b", "c", "d"), (0.0, 0.0, -1.0, 0.0), (1.0, 1.0, 1.0, 2.0))
+X0 = [0.5, 0.5, 0.0, 1.0]
+TARGET = np.array([0.2, 0.7, -0.4, 1.5])
+
+
+def score(x) -> float:
+    return -float(np.sum((np.asarray(x) - TARGET) ** 2))
+
+
+class VirtualRunner:
+    """Evaluates on a virtual clock: candidate n takes a lognormal time drawn from (seed, n), so
+    results come back out of order but the same way every run. Every 9th candidate fails."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = capacity
+        self.seed = seed
+        self.now = 0.0
+        self.running: dict[int, tuple[float, Candidate]] = {}
+        self.evaluations: list[int] = []
+        self.busy_time = 0.0
+        self.idle_slots_seen = 0
+
+    def duration(self, number: int) -> float:
+        return math.exp(random.Random(f"{self.seed}/{number}").gauss(0.0, 1.0))
+
+    def submit(self, candidate: Candidate) -> None:
+        d = self.duration(candidate.number)
+        self.busy_time += d
+        self.running[candidate.number] = (self.now + d, candidate)
+        self.evaluations.append(candidate.number)
+
+    def wait(self):
+        self.idle_slots_seen += self.capacity - len(self.running)
+        end, cand = min(self.running.values(), key=lambda v: (v[0], v[1].number))
+        del self.running[cand.number]
+        self.now = end
+        if cand.number % 9 == 4:
+            return [(cand, Outcome("failed", None, error="boom"))]
+        return [(cand, Outcome("complete", score(cand.genotype), {"score": score(cand.genotype)}))]
+
+
+class Crash(Exception):
+    pass
+
+
+class MemoryJournal:
+    """The Recorder: one ordered list of events, like the store's FIFO writer. `crash_at` raises
+    after that many events; `lose` drops that many events from the tail (writes not yet on disk)."""
+
+    def __init__(self, events=None, crash_at=None, lose=0, checkpoint_every=3):
+        self.events = list(events or [])
+        self.crash_at = crash_at
+        self.lose = lose
+        self.checkpoint_every = checkpoint_every
+        self.offers = 0
+
+    def _add(self, event) -> None:
+        self.events.append(event)
+        if self.crash_at is not None and len(self.events) >= self.crash_at:
+            if self.lose:
+                del self.events[-self.lose:]
+            raise Crash()
+
+    def asked(self, candidate):
+        self._add(("ask", candidate))
+
+    def told(self, candidate, outcome, tell_order):
+        self._add(("tell", candidate, outcome, tell_order))
+
+    def checkpoint(self, optimizer, state):
+        self.offers += 1
+        if self.offers % self.checkpoint_every == 0:
+            self._add(("checkpoint", pickle.dumps(snapshot(optimizer, state))))
+
+    def journal(self) -> list[JournalEntry]:
+        entries: dict[int, JournalEntry] = {}
+        for event in self.events:
+            if event[0] == "ask":
+                entries[event[1].number] = JournalEntry(event[1])
+            elif event[0] == "tell":
+                entries[event[1].number] = JournalEntry(event[1], event[2], event[3])
+        return [entries[n] for n in sorted(entries)]
+
+    def last_checkpoint(self):
+        blobs = [e[1] for e in self.events if e[0] == "checkpoint"]
+        return pickle.loads(blobs[-1]) if blobs else None
+
+
+def build(name: str, **options):
+    return make_optimizer(name, SPACE, X0, seed=3, popsize=6, **options)
+
+
+def run(name, capacity, budget, journal, state=None, runner=None, optimizer=None, **options):
+    runner = runner or VirtualRunner(capacity)
+    optimizer = optimizer or build(name, **options)
+    state = run_loop(optimizer, runner, journal, budget, state)
+    return optimizer, runner, state
+
+
+def history(journal: MemoryJournal):
+    return [(e.candidate.number, e.candidate.genotype, e.outcome.fitness if e.outcome else "pending")
+            for e in journal.journal()]
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_uninterrupted_runs_are_reproducible_and_spend_the_budget(name):
+    a, b = MemoryJournal(), MemoryJournal()
+    run(name, 3, 40, a)
+    run(name, 3, 40, b)
+    assert history(a) == history(b)
+    rows = history(a)
+    assert [r[0] for r in rows] == list(range(40))
+    assert rows[0][1] == tuple(X0)  # the starting point is always the first candidate
+    assert sum(1 for r in rows if r[2] is None) == len([n for n in range(40) if n % 9 == 4])
+    best = max(r[2] for r in rows if r[2] is not None)
+    assert best > score(X0) + 0.3  # the search moved towards the optimum (score(X0) = -0.95)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_crashes_at_random_moments_resume_to_the_uninterrupted_run(name):
+    """One worker: the uninterrupted run is a fixed sequence. Crash three times at random events,
+    losing up to 3 unwritten events each time, resume from checkpoint + journal: same candidates,
+    same fitnesses, and nothing whose result was written is evaluated again."""
+    reference = MemoryJournal()
+    run(name, 1, 30, reference)
+    rng = random.Random(name)
+    events: list = []
+    evaluated: list[int] = []
+    crashes = 0
+    state = None
+    for attempt in range(4):
+        crash_at = len(events) + rng.randint(5, 25) if attempt < 3 else None
+        journal = MemoryJournal(events, crash_at=crash_at, lose=rng.randint(0, 3))
+        optimizer = build(name)
+        state = resume(optimizer, journal.journal(), journal.last_checkpoint()) if events else None
+        done_before = {e.candidate.number for e in journal.journal() if e.outcome is not None}
+        runner = VirtualRunner(1)
+        try:
+            run_loop(optimizer, runner, journal, 30, state)
+        except Crash:
+            crashes += 1
+        assert not done_before & set(runner.evaluations)  # finished work is never redone
+        evaluated += runner.evaluations
+        events = journal.events
+    assert crashes == 3
+    assert history(MemoryJournal(events)) == history(reference)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_replay_restores_the_exact_optimizer_state_with_parallel_workers(name):
+    """Four workers, results out of order: after a crash the rebuilt optimiser proposes exactly
+    what the crashed one would have proposed next."""
+    journal = MemoryJournal(crash_at=37, checkpoint_every=4)
+    optimizer = build(name)
+    with pytest.raises(Crash):
+        run_loop(optimizer, VirtualRunner(4), journal, 60)
+    restored = build(name)
+    resume(restored, journal.journal(), journal.last_checkpoint())
+    original = copy.deepcopy(optimizer)
+    nxt = [original.ask() for _ in range(8)]
+    assert [restored.ask() for _ in range(8)] == nxt
+    # and from the journal alone, without any checkpoint
+    bare = build(name)
+    resume(bare, [e for e in journal.journal()], None)
+    original = copy.deepcopy(optimizer)
+    assert [bare.ask() for _ in range(8)] == [original.ask() for _ in range(8)]
+
+
+def test_cma_with_one_worker_is_classic_pycma():
+    """The independent reference: pycma's own ask/tell loop, a generation at a time."""
+    import cma
+
+    opts = {"bounds": [list(SPACE.lower), list(SPACE.upper)], "seed": 4, "verbose": -9, "popsize": 6,
+            "tolfun": 0, "tolflatfitness": 10**9, "tolfunhist": 0, "tolstagnation": 10**9,
+            "CMA_stds": [1.0, 1.0, 2.0, 2.0]}
+    es = cma.CMAEvolutionStrategy(X0, 1 / 6, opts)
+    expected = []
+    for _ in range(4):
+        xs = es.ask()
+        expected += [tuple(map(float, x)) for x in xs]
+        es.tell(xs, [-score(x) for x in xs])
+    optimizer = CMAESOptimizer(SPACE, X0, seed=3, popsize=6)
+    got = []
+    assert optimizer.ask().genotype == tuple(X0)
+    for _ in range(24):
+        p = optimizer.ask()
+        got.append(p.genotype)
+        optimizer.tell(p, score(p.genotype))
+    assert got == expected
+
+
+def test_cma_keeps_workers_busy_without_a_barrier():
+    """Four workers, popsize 6: with the barrier, slots stand idle at every generation's end;
+    without it, every slot is busy until the budget is asked, and every result feeds an update."""
+    _, free_runner, _ = run("cma", 4, 61, MemoryJournal())
+    barrier_opt, barrier_runner, _ = run("cma", 4, 61, MemoryJournal(), generation_barrier=True)
+    free_opt = build("cma")
+    runner = VirtualRunner(4)
+    run_loop(free_opt, runner, MemoryJournal(), 61)
+    assert free_runner.idle_slots_seen == 1 + 2 + 3  # only while the last three candidates drain
+    assert barrier_runner.idle_slots_seen > 20
+    assert runner.now < 0.8 * barrier_runner.now  # the same 61 candidates finish sooner
+    assert free_opt.updates == 60 // 6  # no evaluation is wasted: 60 samples, 10 updates
+    assert barrier_opt.updates == 10
+
+
+def test_a_barrier_optimizer_returns_none_until_its_generation_is_told():
+    optimizer = build("cma", generation_barrier=True)
+    assert optimizer.ask().generation == -1
+    members = [optimizer.ask() for _ in range(6)]
+    assert all(p is not None for p in members) and optimizer.ask() is None
+    for p in members:
+        optimizer.tell(p, score(p.genotype))
+    assert optimizer.ask().generation == 1
+
+
+def test_stop_lets_running_candidates_finish_and_resume_continues_exactly():
+    reference = MemoryJournal()
+    run("tpe", 1, 20, reference)
+    journal = MemoryJournal()
+    optimizer = build("tpe")
+    calls = {"n": 0}
+
+    def stop_after_8():
+        calls["n"] += 1
+        return calls["n"] > 8
+
+    state = run_loop(optimizer, VirtualRunner(1), journal, 20, should_stop=stop_after_8)
+    assert state.asked == state.told and not state.pending  # nothing left running
+    assert 5 <= state.told < 20
+    resumed = build("tpe")
+    state = resume(resumed, journal.journal(), None)
+    run_loop(resumed, VirtualRunner(1), journal, 20, state)
+    assert history(journal) == history(reference)
+
+
+def test_state_dict_holds_the_random_state():
+    """Restoring into an optimiser built with another seed, after numpy's global state moved:
+    the restored one still continues the original stream."""
+    for name in OPTIMIZERS:
+        a = build(name)
+        for _ in range(9):
+            p = a.ask()
+            a.tell(p, score(p.genotype))
+        state = a.state_dict()
+        b = make_optimizer(name, SPACE, X0, seed=99, popsize=6)
+        b.load_state_dict(pickle.loads(pickle.dumps(state)))
+        np.random.seed(12345)
+        expected = [a.ask() for _ in range(5)]
+        np.random.seed(54321)
+        assert [b.ask() for _ in range(5)] == expected, name
