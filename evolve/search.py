@@ -25,6 +25,7 @@ from merge_engine.errors import ConfigError
 from search_spaces.genome import Genome, read_num_layers
 
 from .config import SearchConfig
+from .model_refs import check_genome_models
 from .loop import Candidate, LoopState, Outcome, resume, run_loop
 from .optimizers import Optimizer, SearchSpace, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, faults_text, search_summary
@@ -78,7 +79,7 @@ class EvolveOptions:
 def build_genome(config: SearchConfig) -> Genome:
     counts = {str(ref): read_num_layers(ref) for ref in config.genome.models}
     if config.genome.base_model is not None:
-        counts[str(config.genome.base_model)] = read_num_layers(config.genome.base_model)
+        counts[str(config.genome.base_model)] = read_num_layers(config.genome.base_model, key="genome.base_model")
     if len(set(counts.values())) > 1:
         raise ConfigError(f"genome.models: models have different layer counts: {counts}")
     return Genome(config.genome, next(iter(counts.values())))
@@ -170,6 +171,18 @@ def fitness(config: SearchConfig, metrics: dict, directions: dict) -> float:
     return total
 
 
+def hub_environment() -> dict:
+    """The driver's Hugging Face cache settings, for workers on other nodes of a joined cluster
+    (a private local cluster inherits them anyway): they resolve hub ids in the same cache."""
+    from huggingface_hub import constants
+
+    env = {"HF_HUB_CACHE": str(constants.HF_HUB_CACHE)}
+    for name in ("HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
 class PoolRunner:
     """The loop's Runner over a WorkerPool: decodes genotypes into recipes, turns worker results
     into Outcomes with their fitness."""
@@ -215,6 +228,8 @@ class SearchRun:
     def __init__(self, config: SearchConfig, config_text: str, options: EvolveOptions):
         self.config = config
         self.options = options
+        # every model resolves (hub ids cached or downloaded once, model+lora merged) before any worker starts
+        check_genome_models(config.genome, options.lora_cache, options.lora_merge_dtype)
         self.genome = build_genome(config)
         check_tasks(config, options)
         self.store = ExperimentStore(options.storage_path, search_space(self.genome))
@@ -233,23 +248,12 @@ class SearchRun:
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None
 
-    def _merge_lora_inputs(self) -> None:
-        """model+lora genome models are merged into the cache once, here, before the workers
-        start (they then only read the cached folders instead of racing to build them)."""
-        from merge_engine.io import resolve_model_dir
-
-        g = self.config.genome
-        for ref in [*g.models, *([g.base_model] if g.base_model is not None else [])]:
-            if ref.lora is not None:
-                resolve_model_dir(ref, self.options.lora_cache, self.options.lora_merge_dtype)
-
     def run(self) -> None:
         from evaluators.worker import CandidateWorker
 
         from .cluster import RayCluster
         from .pool import WorkerPool, WorkerSpec
 
-        self._merge_lora_inputs()
         started = time.monotonic()
         timeout = self.config.budget.timeout
         status = StatusLine(self.config.budget.max_fevals, self.options.quiet)
@@ -264,7 +268,7 @@ class SearchRun:
                 count = self.options.num_workers or (max(int(gpus // per_worker), 1) if use_gpu else 1)
                 # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
                 # console for every candidate: noise, and CPU taken from the evaluation
-                env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+                env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment()}
                 spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0),),
                                   num_cpus=self.options.cpus_per_worker, num_gpus=per_worker, env=env)
                 self.pool = WorkerPool(spec, count, timeout=self.options.candidate_timeout)

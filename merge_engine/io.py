@@ -30,6 +30,7 @@ import torch
 
 from .config import ModelReference
 from .errors import ModelError
+from .hub import looks_like_repo_id  # noqa: F401  (imported from here by other modules)
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,6 @@ def resolve_model_dir(
         raise ModelError(f"model {ref}: directory not found: {path}")
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
     return hub_snapshot(ref.model.path, ref.model.revision, patterns, f"model {ref}")
-
-
-def looks_like_repo_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).expanduser().exists()
 
 
 def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str], what: str) -> Path:

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from merge_engine.architecture import get_config_value, known_architecture
 from merge_engine.config import MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
 from merge_engine.errors import ConfigError
+from merge_engine.hub import looks_like_repo_id
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 
@@ -60,22 +61,66 @@ def model_label(ref: ModelReference) -> str:
     return os.path.basename(os.path.normpath(ref.model.path)) or str(ref)
 
 
-def read_num_layers(ref: ModelReference) -> int:
-    """Layer count from config.json alone (no weights are read)."""
-    path = Path(ref.model.path) / "config.json"
+def read_num_layers(ref: ModelReference, key: str = "genome.models") -> int:
+    """Layer count from config.json alone (no weights are read). For a `model+lora` reference it
+    is the base model's. A hub id (`org/name`, `org/name@revision`) that is not a local folder is
+    read from the Hugging Face hub's config.json (the local cache under HF_HUB_OFFLINE)."""
+    folder = Path(ref.model.path).expanduser()
+    if not folder.is_dir() and looks_like_repo_id(ref.model.path):
+        path = _hub_config_file(ref, key)
+    else:
+        path = folder / "config.json"
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"genome.models: model {ref}: {path} not found") from None
+        raise ConfigError(f"{key}: model {ref}: {path} not found") from None
     except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"genome.models: model {ref}: cannot read {path}: {err}") from None
+        raise ConfigError(f"{key}: model {ref}: cannot read {path}: {_first_line(err)}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{key}: model {ref}: {path} is not a JSON object")
     arch = known_architecture(cfg)
     keys = ((arch.num_layers_key,) if arch and arch.num_layers_key else ()) + _LAYER_KEYS
-    for key in keys:
-        value = get_config_value(cfg, key)
+    for name in keys:
+        value = get_config_value(cfg, name)
         if isinstance(value, int):
             return value
-    raise ConfigError(f"genome.models: model {ref}: config.json has no layer count")
+    raise ConfigError(f"{key}: model {ref}: config.json has no layer count")
+
+
+def _hub_config_file(ref: ModelReference, key: str) -> Path:
+    """config.json of a hub model: from the local Hugging Face cache, or downloaded into it."""
+    repo = ref.model.path
+    where = repo if ref.model.revision is None else f"{repo} (revision {ref.model.revision})"
+    try:
+        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        raise ConfigError(f"{key}: model {ref}: not a local directory, and huggingface_hub is not installed") from None
+    try:
+        return Path(hf_hub_download(repo, "config.json", revision=ref.model.revision))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"{key}: model {ref}: not a local directory, and {where} is not in the local Hugging Face "
+                f"cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set"
+            ) from None
+        raise ConfigError(
+            f"{key}: model {ref}: not a local directory, and the Hugging Face hub cannot be reached for {where}"
+        ) from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{key}: model {ref}: the Hugging Face hub has no revision {ref.model.revision} of {repo}") from None
+    except EntryNotFoundError:
+        raise ConfigError(f"{key}: model {ref}: {where} on the Hugging Face hub has no config.json") from None
+    except Exception as err:  # repository not found, gated, HTTP errors, bad ids: one line
+        raise ConfigError(
+            f"{key}: model {ref}: not a local directory, and config.json could not be fetched from the "
+            f"Hugging Face hub ({type(err).__name__}: {_first_line(err)})"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def _unique_labels(refs: Sequence[ModelReference]) -> dict[ModelReference, str]:

@@ -1,0 +1,94 @@
+"""The genome's models must all be at hand before any Ray worker starts.
+
+A local folder must exist; a Hugging Face hub id (`org/name`, `org/name@revision`) is downloaded
+into the local cache here, once (with HF_HUB_OFFLINE set it must already be cached), so workers
+only ever read the cache; a `model+lora` reference is merged into the LoRA merge cache here, once,
+instead of by every worker racing to build the same folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from merge_engine.config import ModelPath, ModelReference
+from merge_engine.errors import ConfigError, MergeError
+from merge_engine.hub import looks_like_repo_id
+
+
+def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dtype: Optional[str]) -> None:
+    """Resolve every model of `genome_definition` (an evolve.config.GenomeDefinition): its models
+    and base_model, and for a `model+lora` reference its base and its adapter. Raises a one-line
+    ConfigError naming the key (`genome.models[1]`, `genome.base_model`) of the first that does
+    not resolve."""
+    from merge_engine.io import resolve_model_dir  # imports torch: only when a search really starts
+
+    g = genome_definition
+    refs = [(f"genome.models[{i}]", ref) for i, ref in enumerate(g.models)]
+    if g.base_model is not None:
+        refs.append(("genome.base_model", g.base_model))
+    done: set[ModelReference] = set()
+    for key, ref in refs:
+        if ref in done:  # base_model listed under models too
+            continue
+        done.add(ref)
+        what = f"{key}: model {ref}"
+        if ref.lora is None:
+            _resolve(what, ref.model, lambda: resolve_model_dir(ref), f"model {ref}")
+            continue
+        merged = _merged_lora_dir(ref, lora_merge_cache)
+        if merged is not None and merged.is_dir():
+            continue  # merged by an earlier run: resolve_model_dir reads only that folder
+        base = ModelReference(ref.model, None, ref.override_architecture)
+        _resolve(f"{what}: base model {ref.model}", ref.model, lambda: resolve_model_dir(base), f"model {ref.model}")
+        _resolve(f"{what}: LoRA adapter {ref.lora}", ref.lora, lambda: _adapter_dir(ref), f"LoRA adapter {ref.lora}")
+        # the merge of the adapter into its base, built once into the LoRA merge cache
+        _resolve(what, None, lambda: resolve_model_dir(ref, lora_merge_cache, lora_merge_dtype), f"model {ref}")
+
+
+def _merged_lora_dir(ref: ModelReference, lora_merge_cache: Optional[str]) -> Optional[Path]:
+    from merge_engine.lora import cache_entry_name
+
+    return Path(lora_merge_cache).expanduser() / cache_entry_name(ref) if lora_merge_cache else None
+
+
+def _adapter_dir(ref: ModelReference) -> Path:
+    """The adapter's folder: local, or its files from the hub (cached), as materialize_lora finds it."""
+    from merge_engine.lora import _adapter_dir as adapter_dir
+
+    return adapter_dir(ref, lazy_unpickle=False)
+
+
+def _resolve(what: str, part: Optional[ModelPath], resolve: Callable[[], Path], named: str) -> None:
+    """Run `resolve`; turn its error into one ConfigError line that starts with `what` (`named`:
+    how the resolver's own message names the model, so it is not named twice)."""
+    try:
+        resolve()
+    except MergeError as err:
+        if part is not None and _offline() and looks_like_repo_id(part.path):
+            raise ConfigError(f"{what}: {_offline_reason(part, err)}") from None
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = detail[len(named) + 2 :] if detail.startswith(f"{named}: ") else detail
+        raise ConfigError(f"{what}: {detail}") from None
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _offline_reason(part: ModelPath, err: BaseException) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import IncompleteSnapshotError
+
+    where = part.path if part.revision is None else f"{part.path} (revision {part.revision})"
+    # resolve_model_dir raises its own error `from None`: the hub's error is still its context
+    if isinstance(err.__context__, IncompleteSnapshotError):
+        state = "is only partly in the local Hugging Face cache"
+    else:
+        state = "is not in the local Hugging Face cache"
+    return (
+        f"{where} {state} ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it first "
+        f"(`hf download {part.path}" + (f" --revision {part.revision}" if part.revision else "") + "`) or unset HF_HUB_OFFLINE"
+    )
