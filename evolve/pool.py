@@ -206,6 +206,11 @@ class WorkerPool:
                     done.append((job.key, {"status": "failed", "error": f"timed out after {self.timeout:g} s"}, job.attempts))
 
     def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized():  # the cluster is gone already (and a Ray call would start a new one)
+            self._idle, self._starting, self._running = [], {}, {}
+            return
         for actor in [*self._idle, *self._starting.values(), *(a for a, _ in self._running.values())]:
             self._kill(actor)
         self._idle, self._starting, self._running = [], {}, {}

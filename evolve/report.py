@@ -174,8 +174,12 @@ def export_best(store, genome, merge_options, save_final_model: bool, summary: s
     store.flush()
     if not save_final_model:
         return None
+    import shutil
+
     from merge_engine.streaming import run_merge
 
     out = store.root / "final_model"
+    for stale in store.root.glob(f".{out.name}.incomplete-*"):  # left by an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     run_merge(recipe, out, merge_options, config_text=recipe.to_yaml(), card_extra=summary)
     return out

@@ -249,65 +249,71 @@ class SearchRun:
         self.pool = None
 
     def run(self) -> None:
-        from evaluators.worker import CandidateWorker
-
         from .cluster import RayCluster
-        from .pool import WorkerPool, WorkerSpec
 
         started = time.monotonic()
-        timeout = self.config.budget.timeout
         status = StatusLine(self.config.budget.max_fevals, self.options.quiet)
         try:
             with RayCluster(self.options.ray_address, num_cpus=max(os.cpu_count() or 1, self.options.num_workers or 1),
                             quiet=self.options.quiet):
-                import ray
-
-                gpus = ray.cluster_resources().get("GPU", 0)
-                use_gpu = gpus > 0 and self.options.device in ("auto", "cuda")
-                per_worker = (self.options.gpus_per_worker or 1.0) if use_gpu else 0.0
-                count = self.options.num_workers or (max(int(gpus // per_worker), 1) if use_gpu else 1)
-                # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
-                # console for every candidate: noise, and CPU taken from the evaluation
-                env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment()}
-                spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0),),
-                                  num_cpus=self.options.cpus_per_worker, num_gpus=per_worker, env=env)
-                self.pool = WorkerPool(spec, count, timeout=self.options.candidate_timeout)
-                self.record.workers = count
-                self.pool.start()
-                runner = PoolRunner(self.pool, self.genome, self.config, self.pool.info["directions"])
-
-                def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
-                    self.finished += 1
-                    self.record.evaluated += 1
-                    fit = outcome.fitness
-                    if fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
-                        self.best_value = fit
-                        self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
-                    stats = self.pool.stats
-                    status.update(candidate.number, self.finished, fit, outcome.error, self.best_value, outcome.timings,
-                                  faults_text(stats.retried, stats.replaced, stats.timed_out))
-
-                self.state = run_loop(
-                    self.optimizer, runner, self.store, self.config.budget.max_fevals, self.state,
-                    should_stop=lambda: timeout is not None and time.monotonic() - started >= timeout,
-                    on_outcome=on_outcome,
-                )
-                self.store.checkpoint(self.optimizer, self.state, force=True)
-                self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
+                try:
+                    self._run_pool(status, started)
+                finally:
+                    if self.pool is not None:  # inside the cluster: a Ray call after it would start a new one
+                        stats = self.pool.stats
+                        self.record.retried, self.record.replaced, self.record.timed_out = stats.retried, stats.replaced, stats.timed_out
+                        self.pool.shutdown()
         except KeyboardInterrupt:
             self.record.stop_reason = "interrupted: continue with --resume"
         finally:
             status.close()
-            if self.pool is not None:
-                stats = self.pool.stats
-                self.record.retried, self.record.replaced, self.record.timed_out = stats.retried, stats.replaced, stats.timed_out
-                self.pool.shutdown()
             self.record.stop_reason = self.record.stop_reason or "error"
             self.record.ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             try:
                 self.store.close()
             finally:
                 append_run(self.store.root, self.record)
+
+    def _run_pool(self, status: StatusLine, started: float) -> None:
+        import ray
+
+        from evaluators.worker import CandidateWorker
+
+        from .pool import WorkerPool, WorkerSpec
+
+        gpus = ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0 and self.options.device in ("auto", "cuda")
+        per_worker = (self.options.gpus_per_worker or 1.0) if use_gpu else 0.0
+        count = self.options.num_workers or (max(int(gpus // per_worker), 1) if use_gpu else 1)
+        # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
+        # console for every candidate: noise, and CPU taken from the evaluation
+        env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment()}
+        spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0),),
+                          num_cpus=self.options.cpus_per_worker, num_gpus=per_worker, env=env)
+        self.pool = WorkerPool(spec, count, timeout=self.options.candidate_timeout)
+        self.record.workers = count
+        self.pool.start()
+        runner = PoolRunner(self.pool, self.genome, self.config, self.pool.info["directions"])
+        timeout = self.config.budget.timeout
+
+        def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
+            self.finished += 1
+            self.record.evaluated += 1
+            fit = outcome.fitness
+            if fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
+                self.best_value = fit
+                self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
+            stats = self.pool.stats
+            status.update(candidate.number, self.finished, fit, outcome.error, self.best_value, outcome.timings,
+                          faults_text(stats.retried, stats.replaced, stats.timed_out))
+
+        self.state = run_loop(
+            self.optimizer, runner, self.store, self.config.budget.max_fevals, self.state,
+            should_stop=lambda: timeout is not None and time.monotonic() - started >= timeout,
+            on_outcome=on_outcome,
+        )
+        self.store.checkpoint(self.optimizer, self.state, force=True)
+        self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
 
     def summary(self) -> str:
         return search_summary(self.store, self.config.optimizer.name, self.genome.size)
