@@ -38,6 +38,16 @@ class CandidateResult:
     worker: str = ""
 
 
+def _ray_node_suffix() -> str:
+    """`@<Ray node id>` inside a Ray worker (several nodes may share a host name), else ''."""
+    try:
+        import ray
+
+        return f"@{ray.get_runtime_context().get_node_id()[:12]}" if ray.is_initialized() else ""
+    except Exception:  # not in Ray
+        return ""
+
+
 class CandidateWorker:
     def __init__(self, settings: WorkerSettings):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,7 +81,7 @@ class CandidateWorker:
             self.tokenizer = AutoTokenizer.from_pretrained(self.merger.models[self.merger.donor].directory)
         self.evaluator = build_evaluator(settings.evaluator)
         self.evaluator.attach(self.model, self.tokenizer)
-        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.name = f"{os.uname().nodename}:{os.getpid()}{_ray_node_suffix()}"
 
     def ready(self) -> dict:
         """Called once by the pool when the worker is up."""

@@ -42,6 +42,7 @@ class Outcome:
     timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
     attempts: int = 1  # evaluations started for this candidate (> 1: retried after a worker died)
     recipe_hash: Optional[str] = None
+    worker: Optional[str] = None  # which worker produced the result (host:pid@node)
 
 
 @dataclass

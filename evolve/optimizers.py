@@ -247,9 +247,13 @@ def _tpe(seed: int, x0: dict, popsize: Optional[int]):
 
 
 def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int]):
+    import warnings
+
     import optuna
 
-    return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
+    with warnings.catch_warnings():  # x0 is deprecated in Optuna 4.9+ but is still the way to centre the search
+        warnings.simplefilter("ignore", FutureWarning)
+        return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
 
 
 def _random(seed: int, x0: dict, popsize: Optional[int]):

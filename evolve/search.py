@@ -215,7 +215,7 @@ class PoolRunner:
                 except KeyError as err:
                     result = {**result, "status": "failed", "error": f"no metric for task {err}"}
             out.append((candidate, Outcome(result["status"], fit, result.get("metrics", {}), result.get("error"),
-                                           timings, attempts, hash_)))
+                                           timings, attempts, hash_, result.get("worker"))))
         return out
 
 

@@ -153,7 +153,7 @@ class ExperimentStore:
                 continue
             outcome = Outcome(
                 status=a.get("status", "failed"), fitness=t.value, metrics=a.get("metrics", {}), error=a.get("error"),
-                timings=a.get("timings", {}), attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"),
+                timings=a.get("timings", {}), attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
             )
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
@@ -248,6 +248,8 @@ class ExperimentStore:
         }
         if outcome.recipe_hash:
             attrs["recipe_hash"] = outcome.recipe_hash
+        if outcome.worker:
+            attrs["worker"] = outcome.worker
         if outcome.error:
             attrs["error"] = outcome.error[:2000]
         for key, value in attrs.items():

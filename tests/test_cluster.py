@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from test_search import ENV as SEARCH_ENV, EVOLVE, search_yaml, trials as search_trials
+
 DRIVER = Path(__file__).with_name("cluster_driver.py")
 RAY = Path(sys.executable).parent / "ray"
 
@@ -236,7 +238,18 @@ def stop_cluster(token: str, known) -> list[tuple[int, int]]:
     return alive(procs | marked(token))
 
 
-def test_join_existing_two_node_cluster(tmp_path):
+@pytest.fixture(scope="module")
+def quickstart_models(tmp_path_factory):
+    from experiments.quickstart.build_models import build
+    from experiments.quickstart.skills import write_lm_eval_tasks
+
+    root = tmp_path_factory.mktemp("quickstart")
+    tasks = root / "tasks"
+    write_lm_eval_tasks(tasks)
+    return {"root": root, "models": build(root / "models", steps_scale=0.6), "tasks": tasks}
+
+
+def test_join_existing_two_node_cluster(tmp_path, quickstart_models):
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's unix socket paths are limited
@@ -272,6 +285,22 @@ def test_join_existing_two_node_cluster(tmp_path):
             # the cluster is not ours: it keeps running after the driver is gone
             assert alive(core) == sorted(core), f"cluster processes died with the driver:\n{describe(core)}"
             procs |= marked(token)
+
+        # the search itself on the joined cluster: two workers of one CPU each, one per node
+        qs = quickstart_models
+        cfg = search_yaml(qs, tmp_path / "search.yml", budget=6, popsize=4)
+        storage = tmp_path / "search"
+        search = subprocess.run(
+            [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(qs["tasks"]),
+             "--num-workers", "2", "--no-save-final-model", "--quiet"],
+            env={**SEARCH_ENV, "RAY_ADDRESS": address, "CLUSTER_TEST_MARK": token}, capture_output=True, text=True, timeout=600,
+        )
+        assert search.returncode == 0, search.stderr[-3000:]
+        rows = search_trials(storage)
+        assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows)
+        assert len({r["worker"].rsplit("@", 1)[1] for r in rows}) == 2  # candidates ran on both nodes
+        assert alive(core) == sorted(core)  # the cluster is still up after the search
+        procs |= marked(token)
     finally:
         left = stop_cluster(token, procs)
         shutil.rmtree(temp_dir, ignore_errors=True)
