@@ -105,6 +105,8 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             if not quiet:
                 click.echo(f"search stopped: {search.record.stop_reason}; {search.finished} evaluations in {storage_path}"
                            + (f" ({faults})" if (faults := faults_text(search.record.retried, search.record.replaced, search.record.timed_out)) else ""))
+                if search.overhead_report():
+                    click.echo(search.overhead_report())
             out = search.export()
             best = search.store.best()
             if best is not None:

@@ -93,6 +93,20 @@ class StatusLine:
             self.line_open = False
 
 
+def overhead_text(seconds: dict, count: int) -> str:
+    """How much of a candidate's time, as the driver saw it, is not evaluation: merge, Ray and
+    scheduling. `seconds` sums the candidates' timings (eval_s, merge_s, total_s)."""
+    total = seconds.get("total_s", 0.0)
+    if not count or total <= 0:
+        return ""
+    evaluation, merge = seconds.get("eval_s", 0.0), seconds.get("merge_s", 0.0)
+    other = max(total - evaluation - merge, 0.0)
+    return (
+        f"time per candidate outside evaluation: {100 * (total - evaluation) / total:.1f}% (per candidate: "
+        f"evaluation {evaluation / count:.3f}s, merge {merge / count:.3f}s, Ray and scheduling {other / count:.3f}s)"
+    )
+
+
 def faults_text(retried: int, replaced: int, timed_out: int = 0) -> str:
     parts = []
     if retried:

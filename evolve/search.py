@@ -28,7 +28,7 @@ from .config import SearchConfig
 from .model_refs import check_genome_models
 from .loop import Candidate, LoopState, Outcome, resume, run_loop
 from .optimizers import Optimizer, SearchSpace, make_optimizer
-from .report import RunRecord, StatusLine, append_run, export_best, faults_text, search_summary
+from .report import RunRecord, StatusLine, append_run, export_best, faults_text, overhead_text, search_summary
 from .store import ExperimentStore, recipe_hash
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ class SearchRun:
         self.finished = len(self.store.finished())
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None
+        self.seconds: dict[str, float] = {}  # this run's candidate timings, summed
 
     def run(self) -> None:
         from .cluster import RayCluster
@@ -299,6 +300,8 @@ class SearchRun:
         def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
             self.finished += 1
             self.record.evaluated += 1
+            for key, value in outcome.timings.items():
+                self.seconds[key] = self.seconds.get(key, 0.0) + value
             fit = outcome.fitness
             if fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
                 self.best_value = fit
@@ -314,6 +317,9 @@ class SearchRun:
         )
         self.store.checkpoint(self.optimizer, self.state, force=True)
         self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
+
+    def overhead_report(self) -> str:
+        return overhead_text(self.seconds, self.record.evaluated)
 
     def summary(self) -> str:
         return search_summary(self.store, self.config.optimizer.name, self.genome.size)
