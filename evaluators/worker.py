@@ -83,6 +83,12 @@ class CandidateWorker:
         self.evaluator.attach(self.model, self.tokenizer)
         self.name = f"{os.uname().nodename}:{os.getpid()}{_ray_node_suffix()}"
 
+    @staticmethod
+    def _no_grad():
+        import torch
+
+        return torch.no_grad()
+
     def ready(self) -> dict:
         """Called once by the pool when the worker is up."""
         return {"directions": dict(self.evaluator.directions), "worker": self.name, "pid": os.getpid()}
@@ -97,7 +103,8 @@ class CandidateWorker:
             stats = self.merger.apply(config, check_finite=True)
             merge_s = time.perf_counter() - start
             t_eval = time.perf_counter()
-            metrics = self.evaluator.evaluate()
+            with self._no_grad():
+                metrics = self.evaluator.evaluate()
             eval_s = time.perf_counter() - t_eval
             return asdict(CandidateResult("complete", metrics, merge_s, eval_s, stats.recomputed, worker=self.name))
         except Exception as err:  # a failed candidate is data, not a crash

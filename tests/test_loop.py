@@ -265,3 +265,47 @@ def test_state_dict_holds_the_random_state():
         expected = [a.ask() for _ in range(5)]
         np.random.seed(54321)
         assert [b.ask() for _ in range(5)] == expected, name
+
+
+def test_the_sqlite_store_is_a_journal_the_loop_resumes_from(tmp_path):
+    """The real ExperimentStore as the recorder: stop a run part-way (an exception out of the
+    loop, as Ctrl-C would), reopen the directory, resume from its checkpoint and journal."""
+    from evolve.store import ExperimentStore
+
+    reference = MemoryJournal()
+    run("tpe", 1, 18, reference)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after(n):
+        seen = []
+
+        def on_outcome(candidate, outcome):
+            seen.append(candidate.number)
+            if len(seen) == n:
+                raise Stop()
+        return on_outcome
+
+    store = ExperimentStore(tmp_path, SPACE)
+    store.open("config", {}, resume=False)
+    with pytest.raises(Stop):
+        run_loop(build("tpe"), VirtualRunner(1), store, 18, on_outcome=stop_after(7))
+    store.close()
+    assert store.checkpoint_path.exists()
+
+    store = ExperimentStore(tmp_path, SPACE)
+    store.open("config", {}, resume=True)
+    journal = store.journal()
+    assert [e.candidate.number for e in journal] == list(range(7))
+    assert all(e.outcome is not None for e in journal)
+    optimizer = build("tpe")
+    state = resume(optimizer, journal, store.load_checkpoint())
+    runner = VirtualRunner(1)
+    run_loop(optimizer, runner, store, 18, state)
+    store.close()
+    assert runner.evaluations == list(range(7, 18))
+    got = [(e.candidate.number, e.candidate.genotype, e.outcome.fitness) for e in store.journal()]
+    assert got == history(reference)
+    best = store.best()
+    assert best.value == max(r[2] for r in history(reference) if r[2] is not None)
