@@ -58,9 +58,9 @@ class CandidateWorker:
         from merge_engine.config import parse_config
         from merge_engine.options import MergeOptions
         from merge_engine.resident import ResidentMerger
+        from merge_engine.threads import set_num_threads
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
+        set_num_threads(settings.threads)
         self.settings = settings
         template = parse_config(settings.template_recipe, "search template")
         self.merger = ResidentMerger(template, MergeOptions(**settings.merge_options))

@@ -31,6 +31,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS) instead of starting a private local one.")
 @click.option("--candidate-timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Cancel a candidate that runs longer than this many seconds (its worker is replaced; recorded as failed).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None, help="GPUs each worker reserves (fractional for small models; default 1 when the cluster has GPUs).")
+@click.option("-j", "--num-threads", type=click.IntRange(min=1), default=None, help="torch (and numba) threads per worker (default: torch's, the cores the worker may use).")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="CPUs each worker reserves.")
 @click.option("--task-search-path", multiple=True, type=click.Path(), help="Folder of local lm-eval task YAMLs (repeatable).")
 @click.option("--save-final-model/--no-save-final-model", default=True, help="Merge the best recipe into DIR/final_model at the end.")
@@ -55,7 +56,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
-         num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, cpus_per_worker, task_search_path, save_final_model, random_seed, device, merge_cuda,
+         num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, num_threads, cpus_per_worker, task_search_path, save_final_model, random_seed, device, merge_cuda,
          batch_size, allow_crimes, lora_merge_cache, lora_merge_dtype, allow_benchmarks, verbose, quiet, **_ignored):
     """Search merge recipes with an evolutionary optimiser; export the best one."""
     setup_logging(verbose, quiet)
@@ -94,6 +95,7 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
             allow_benchmark_tasks=allow_benchmarks, quiet=quiet,
             lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype,
             candidate_timeout=candidate_timeout, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+            threads_per_worker=num_threads,
         )
         search = SearchRun(config, text, options)
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's stop: export, then exit

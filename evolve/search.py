@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from merge_engine.errors import ConfigError
+from merge_engine.threads import thread_environment
 from search_spaces.genome import Genome, read_num_layers
 
 from .config import SearchConfig
@@ -288,7 +289,7 @@ class SearchRun:
         count = self.options.num_workers or (max(int(gpus // per_worker), 1) if use_gpu else 1)
         # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
         # console for every candidate: noise, and CPU taken from the evaluation
-        env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment()}
+        env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment(), **thread_environment()}
         spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0),),
                           num_cpus=self.options.cpus_per_worker, num_gpus=per_worker, env=env)
         self.pool = WorkerPool(spec, count, timeout=self.options.candidate_timeout)

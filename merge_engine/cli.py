@@ -49,6 +49,10 @@ def run_cli(verbose: int, action) -> None:
     SIGTERM unwinds like Ctrl-C, so temporary output is removed either way."""
     import signal
 
+    from .threads import configure_process
+
+    configure_process()  # before anything imports torch
+
     def _terminate(signum, frame):
         raise KeyboardInterrupt
 

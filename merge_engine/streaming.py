@@ -22,6 +22,7 @@ from .io import atomic_model_output, copy_files
 from .methods.common import TensorContext
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, build_plan
+from .threads import set_num_threads
 from .tokenizer import load_tokenizer, permute_embeddings
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,7 @@ def run_merge(
     card_extra: Optional[str] = None,
 ) -> Path:
     """Merge into `out_path`, atomically: the folder appears only when everything is written."""
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
+    set_num_threads(options.num_threads)
     plan = build_plan(
         config,
         allow_crimes=options.allow_crimes,

@@ -15,6 +15,7 @@ import torch
 
 from .. import __version__
 from ..card import card_header, render_model
+from ..threads import set_num_threads
 from ..errors import ModelError
 from ..io import OutputTensorSpec, atomic_model_output, copy_files, torch_dtype
 from ..methods.common import tensor_seed
@@ -297,8 +298,7 @@ def render_moe_card(config: MoEConfig, arch: str, config_text: str, out_dir: Pat
 
 def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: MergeOptions, source: str, understood: bool) -> Path:
     validate(config, source, understood)
-    if options.num_threads:
-        torch.set_num_threads(options.num_threads)
+    set_num_threads(options.num_threads)
     models = open_models(config, options.lazy_unpickle, options.lora_merge_cache, options.lora_merge_dtype)
     try:
         types = [str(models[r].config.get("model_type")) for r in config.referenced_models()]
