@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: any looser requirement would pull GBs of CUDA wheels.
 	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	# numba's kernels compiled once here, into its on-disk cache: no JIT pause in a first merge
+	$(PY) -m merge_engine.methods.fused
 	touch $(STAMP)
 
 test: setup

@@ -27,7 +27,7 @@ from search_spaces.genome import Genome, read_num_layers
 
 from .config import SearchConfig
 from .model_refs import check_genome_models
-from .loop import Candidate, LoopState, Outcome, resume, run_loop
+from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
 from .optimizers import Optimizer, SearchSpace, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, faults_text, overhead_text, search_summary
 from .store import ExperimentStore, recipe_hash
@@ -242,7 +242,13 @@ class SearchRun:
         self.optimizer = build_optimizer(config, self.genome, self.x0)
         self.state = LoopState()
         if options.resume:
-            self.state = resume(self.optimizer, self.store.journal(), self.store.load_checkpoint())
+            try:
+                self.state = resume(self.optimizer, self.store.journal(), self.store.load_checkpoint())
+            except JournalMismatch as err:
+                raise ConfigError(
+                    f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
+                    "(package versions changed?): continue it with the versions in its manifest.json"
+                ) from None
         best = self.store.best()
         self.best_value = best.value if best is not None else None
         self.finished = len(self.store.finished())

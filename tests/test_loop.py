@@ -309,3 +309,17 @@ def test_the_sqlite_store_is_a_journal_the_loop_resumes_from(tmp_path):
     assert got == history(reference)
     best = store.best()
     assert best.value == max(r[2] for r in history(reference) if r[2] is not None)
+
+
+def test_a_journal_the_optimizer_does_not_reproduce_is_refused():
+    from dataclasses import replace
+
+    from evolve.loop import JournalMismatch
+
+    journal = MemoryJournal()
+    run("cma", 1, 10, journal)
+    entries = journal.journal()
+    tampered = replace(entries[5].candidate, proposal=replace(entries[5].candidate.proposal, genotype=(0.1, 0.1, 0.1, 0.1)))
+    entries[5] = replace(entries[5], candidate=tampered)
+    with pytest.raises(JournalMismatch, match="candidate 5: the optimizer proposes"):
+        resume(build("cma"), entries, None)

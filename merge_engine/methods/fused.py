@@ -392,3 +392,31 @@ def merge(
         _raw(out),
     )
     return out
+
+
+def warm_up(max_sources: int = 3) -> int:
+    """Compile every kernel variant a merge of up to `max_sources` fine-tunes uses, for bfloat16
+    and float32, into numba's on-disk cache (`cache=True`), so that a user's first merge and a
+    search's every fresh worker do not pay 10-15 s of JIT per variant. `make setup` runs it
+    (`python -m merge_engine.methods.fused`). Returns the number of variants run."""
+    if not available():
+        return 0
+    count = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        base = torch.zeros(MIN_FUSED_NUMEL, dtype=dtype)
+        sources = [torch.full_like(base, 0.01 * (i + 1)) for i in range(max_sources)]
+        for n in range(1, max_sources + 1):
+            merge(base, sources[:n], True, [0.5] * n, [-1] * n, [-1] * n, True, False, 1.0, True)
+            count += 1
+        merge(base, sources[:2], True, [0.5, 0.5], [-1, -1], [-1, -1], True, True, 1.0, True)
+        tie_cutoff(base, sources, True, 0, 0, 1)
+        count += 2
+    row_ranks(torch.zeros(2, MIN_FUSED_NUMEL, dtype=torch.int16))
+    return count + 1
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    print(f"numba kernels: {warm_up()} variants compiled or loaded from the cache in {time.perf_counter() - t0:.1f} s")
