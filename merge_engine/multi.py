@@ -1,5 +1,5 @@
 """`mergekit-multi CONFIG --intermediate-dir DIR --out-path OUT`: several merges from one YAML
-stream (spec 4.9).
+stream (reference §4.9).
 
 Documents are separated by `---`. A document with `name: X` is an intermediate merge written to
 DIR/X; any later (or earlier) recipe may use `X` as a model reference. Exactly one document has no

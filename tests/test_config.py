@@ -85,7 +85,7 @@ def run(tmp_path, config: MergeConfig, name="out"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Top-level schema (spec 1.1, 1.2)
+# Top-level schema (reference §1.1, 1.2)
 
 FULL = """
 merge_method: ties
@@ -208,7 +208,7 @@ def test_bad_dtype_names(key, bad):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model references (spec 1.3)
+# Model references (reference §1.3)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_model_reference_errors_name_the_key(data, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter values (spec 1.4, 1.5)
+# Parameter values (reference §1.4, 1.5)
 
 
 def _param(value):
@@ -353,7 +353,7 @@ def test_evaluate_setting_scalar_gradient_conditional():
 
 
 # ----------------------------------------------------------------------------------------------
-# Precedence (spec 1.6), through the planner
+# Precedence (reference §1.6), through the planner
 
 
 def test_precedence_source_over_slice_over_top_level(llama_models):
@@ -517,7 +517,7 @@ slices:
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradients over layers (spec 1.8)
+# Gradients over layers (reference §1.8)
 
 
 def test_gradient_t_per_slice_and_pre_post_at_t0(llama_models):
@@ -594,7 +594,7 @@ parameters:
 
 
 # ----------------------------------------------------------------------------------------------
-# models: expansion and base_model (spec 1.7)
+# models: expansion and base_model (reference §1.7)
 
 
 def test_base_model_appended_when_missing_from_models(llama_models):
@@ -648,7 +648,7 @@ models:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation (spec 1.11): errors name the key path
+# Validation (reference §1.11): errors name the key path
 
 
 @pytest.mark.parametrize(
@@ -823,7 +823,7 @@ parameters:
 
 
 # ----------------------------------------------------------------------------------------------
-# to_yaml round trip (spec 1.11)
+# to_yaml round trip (reference §1.11)
 
 ROUND_TRIP = [
     FULL,

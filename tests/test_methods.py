@@ -1,4 +1,4 @@
-"""Merge methods checked against independent computations written here from the spec (§2).
+"""Merge methods checked against independent computations written here from docs/mergekit-reference.md (§2).
 
 Two levels:
 - the method functions (`get_method_spec(name).function(...)`) on hand-made tensors;
@@ -39,7 +39,7 @@ NUM_LAYERS = 4  # the llama_models fixture
 
 
 def ref_linear(xs, weights, normalize=True):
-    """Spec 2.1: stack, multiply by a weights tensor of the math dtype, sum dim 0, / summed weights."""
+    """Reference §2.1: stack, multiply by a weights tensor of the math dtype, sum dim 0, / summed weights."""
     stacked = torch.stack(xs, dim=0)
     w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
     res = (stacked * w).sum(dim=0)
@@ -49,7 +49,7 @@ def ref_linear(xs, weights, normalize=True):
 
 
 def ref_slerp_f32(t, v0, v1):
-    """Spec 2.2, mergekit's sequence in numpy float32 (raw copies kept for the final combination)."""
+    """Reference §2.2, mergekit's sequence in numpy float32 (raw copies kept for the final combination)."""
     a = v0.detach().to(torch.float32).numpy().copy()
     b = v1.detach().to(torch.float32).numpy().copy()
     u0, u1 = a.copy(), b.copy()
@@ -97,7 +97,7 @@ def ref_topk_mask(delta, density):
 
 
 def ref_gta(base, xs, weights, *, densities=None, sparsify=None, consensus=False, normalize=False, lam=1.0, masks=None):
-    """Spec 2.6 (task arithmetic family) with magnitude sparsification (2.7) or explicit masks."""
+    """Reference §2.6 (task arithmetic family) with magnitude sparsification (2.7) or explicit masks."""
     deltas = [x.to(base.dtype) - base for x in xs]
     if sparsify == "magnitude":
         deltas = [d if dens >= 1 else d * ref_topk_mask(d, dens) for d, dens in zip(deltas, densities)]
@@ -125,7 +125,7 @@ def ref_gta(base, xs, weights, *, densities=None, sparsify=None, consensus=False
 
 
 def grad_value(setting, t):
-    """Spec 1.5: a scalar, or a gradient interpolated at t."""
+    """Reference §1.5: a scalar, or a gradient interpolated at t."""
     if not isinstance(setting, (list, tuple)):
         return float(setting)
     if len(setting) == 1:
@@ -138,7 +138,7 @@ def grad_value(setting, t):
 
 
 def layer_t(name, n=NUM_LAYERS):
-    """Spec 1.8 for `models:` syntax: layer i -> i/(n-1); pre/post-layer weights -> 0."""
+    """Reference §1.8 for `models:` syntax: layer i -> i/(n-1); pre/post-layer weights -> 0."""
     m = LAYER_RE.search(name)
     return 0.0 if m is None else int(m.group(1)) / (n - 1)
 
@@ -355,7 +355,7 @@ dtype: bfloat16
 
 
 def test_linear_base_model_not_listed_is_an_input(llama_models, inputs, tmp_path):
-    # spec 1.7 quirk: base_model missing from `models` is appended as an input, and gets the
+    # reference §1.7 quirk: base_model missing from `models` is appended as an input, and gets the
     # top-level weight through the normal precedence.
     m = llama_models
     out = merge(

@@ -1,7 +1,7 @@
 """The other merge methods of mergekit's catalogue: nuslerp, multislerp, karcher, model_stock, sce,
-ram, ramplus_tl, nearswap, arcee_fusion (spec 2.3-2.5, 2.8-2.12).
+ram, ramplus_tl, nearswap, arcee_fusion (reference §2.3-2.5, 2.8-2.12).
 
-Each method is checked against a reference written here in float64 numpy straight from the spec's
+Each method is checked against a reference written here in float64 numpy straight from the reference's
 formulas (loops over rows / positions where that is the plainest way to say it), first on small
 random tensors, then end to end through the real `mergekit-yaml` CLI on the tiny llama models.
 No reference calls merge_engine code.
@@ -44,7 +44,7 @@ def close(actual: torch.Tensor, expected: np.ndarray, rtol=1e-5, atol=1e-6, name
 
 
 def ref_slerp_vector(t, x, y):
-    """Spec 2.3 on one pair of vectors: unit vectors with a 1e-7 norm floor, lerp when sin θ ~ 0."""
+    """Reference §2.3 on one pair of vectors: unit vectors with a 1e-7 norm floor, lerp when sin θ ~ 0."""
     ux = x / max(np.linalg.norm(x), 1e-7)
     uy = y / max(np.linalg.norm(y), 1e-7)
     theta = np.arccos(np.clip(np.dot(ux, uy), -1, 1))
@@ -91,7 +91,7 @@ def ref_multislerp(xs, weights, base=None, normalize=True, eps=1e-8):
 
 
 def ref_karcher(xs, max_iter=10, tol=1e-5):
-    """Spec 2.5 as a plain float64 loop."""
+    """Reference §2.5 as a plain float64 loop."""
     vs = [np64(x).ravel() for x in xs]
     n = len(vs)
     norms = [np.linalg.norm(v) for v in vs]
@@ -167,7 +167,7 @@ def ref_sce(base, xs, select_topk=1.0):
 
 
 def ref_ram(base, xs, eps=1e-5, plus=False, r=0.1, alpha=0.2):
-    """Spec 2.9 position by position."""
+    """Reference §2.9 position by position."""
     B = np64(base).ravel()
     T = [np64(x).ravel() - B for x in xs]
     n, size = len(T), B.size
@@ -234,7 +234,7 @@ def close_except(actual, expected, ambiguous, rtol=1e-5, atol=1e-6, name="", mos
 
 
 # ----------------------------------------------------------------------------------------------
-# registry (spec 2.0 table)
+# registry (reference §2.0 table)
 
 
 def test_registry_parameters_and_defaults_match_spec():

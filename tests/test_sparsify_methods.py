@@ -1,13 +1,13 @@
-"""breadcrumbs, breadcrumbs_ties, della, della_linear (spec 2.6, 2.7) against independent
-computations written here from the spec's formulas.
+"""breadcrumbs, breadcrumbs_ties, della, della_linear (reference §2.6, 2.7) against independent
+computations written here from the formulas of docs/mergekit-reference.md.
 
 - breadcrumbs: the kept index set equals a plain-Python sort by (|delta|, -flat index), positions
   [n_bot, N - n_top) (mergekit keeps nothing when n_top == 0; we keep what the formula says);
-  merged values bit-equal to the spec's combination, through the method functions and the CLI.
+  merged values bit-equal to the reference's combination, through the method functions and the CLI.
 - della: random masks, so statistics: kept fractions per magnitude-rank decile match the keep
   probability (density - eps) + 2 eps rank / (C - 1) within a few standard deviations, and the
   L1 rescale restores the task vector's norm. Given the masks, della / della_linear values equal
-  the spec's consensus / plain combination.
+  the reference's consensus / plain combination.
 - both executors (streaming CLI, resident) give bit-identical tensors for the same seed.
 (DARE's kept fraction and L1 rescale are covered in tests/test_methods.py.)
 """
@@ -41,7 +41,7 @@ from merge_engine.resident import ResidentMerger
 TIED_VALUES = torch.tensor([0.5, -0.25, 0.25, -0.5, 1.0, 0.25, -0.25, 0.5, 0.25, -1.0, 0.125, 0.25])
 
 # ----------------------------------------------------------------------------------------------
-# Independent references (spec 2.7)
+# Independent references (reference §2.7)
 
 
 def breadcrumbs_counts(n, density, gamma):

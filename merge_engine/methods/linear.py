@@ -1,4 +1,4 @@
-"""`linear`: weighted average, optionally normalised by the sum of weights (spec 2.1)."""
+"""`linear`: weighted average, optionally normalised by the sum of weights (reference §2.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The `mergekit-moe` recipe (spec 6.1), its validation (6.2) and the output architecture choice
+"""The `mergekit-moe` recipe (reference §6.1), its validation (6.2) and the output architecture choice
 (6.3). Torch-free, so config errors answer fast."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def load_moe_config(path: Union[str, Path]) -> tuple[MoEConfig, str]:
 
 
 def validate(config: MoEConfig, source: str, understood: bool) -> None:
-    """Spec 6.2, as ConfigErrors naming the key. Random routers need the acknowledgement flag too:
+    """Reference §6.2, as ConfigErrors naming the key. Random routers need the acknowledgement flag too:
     such a model only routes sensibly after training."""
     k, n = config.experts_per_token, len(config.experts)
     if k < 1:
@@ -99,7 +99,7 @@ def validate(config: MoEConfig, source: str, understood: bool) -> None:
 
 
 def supported_architectures(config: MoEConfig, model_types: list[str]) -> dict[str, Optional[str]]:
-    """Candidate -> None if it can hold this MoE, else why not (spec 6.3)."""
+    """Candidate -> None if it can hold this MoE, else why not (reference §6.3)."""
     types = set(model_types)
     shared = config.shared_experts or []
     random = config.gate_mode in RANDOM_GATES
