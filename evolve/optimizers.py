@@ -195,7 +195,7 @@ class CMAESOptimizer(Optimizer):
         self.handed = 0
 
     def state_dict(self) -> dict:
-        return {"pickle": pickle.dumps({k: v for k, v in self.__dict__.items()})}
+        return {"pickle": pickle.dumps(self.__dict__)}
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(pickle.loads(state["pickle"]))

@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +32,6 @@ class RunRecord:
     replaced: int = 0  # workers started to replace dead or timed-out ones
     timed_out: int = 0
     workers: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def append_run(root: Path, record: RunRecord) -> None:

@@ -93,7 +93,7 @@ class ExperimentStore:
         self._writer: Optional[ThreadPoolExecutor] = None
         self._pending: list[Future] = []
         self._last_checkpoint = 0.0
-        self._known_trials = 0  # trials in the study, counting queued creations
+        self._trials_in_study = 0  # kept by the writer thread: no study query per new trial
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class ExperimentStore:
             _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
         storage = f"sqlite:///{(self.root / 'study.db').resolve()}"
         self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
-        self._known_trials = len(self.study.get_trials(deepcopy=False))
+        self._trials_in_study = len(self.study.get_trials(deepcopy=False))
 
     # -- reading the journal ----------------------------------------------------------------------
 
@@ -174,7 +174,6 @@ class ExperimentStore:
 
     def asked(self, candidate: Candidate) -> None:
         self._submit(self._write_asked, candidate)
-        self._known_trials = max(self._known_trials, candidate.number + 1)
 
     def told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None:
         self._submit(self._write_told, candidate, outcome, tell_order)
@@ -217,7 +216,7 @@ class ExperimentStore:
     def _write_asked(self, candidate: Candidate) -> None:
         import optuna
 
-        existing = len(self.study.get_trials(deepcopy=False))
+        existing = self._trials_in_study
         if existing > candidate.number:
             return  # already in the study (asked before a resume)
         if existing != candidate.number:
@@ -233,6 +232,7 @@ class ExperimentStore:
             },
         )
         self.study.add_trial(trial)
+        self._trials_in_study += 1
 
     def _write_told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None:
         import optuna
