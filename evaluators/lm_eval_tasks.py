@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -23,6 +24,12 @@ class TaskSpec:
     metric: str = "acc,none"
     weight: float = 1.0
     direction: Optional[str] = None  # "maximize" / "minimize"; None: from the metric's definition
+    also: tuple = ()  # other metrics of the task to report, as "<task>:<metric>" (constraints read them)
+
+    @property
+    def metrics(self) -> list[tuple[str, str]]:
+        """(key in the results, lm-eval metric) of everything this task reports."""
+        return [(self.name, self.metric)] + [(f"{self.name}:{m}", m) for m in self.also]
 
 
 class TaskError(Exception):
@@ -64,8 +71,10 @@ class LMEvalEvaluator:
         batch_size: int = 16,
         add_bos_token: Optional[bool] = None,
         progress_bars: bool = False,
+        racing: bool = False,
     ):
         self.tasks = list(tasks)
+        self.evaluated_items = 0  # items scored by the latest evaluation, all tasks together
         self.progress_bars = progress_bars
         self.limit = limit
         self.shuffle = shuffle
@@ -82,6 +91,8 @@ class LMEvalEvaluator:
                 task_obj.set_config(key="num_fewshot", value=0)
             task_obj.set_fewshot_seed(seed=seed)
         self.samples = self._subsets()
+        if racing:
+            self._check_racing()
         self.directions = {
             t.name: t.direction
             or ("maximize" if higher_is_better(self.loaded["tasks"][t.name], t.metric) else "minimize")
@@ -92,7 +103,25 @@ class LMEvalEvaluator:
     @classmethod
     def from_spec(cls, tasks: Sequence[dict], **options) -> "LMEvalEvaluator":
         """Built from a worker's evaluator spec: tasks as plain dicts of TaskSpec fields."""
-        return cls([TaskSpec(**t) for t in tasks], **options)
+        return cls([TaskSpec(**{**t, "also": tuple(t.get("also", ()))}) for t in tasks], **options)
+
+    def items(self, name: str) -> list[int]:
+        """The documents of task `name` every candidate is scored on."""
+        if self.samples is not None:
+            return list(self.samples[name])
+        return list(range(len(self.loaded["tasks"][name].eval_docs)))
+
+    def _check_racing(self) -> None:
+        """Racing adds up per-item values: every metric must be a mean over items."""
+        for t in self.tasks:
+            aggregation = self.loaded["tasks"][t.name].aggregation()
+            for _, metric in t.metrics:
+                function = aggregation.get(metric.split(",")[0])
+                if getattr(function, "__name__", None) != "mean":
+                    raise TaskError(
+                        f"racing: task {t.name}'s metric {metric} is not a mean over items "
+                        f"({getattr(function, '__name__', 'unknown')}); turn racing off for this search"
+                    )
 
     def _subsets(self) -> Optional[dict[str, list[int]]]:
         """The same items for every candidate: the first `limit` documents, or with `shuffle` a
@@ -123,28 +152,71 @@ class LMEvalEvaluator:
             for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
                 setattr(self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True))
 
-    def evaluate(self) -> dict[str, float]:
-        """{task name: metric value} for the attached model as it is now."""
+    def _run(self, samples: Optional[dict], per_item: bool = False) -> dict:
         from lm_eval.evaluator import evaluate
 
         if self.lm is None:
             raise RuntimeError("attach a model first")
-        results = evaluate(
+        return evaluate(
             lm=self.lm,
             task_dict=self.loaded,
-            samples=self.samples,
+            samples=samples,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=per_item,
             apply_chat_template=self.apply_chat_template,
             fewshot_as_multiturn=self.fewshot_as_multiturn,
             verbosity="ERROR",
         )
+
+    def evaluate(self) -> dict[str, float]:
+        """{task name (and task:metric for `also`): metric value} for the attached model as it is now."""
+        results = self._run(self.samples)
+        self.evaluated_items = sum(len(self.items(t.name)) for t in self.tasks)
         out = {}
         for t in self.tasks:
             task_results = results["results"].get(t.name, {})
-            if t.metric not in task_results:
-                raise TaskError(
-                    f"task {t.name} reports no metric {t.metric!r} (it has: {', '.join(k for k in task_results if k != 'alias')})"
-                )
-            out[t.name] = float(task_results[t.metric])
+            for key, metric in t.metrics:
+                if metric not in task_results:
+                    raise TaskError(
+                        f"task {t.name} reports no metric {metric!r} (it has: {', '.join(k for k in task_results if k != 'alias')})"
+                    )
+                out[key] = float(task_results[metric])
         return out
+
+    def _item_values(self, samples: dict) -> dict[str, dict[int, float]]:
+        """{result key: {document: value}} over the given documents (racing's unit of account)."""
+        results = self._run(samples, per_item=True)
+        out: dict[str, dict[int, float]] = {}
+        for t in self.tasks:
+            for key, metric in t.metrics:
+                name, _, kept = metric.partition(",")
+                rows = [r for r in results["samples"].get(t.name, []) if r.get("filter", "none") == (kept or "none")]
+                if not rows or name not in rows[0]:
+                    raise TaskError(f"task {t.name} reports no per-item metric {metric!r}")
+                out[key] = {int(r["doc_id"]): float(r[name]) for r in rows}
+        return out
+
+    def evaluate_raced(self, weights: dict[str, float], best: Optional[float], fraction: float, z: float) -> tuple[dict, bool]:
+        """(metrics, stopped): the metrics over the first stage's items only when stopped (see
+        evaluators.racing), else over every item, computed as the mean of per-item values."""
+        from .racing import should_stop, split_items
+
+        stages = {t.name: split_items(self.items(t.name), fraction, f"{self.seed}/race/{t.name}") for t in self.tasks}
+        first = self._item_values({name: s[0] for name, s in stages.items()})
+        self.evaluated_items = sum(len(s[0]) for s in stages.values())
+        task_of = {key: t.name for t in self.tasks for key, _ in t.metrics}
+        means = {key: math.fsum(v.values()) / len(v) for key, v in first.items()}
+        progress = {t.name: (means[t.name], len(stages[t.name][0]), len(self.items(t.name))) for t in self.tasks}
+        rest = {name: s[1] for name, s in stages.items() if s[1]}
+        if not rest or should_stop(progress, weights, z, best):
+            return means, bool(rest)
+        second = self._item_values(rest)
+        self.evaluated_items += sum(len(s) for s in rest.values())
+        out = {}
+        for key, values in first.items():
+            values = {**values, **second.get(key, {})}
+            ordered = [values[d] for d in sorted(values)]  # one summation order for every candidate
+            if len(ordered) != len(self.items(task_of[key])):
+                raise TaskError(f"task {task_of[key]}: {len(ordered)} of {len(self.items(task_of[key]))} items scored")
+            out[key] = math.fsum(ordered) / len(ordered)
+        return out, False

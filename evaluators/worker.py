@@ -29,13 +29,14 @@ class WorkerSettings:
 
 @dataclass
 class CandidateResult:
-    status: str  # "complete" | "failed"
+    status: str  # "complete" | "failed" | "stopped" (racing: scored on the first items only)
     metrics: dict
     merge_s: float
     eval_s: float
     recomputed: int = 0
     error: Optional[str] = None
     worker: str = ""
+    items: int = 0  # items scored
 
 
 def _ray_node_suffix() -> str:
@@ -93,20 +94,31 @@ class CandidateWorker:
         """Called once by the pool when the worker is up."""
         return {"directions": dict(self.evaluator.directions), "worker": self.name, "pid": os.getpid()}
 
-    def evaluate(self, recipe: dict) -> dict:
+    def evaluate(self, payload: dict) -> dict:
+        """Merge and score one candidate. `payload`: a recipe, or {"recipe": recipe, "race":
+        {"best", "weights", "fraction", "z"}} to race it (see evaluators.racing)."""
         from merge_engine.config import parse_config
 
+        race = None
+        if "recipe" in payload and "merge_method" not in payload:
+            payload, race = payload["recipe"], payload.get("race")
         start = time.perf_counter()
         merge_s = 0.0
         try:
-            config = parse_config(recipe, "candidate")
+            config = parse_config(payload, "candidate")
             stats = self.merger.apply(config, check_finite=True)
             merge_s = time.perf_counter() - start
             t_eval = time.perf_counter()
+            stopped = False
             with self._no_grad():
-                metrics = self.evaluator.evaluate()
+                if race is None:
+                    metrics = self.evaluator.evaluate()
+                else:
+                    metrics, stopped = self.evaluator.evaluate_raced(race["weights"], race["best"], race["fraction"], race["z"])
             eval_s = time.perf_counter() - t_eval
-            return asdict(CandidateResult("complete", metrics, merge_s, eval_s, stats.recomputed, worker=self.name))
+            status = "stopped" if stopped else "complete"
+            return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
+                                          items=getattr(self.evaluator, "evaluated_items", 0)))
         except Exception as err:  # a failed candidate is data, not a crash
             log.debug("candidate failed: %s", traceback.format_exc())
             return asdict(

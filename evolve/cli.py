@@ -110,9 +110,10 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
                 if search.overhead_report():
                     click.echo(search.overhead_report())
             out = search.export()
-            best = search.store.best()
-            if best is not None:
-                click.echo(f"best fitness {best.value:.6g} (trial {best.number}); recipe: {Path(storage_path) / 'best_config.yaml'}")
+            chosen = search.chosen()
+            if chosen is not None:
+                click.echo(f"exported trial {chosen['number']} (search fitness {chosen['fitness']:.6g}); "
+                           f"recipe: {Path(storage_path) / 'best_config.yaml'}")
             if out is not None:
                 click.echo(f"final model: {out}")
 

@@ -78,10 +78,58 @@ class TaskDefinition(_Schema):
     metric: str = "acc,none"
     # evomerge: minimise a lower-is-better metric without negating its weight
     direction: Optional[Literal["maximize", "minimize"]] = None
+    # evomerge: search this task as an objective of its own (Pareto search)
+    objective: bool = False
+
+
+class ConstraintDefinition(_Schema):
+    """A candidate whose `task`'s `metric` lies outside [min, max] is infeasible: it keeps its
+    scores but never becomes the exported model, and optimisers rank it below feasible ones."""
+
+    task: str
+    metric: Optional[str] = None  # default: the task's own metric
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "ConstraintDefinition":
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs min or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class RescoreDefinition(_Schema):
+    """After the search, the top_k candidates (by search fitness, distinct recipes) are scored on
+    held-out tasks; the exported model is the best of them on those."""
+
+    tasks: list[TaskDefinition] = Field(min_length=1)
+    top_k: int = Field(default=5, ge=1)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _bare_task_names(cls, value):
+        return _task_entries(value)
+
+
+class RacingDefinition(_Schema):
+    """Multi-fidelity evaluation: score a seeded `fraction` of each task's items first, and the
+    rest only if the candidate could still beat the best so far by the confidence rule."""
+
+    fraction: float = Field(default=0.25, gt=0, lt=1)
+    # z of the upper confidence bound on each task's accuracy over its unscored items
+    confidence_z: float = Field(default=1.0, gt=0)
+
+
+def _task_entries(value):
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
 
 
 class OptimizerDefinition(_Schema):
-    name: Literal["cma", "optuna-cmaes", "tpe", "random"] = "cma"
+    name: Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random"] = "cma"
     popsize: Optional[int] = Field(default=None, ge=2)
     sigma0: float = Field(default=1 / 6, gt=0)
     seed: int = 0
@@ -107,13 +155,52 @@ class SearchConfig(_Schema):
     optimizer: OptimizerDefinition = OptimizerDefinition()
     budget: BudgetDefinition = BudgetDefinition()
     seed: int = 0  # evaluation seed: the `limit` subset and shuffling
+    # pareto: every task is an objective of its own (or only those with `objective: true`)
+    objectives: Literal["weighted", "pareto"] = "weighted"
+    # which member of the Pareto front is exported: the best weighted sum, or the best on one task
+    pareto_select: str = "weighted_sum"
+    constraints: list[ConstraintDefinition] = []
+    rescore: Optional[RescoreDefinition] = None
+    racing: Optional[RacingDefinition] = None
 
     @field_validator("tasks", mode="before")
     @classmethod
     def _bare_task_names(cls, value):
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+        return _task_entries(value)
+
+    @field_validator("racing", mode="before")
+    @classmethod
+    def _racing_switch(cls, value):
+        return {} if value is True else None if value is False else value
+
+    @property
+    def objective_tasks(self) -> list[TaskDefinition]:
+        """The tasks searched as separate objectives (empty: one weighted-sum objective)."""
+        marked = [t for t in self.tasks if t.objective]
+        if marked:
+            return marked
+        return list(self.tasks) if self.objectives == "pareto" else []
+
+    @model_validator(mode="after")
+    def _objectives(self) -> "SearchConfig":
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError("tasks: a task is listed twice")
+        if len(self.objective_tasks) == 1:
+            raise ValueError("tasks: a Pareto search needs two or more objective tasks")
+        multi = len(self.objective_tasks) > 1
+        if multi and self.optimizer.name not in ("nsga2", "tpe", "random"):
+            raise ValueError(
+                f"optimizer: {self.optimizer.name} optimises one number; a Pareto search needs nsga2, tpe or random"
+            )
+        if self.pareto_select != "weighted_sum" and self.pareto_select not in names:
+            raise ValueError(f"pareto_select: {self.pareto_select!r} is neither weighted_sum nor a task name")
+        if multi and self.racing is not None:
+            raise ValueError("racing: stopping early compares one fitness number; it cannot be combined with a Pareto search")
+        for i, c in enumerate(self.constraints):
+            if c.task not in names:
+                raise ValueError(f"constraints.{i}.task: {c.task!r} is not one of the search tasks ({', '.join(names)})")
+        return self
 
     @field_validator("optimizer", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
-from .optimizers import Optimizer, Proposal
+from .optimizers import Optimizer, Proposal, Result
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,23 @@ class Candidate:
 
 @dataclass
 class Outcome:
-    status: str  # "complete" | "failed"
-    fitness: Optional[float]
+    status: str  # "complete" | "failed" | "stopped" (racing: scored on its first items only)
+    fitness: Optional[float]  # for "stopped": the estimate from the items it was scored on
     metrics: dict = field(default_factory=dict)
     error: Optional[str] = None
     timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
     attempts: int = 1  # evaluations started for this candidate (> 1: retried after a worker died)
     recipe_hash: Optional[str] = None
     worker: Optional[str] = None  # which worker produced the result (host:pid@node)
+    objectives: tuple[float, ...] = ()  # multi-objective searches, each maximised
+    violation: float = 0.0  # > 0: infeasible (constraints), scores kept
+    items: int = 0  # evaluated items (documents) this candidate cost
+    reused_from: Optional[int] = None  # an identical recipe's candidate whose scores were reused
+
+    def result(self) -> Result:
+        """What the optimiser is told (the same live and when a resume replays the journal)."""
+        fitness = self.fitness if self.status in ("complete", "stopped") else None
+        return Result(fitness, tuple(self.objectives), self.violation, self.status == "stopped")
 
 
 @dataclass
@@ -111,7 +120,7 @@ def resume(optimizer: Optimizer, journal: Sequence[JournalEntry], checkpoint: Op
             state.asked += 1
         elif tells and tells[0].tell_order == state.told and tells[0].candidate.number in state.pending:
             entry = tells.pop(0)
-            optimizer.tell(state.pending.pop(entry.candidate.number).proposal, entry.outcome.fitness)
+            optimizer.tell(state.pending.pop(entry.candidate.number).proposal, entry.outcome.result())
             state.told += 1
         else:
             return state
@@ -153,7 +162,7 @@ def run_loop(
         for candidate, outcome in runner.wait():
             running.discard(candidate.number)
             del state.pending[candidate.number]
-            optimizer.tell(candidate.proposal, outcome.fitness)
+            optimizer.tell(candidate.proposal, outcome.result())
             recorder.told(candidate, outcome, state.told)
             state.told += 1
             on_outcome(candidate, outcome)

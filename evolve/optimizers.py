@@ -4,10 +4,14 @@ Lifecycle of an optimiser during a search:
 
 1. `make_optimizer(name, space, x0, seed, **options)` builds it. `x0` (the genome's starting point)
    is always the first proposal: the baseline every later candidate must beat.
-2. The search loop calls `ask()` whenever a worker is free and `tell(proposal, fitness)` as soon as
-   a candidate's result is in, in whatever order results arrive. `fitness` is None for a failed
-   candidate (worse than any finite value). `ask()` may return None: "nothing to propose until more
-   results are told" (only the classic CMA-ES generation barrier does that).
+2. The search loop calls `ask()` whenever a worker is free and `tell(proposal, result)` as soon as
+   a candidate's result is in, in whatever order results arrive. A `Result` carries the fitness
+   (None for a failed candidate: worse than any finite value), the objectives of a multi-objective
+   search, the constraint violation (> 0: infeasible, ranked below every feasible candidate) and
+   whether racing stopped the candidate early (its fitness is then an estimate from a subset of
+   the items: Optuna samplers record it as a pruned trial, CMA-ES ranks it by the estimate).
+   `ask()` may return None: "nothing to propose until more results are told" (only the classic
+   CMA-ES generation barrier does that).
 3. `state_dict()` returns everything needed to continue exactly, every random state included, as
    plain picklable data; `load_state_dict()` on a freshly built optimiser (same name, space, x0,
    seed and options) restores it. After a restore, the same sequence of tells yields the same
@@ -54,16 +58,27 @@ class Proposal:
     index: int
 
 
+@dataclass(frozen=True)
+class Result:
+    """What an optimiser is told about one evaluated proposal."""
+
+    fitness: Optional[float]  # one number to maximise; None: the candidate failed
+    objectives: tuple[float, ...] = ()  # multi-objective searches: each maximised (minimised ones negated)
+    violation: float = 0.0  # > 0: outside the constraints by that much (its scores are kept)
+    stopped: bool = False  # racing stopped it early: `fitness` is the estimate from its first items
+
+
 class Optimizer(ABC):
     generational: bool = False
+    objectives: int = 1  # how many objectives `tell` expects (> 1: Result.objectives is used)
 
     @abstractmethod
     def ask(self) -> Optional[Proposal]:
         """The next point to evaluate, or None if the optimiser must first be told more results."""
 
     @abstractmethod
-    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
-        """The result of a proposal (None: the candidate failed). Any order, each proposal once."""
+    def tell(self, proposal: Proposal, result: Result) -> None:
+        """The result of a proposal. Any order, each proposal once."""
 
     @abstractmethod
     def state_dict(self) -> dict:
@@ -170,22 +185,28 @@ class CMAESOptimizer(Optimizer):
         self.handed += 1
         return Proposal(x, self.updates, self.handed - 1)
 
-    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
+    def tell(self, proposal: Proposal, result: Result) -> None:
         if proposal.generation < 0:
             return  # the starting point is not a sample of any distribution
-        loss = -fitness if _finite(fitness) else math.inf  # pycma minimises; failures rank last
-        self.results.append((proposal.genotype, loss, proposal.generation < self.updates))
+        # pycma minimises. Failures rank last; infeasible candidates after every feasible one, by
+        # violation (the penalty is relative to the population, so it is applied in _update)
+        loss = -result.fitness if _finite(result.fitness) else math.inf
+        self.results.append((proposal.genotype, loss, proposal.generation < self.updates, result.violation))
         if len(self.results) >= self.popsize and self.sampled_since_update:
             self._update()
 
     def _update(self) -> None:
         import numpy as np
 
-        xs = [np.array(x) for x, _, _ in self.results]
-        finite = [loss for _, loss, _ in self.results if math.isfinite(loss)]
+        xs = [np.array(x) for x, _, _, _ in self.results]
+        finite = [loss for _, loss, _, violation in self.results if math.isfinite(loss) and violation <= 0]
         worst = (max(finite) + 1.0 + abs(max(finite))) if finite else 1.0
-        losses = [loss if math.isfinite(loss) else worst for _, loss, _ in self.results]
-        stale = [i for i, (_, _, old) in enumerate(self.results) if old]
+        worst_violation = max([v for _, _, _, v in self.results] + [0.0])
+        losses = [
+            worst + worst_violation + 1.0 if not math.isfinite(loss) else worst + violation if violation > 0 else loss
+            for _, loss, _, violation in self.results
+        ]
+        stale = [i for i, (_, _, old, _) in enumerate(self.results) if old]
         with _numpy_global_rng(self._rng):
             self.es.tell(xs, losses, check_points=stale or None)
         self.updates += 1
@@ -201,22 +222,31 @@ class CMAESOptimizer(Optimizer):
         self.__dict__.update(pickle.loads(state["pickle"]))
 
 
+def _violation(trial) -> tuple[float]:
+    """Optuna's constraints_func: <= 0 is feasible (module level, so the study pickles)."""
+    return (float(trial.user_attrs.get("violation", 0.0)),)
+
+
 class OptunaSamplerOptimizer(Optimizer):
-    """An Optuna sampler (TPE, CMA-ES, random) over a private in-memory study: one candidate per
-    ask. The experiment's SQLite study is written by the store, not here, so the optimiser's
-    state (its study and the sampler's random state) is exactly what its checkpoint holds."""
+    """An Optuna sampler (TPE, NSGA-II, CMA-ES, random) over a private in-memory study: one
+    candidate per ask. The experiment's SQLite study is written by the store, not here, so the
+    optimiser's state (its study and the sampler's random state) is exactly what its checkpoint
+    holds. With `objectives > 1` the study has one maximised direction per objective; with
+    `constraints` the sampler is given each trial's violation (TPE and NSGA-II use it)."""
 
     def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, sampler: str = "tpe",
-                 popsize: Optional[int] = None):
+                 popsize: Optional[int] = None, objectives: int = 1, constraints: bool = False):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space = space
+        self.objectives = objectives
         self.distributions = {
             n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
         }
         start = dict(zip(space.names, map(float, x0)))
-        self.study = optuna.create_study(direction="maximize", sampler=SAMPLERS[sampler](seed, start, popsize))
+        made = SAMPLERS[sampler](seed, start, popsize, _violation if constraints else None)
+        self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=made)
         self.study.enqueue_trial(start)
 
     def ask(self) -> Proposal:
@@ -224,13 +254,22 @@ class OptunaSamplerOptimizer(Optimizer):
         x = tuple(float(trial.params[n]) for n in self.space.names)
         return Proposal(x, -1 if trial.number == 0 else 0, trial.number)
 
-    def tell(self, proposal: Proposal, fitness: Optional[float]) -> None:
+    def tell(self, proposal: Proposal, result: Result) -> None:
         import optuna
 
-        if _finite(fitness):
-            self.study.tell(proposal.index, fitness)
+        trial = optuna.trial.Trial(self.study, self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, proposal.index))
+        if result.violation:
+            trial.set_user_attr("violation", float(result.violation))
+        values = result.objectives if self.objectives > 1 else (result.fitness,)
+        if not _finite(result.fitness) or not all(_finite(v) for v in values):
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        elif result.stopped and self.objectives == 1:
+            # honest about racing: a pruned trial with its estimate as the last intermediate value
+            trial.report(float(result.fitness), step=0)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
-            self.study.tell(proposal.index, state=optuna.trial.TrialState.FAIL)
+            self.study.tell(trial, list(map(float, values)))
 
     def state_dict(self) -> dict:
         return {"pickle": pickle.dumps(self.study)}
@@ -239,14 +278,21 @@ class OptunaSamplerOptimizer(Optimizer):
         self.study = pickle.loads(state["pickle"])
 
 
-def _tpe(seed: int, x0: dict, popsize: Optional[int]):
+def _tpe(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
     import optuna
 
     # constant_liar: candidates still running count as bad, so parallel workers spread out
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, constraints_func=constraints_func)
 
 
-def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int]):
+def _nsga2(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
+    import optuna
+
+    # Optuna's default population of 50 would be one generation of a typical merge budget
+    return optuna.samplers.NSGAIISampler(population_size=popsize or NSGA2_POPSIZE, seed=seed, constraints_func=constraints_func)
+
+
+def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
     import warnings
 
     import optuna
@@ -256,13 +302,16 @@ def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int]):
         return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
 
 
-def _random(seed: int, x0: dict, popsize: Optional[int]):
+def _random(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
     import optuna
 
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-SAMPLERS: dict[str, Callable] = {"tpe": _tpe, "optuna-cmaes": _optuna_cmaes, "random": _random}
+NSGA2_POPSIZE = 10
+SAMPLERS: dict[str, Callable] = {"tpe": _tpe, "nsga2": _nsga2, "optuna-cmaes": _optuna_cmaes, "random": _random}
+# the samplers that search several objectives at once (the others optimise one number)
+MULTI_OBJECTIVE = ("tpe", "nsga2", "random")
 
 
 def _cma(space, x0, seed, popsize=None, sigma0=1 / 6, max_fevals=None, generation_barrier=False, **_):
@@ -270,8 +319,8 @@ def _cma(space, x0, seed, popsize=None, sigma0=1 / 6, max_fevals=None, generatio
 
 
 def _sampler(kind: str) -> Callable:
-    def factory(space, x0, seed, popsize=None, **_):
-        return OptunaSamplerOptimizer(space, x0, seed, kind, popsize)
+    def factory(space, x0, seed, popsize=None, objectives=1, constraints=False, **_):
+        return OptunaSamplerOptimizer(space, x0, seed, kind, popsize, objectives, constraints)
 
     return factory
 
@@ -280,6 +329,7 @@ def _sampler(kind: str) -> Callable:
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "cma": _cma,
     "tpe": _sampler("tpe"),
+    "nsga2": _sampler("nsga2"),
     "optuna-cmaes": _sampler("optuna-cmaes"),
     "random": _sampler("random"),
 }
@@ -290,4 +340,6 @@ def make_optimizer(name: str, space: SearchSpace, x0: Sequence[float], seed: int
         factory = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})") from None
+    if options.get("objectives", 1) > 1 and name not in MULTI_OBJECTIVE:
+        raise ValueError(f"optimizer {name} optimises one number: several objectives need {', '.join(MULTI_OBJECTIVE)}")
     return factory(space, x0, seed, **options)

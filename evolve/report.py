@@ -63,8 +63,9 @@ class StatusLine:
         self.done_this_run = 0
         self.line_open = False
 
-    def update(self, number: int, finished: int, fitness: Optional[float], error: Optional[str], best: Optional[float],
+    def update(self, number: int, finished: int, fitness: Optional[float], note: Optional[str], best: Optional[float],
                timings: dict, faults: str) -> None:
+        """`note`: why a candidate failed, or what else to know about it (stopped early, ...)."""
         self.done_this_run += 1
         if self.quiet:
             return
@@ -72,7 +73,10 @@ class StatusLine:
         rate = 60 * self.done_this_run / elapsed
         left = self.budget - finished
         eta = f"{left / rate:.1f} min left" if rate > 0 and left > 0 else "done"
-        status = f"fitness {fitness:.4f}" if fitness is not None and math.isfinite(fitness) else f"FAILED ({error})"
+        if fitness is not None and math.isfinite(fitness):
+            status = f"fitness {fitness:.4f}" + (f" ({note})" if note else "")
+        else:
+            status = f"FAILED ({note})"
         best_text = f"{best:.4f}" if best is not None else "none yet"
         line = (
             f"[{finished}/{self.budget}] trial {number}: {status} | best {best_text} | {rate:.1f} candidates/min, {eta} | "
@@ -150,10 +154,13 @@ def plot_fitness(store) -> Optional[Path]:
     return path
 
 
-def search_summary(store, optimizer_name: str, genome_size: int) -> str:
-    """The model card's section on how the recipe was found."""
+def search_summary(store, optimizer_name: str, genome_size: int, chosen: Optional[dict] = None) -> str:
+    """The model card's section on how the recipe was found (`chosen`: the exported candidate's
+    row, see ExperimentStore.rows; default the best feasible fitness)."""
+    from .rescore import read_rescore
+
     trials = store.finished()
-    best = store.best()
+    best = store.trial(chosen["number"]) if chosen is not None else store.best()
     runs = read_runs(store.root)
     retried = sum(max(t.user_attrs.get("attempts", 1) - 1, 0) for t in trials)
     replaced = sum(r.replaced for r in runs)
@@ -164,21 +171,68 @@ def search_summary(store, optimizer_name: str, genome_size: int) -> str:
         f"{len(trials)} evaluations ({sum(1 for t in trials if t.value is None)} failed) in {max(len(runs), 1)} run(s); "
         f"{retried} attempt(s) retried after a worker died, {replaced} worker(s) replaced, {timed_out} timed out."
     )
+    stopped = sum(1 for t in trials if t.user_attrs.get("status") == "stopped")
+    reused = sum(1 for t in trials if t.user_attrs.get("reused_from") is not None)
+    if stopped or reused:
+        lines.append(f"{stopped} candidate(s) stopped early by racing; {reused} identical recipe(s) not evaluated again.")
     if best is not None:
-        lines.append(f"Best fitness {best.value:.6g} (trial {best.number}); task metrics:")
+        lines.append(f"Exported: trial {best.number}, search fitness {best.value:.6g}; task metrics:")
         lines.append("")
         for name, value in best.user_attrs.get("metrics", {}).items():
             lines.append(f"* {name}: {value:.6g}")
+    rescored = read_rescore(store.root)
+    if rescored and rescored.get("rows"):
+        lines += ["", f"Re-scored on held-out tasks ({', '.join(rescored['tasks'])}); the exported model is the best there:", "",
+                  "| trial | search fitness | held-out fitness |", "|---|---|---|"]
+        for r in rescored["rows"]:
+            held = r["heldout_fitness"]
+            mark = " (exported)" if r["number"] == rescored.get("chosen") else ""
+            lines.append(f"| {r['number']}{mark} | {r['search_fitness']:.6g} | "
+                         + (f"{held:.6g}" if held is not None else r["status"]) + " |")
     return "\n".join(lines)
 
 
-def export_best(store, genome, merge_options, save_final_model: bool, summary: str, quiet: bool = False) -> Optional[Path]:
+def export_pareto(store, genome, scoring) -> Optional[Path]:
+    """DIR/pareto/: the Pareto front of the complete, feasible candidates over the objective
+    tasks, one recipe per distinct member (`<number>.yaml`, the user's model references) and
+    front.json with their scores. Rewritten whole at each export."""
+    import shutil
+
+    rows, seen = [], set()
+    for row in sorted(store.rows(), key=lambda r: r["number"]):
+        if row["recipe_hash"] not in seen:  # identical recipes: the first candidate stands for them
+            seen.add(row["recipe_hash"])
+            rows.append(row)
+    front = scoring.front(rows)
+    out = store.root / "pareto"
+    tmp = store.root / ".pareto.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    members = []
+    for row in front:
+        recipe = genome.decode(store.genotype_of(store.trial(row["number"])))
+        (tmp / f"{row['number']}.yaml").write_text(
+            f"# Pareto front member: trial {row['number']}, metrics {json.dumps(row['metrics'])}\n" + recipe.to_yaml()
+        )
+        members.append({"number": row["number"], "metrics": row["metrics"], "fitness": row["fitness"],
+                        "recipe": f"pareto/{row['number']}.yaml"})
+    names = scoring.objective_names or [t.name for t in scoring.tasks]
+    (tmp / "front.json").write_text(json.dumps(
+        {"directions": {n: scoring.directions[n] for n in names}, "members": members}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def export_best(store, genome, merge_options, save_final_model: bool, summary: str, quiet: bool = False,
+                number: Optional[int] = None) -> Optional[Path]:
     """best_config.yaml (the user's model references) and, unless disabled, DIR/final_model merged
-    by the streaming engine (written atomically: a kill during export leaves no half model)."""
+    by the streaming engine (written atomically: a kill during export leaves no half model), for
+    candidate `number` (default: the best feasible fitness)."""
     plot = plot_fitness(store)
     if plot and not quiet:
         print(f"fitness plot: {plot}")
-    best = store.best()
+    best = store.trial(number) if number is not None else store.best()
     if best is None:
         print("no candidate completed: nothing to export", file=sys.stderr)
         return None

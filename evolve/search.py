@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from merge_engine.errors import ConfigError
 from merge_engine.threads import thread_environment
@@ -28,8 +28,10 @@ from search_spaces.genome import Genome, read_num_layers
 from .config import SearchConfig
 from .model_refs import check_genome_models
 from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
+from .objectives import Scoring
 from .optimizers import Optimizer, SearchSpace, make_optimizer
-from .report import RunRecord, StatusLine, append_run, export_best, faults_text, overhead_text, search_summary
+from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
+from .rescore import Rescoring, read_rescore
 from .store import ExperimentStore, recipe_hash
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Op
     return make_optimizer(
         opt.name, search_space(genome), x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,
+        objectives=max(len(config.objective_tasks), 1), constraints=bool(config.constraints),
     )
 
 
@@ -134,10 +137,18 @@ def check_tasks(config: SearchConfig, options: EvolveOptions) -> None:
         raise ConfigError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}")
 
 
-def evaluator_spec(config: SearchConfig, options: EvolveOptions) -> dict:
+def evaluator_spec(config: SearchConfig, options: EvolveOptions, tasks=None) -> dict:
+    """The workers' lm-eval evaluator: the search tasks (or `tasks`, e.g. the held-out ones), each
+    also reporting the other metrics constraints read (as `task:metric`)."""
+    extra: dict[str, list[str]] = {}
+    for c in config.constraints if tasks is None else ():
+        task_metric = next(t.metric for t in config.tasks if t.name == c.task)
+        if c.metric not in (None, task_metric):
+            extra.setdefault(c.task, []).append(c.metric)
     return {
         "kind": "lm_eval",
-        "tasks": [{"name": t.name, "metric": t.metric, "weight": t.weight, "direction": t.direction} for t in config.tasks],
+        "tasks": [{"name": t.name, "metric": t.metric, "weight": t.weight, "direction": t.direction,
+                   "also": extra.get(t.name, [])} for t in (tasks or config.tasks)],
         "include_paths": [str(Path(p).resolve()) for p in options.task_search_path],
         "limit": config.limit,
         "num_fewshot": config.num_fewshot,
@@ -146,30 +157,21 @@ def evaluator_spec(config: SearchConfig, options: EvolveOptions) -> dict:
         "apply_chat_template": config.apply_chat_template,
         "fewshot_as_multiturn": config.fewshot_as_multiturn,
         "batch_size": options.batch_size,
+        "racing": config.racing is not None and tasks is None,
     }
 
 
-def worker_settings(config: SearchConfig, genome: Genome, options: EvolveOptions, x0: list[float]):
+def worker_settings(config: SearchConfig, genome: Genome, options: EvolveOptions, x0: list[float], evaluator=None):
     from dataclasses import asdict
 
     from evaluators.worker import WorkerSettings
 
     return WorkerSettings(
         template_recipe=genome.decode(x0).to_plain(),
-        evaluator=evaluator_spec(config, options),
+        evaluator=evaluator or evaluator_spec(config, options),
         merge_options=asdict(options.merge_options()),
         threads=options.threads_per_worker,
     )
-
-
-def fitness(config: SearchConfig, metrics: dict, directions: dict) -> float:
-    """mergekit-evolve's fitness, Σ weight·metric, with lower-is-better metrics counted negatively
-    so that one maximised number ranks candidates."""
-    total = 0.0
-    for t in config.tasks:
-        sign = 1.0 if directions.get(t.name, "maximize") == "maximize" else -1.0
-        total += sign * t.weight * metrics[t.name]
-    return total
 
 
 def hub_environment() -> dict:
@@ -186,38 +188,87 @@ def hub_environment() -> dict:
 
 class PoolRunner:
     """The loop's Runner over a WorkerPool: decodes genotypes into recipes, turns worker results
-    into Outcomes with their fitness."""
+    into Outcomes scored by `scoring`.
 
-    def __init__(self, pool, genome: Genome, config: SearchConfig, directions: dict):
+    A recipe identical to one already evaluated (same `recipe_hash`: weights compared as the
+    engine rounds them) is never evaluated again: it gets that candidate's outcome
+    (`reused_from`), or waits for it while it is still running. With `race`, each candidate is
+    sent with the best fitness so far and the racing rule (see evaluators.racing)."""
+
+    def __init__(self, pool, genome: Genome, scoring: Scoring, known: Optional[dict] = None, race=None,
+                 best: Callable[[], Optional[float]] = lambda: None):
         self.pool = pool
         self.genome = genome
-        self.config = config
-        self.directions = directions
+        self.scoring = scoring
         self.capacity = pool.capacity
+        self.race = race
+        self.best = best
+        self.known: dict[str, tuple[int, Outcome]] = dict(known or {})  # recipe hash -> (number, outcome)
         self.submitted: dict[int, tuple[float, str]] = {}  # number -> (submit time, recipe hash)
+        self.evaluating: dict[str, int] = {}  # recipe hash -> the candidate evaluating it
+        self.waiting: dict[int, list[Candidate]] = {}  # that candidate -> identical ones waiting for it
+        self.ready: list[tuple[Candidate, Outcome]] = []
 
     def submit(self, candidate: Candidate) -> None:
         recipe = self.genome.decode(candidate.genotype)
-        self.submitted[candidate.number] = (time.perf_counter(), recipe_hash(recipe))
-        self.pool.submit(candidate, recipe.to_plain())
+        key = recipe_hash(recipe)
+        self.submitted[candidate.number] = (time.perf_counter(), key)
+        if key in self.known:
+            self.ready.append((candidate, self._reuse(candidate, *self.known[key])))
+        elif key in self.evaluating:
+            self.waiting[self.evaluating[key]].append(candidate)
+        else:
+            self.evaluating[key] = candidate.number
+            self.waiting[candidate.number] = []
+            payload = recipe.to_plain()
+            if self.race is not None:
+                payload = {"recipe": payload, "race": {
+                    "best": self.best(), "weights": self.scoring.signed_weights,
+                    "fraction": self.race.fraction, "z": self.race.confidence_z,
+                }}
+            self.pool.submit(candidate, payload)
+
+    def _reuse(self, candidate: Candidate, number: int, outcome: Outcome) -> Outcome:
+        t0, _ = self.submitted.pop(candidate.number)
+        return Outcome(outcome.status, outcome.fitness, dict(outcome.metrics), outcome.error,
+                       {"merge_s": 0.0, "eval_s": 0.0, "total_s": time.perf_counter() - t0}, 0, outcome.recipe_hash,
+                       None, outcome.objectives, outcome.violation, 0, number)
 
     def wait(self) -> list[tuple[Candidate, Outcome]]:
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
         out = []
         for candidate, result, attempts in self.pool.wait():
-            t0, hash_ = self.submitted.pop(candidate.number)
-            timings = {
-                "merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0),
-                "total_s": time.perf_counter() - t0,
-            }
-            fit = None
-            if result["status"] == "complete":
-                try:
-                    fit = fitness(self.config, result["metrics"], self.directions)
-                except KeyError as err:
-                    result = {**result, "status": "failed", "error": f"no metric for task {err}"}
-            out.append((candidate, Outcome(result["status"], fit, result.get("metrics", {}), result.get("error"),
-                                           timings, attempts, hash_, result.get("worker"))))
+            t0, key = self.submitted.pop(candidate.number)
+            outcome = self._outcome(result, attempts, key, time.perf_counter() - t0)
+            out.append((candidate, outcome))
+            del self.evaluating[key]
+            followers = self.waiting.pop(candidate.number)
+            if outcome.status in ("complete", "stopped"):  # a failure may be transient: not reused
+                self.known[key] = (candidate.number, outcome)
+                out += [(c, self._reuse(c, candidate.number, outcome)) for c in followers]
+            else:
+                for c in followers:  # evaluate the identical ones after all
+                    self.submitted.pop(c.number)
+                    self.submit(c)
         return out
+
+    def _outcome(self, result: dict, attempts: int, key: str, total_s: float) -> Outcome:
+        timings = {"merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0), "total_s": total_s}
+        status, error, metrics = result["status"], result.get("error"), result.get("metrics", {})
+        fitness, objectives, violation = None, (), 0.0
+        if status in ("complete", "stopped"):
+            try:
+                if status == "stopped":  # scored on its first items only: the estimate ranks it
+                    fitness = self.scoring.fitness(metrics)
+                else:
+                    scored = self.scoring.score(metrics)
+                    fitness, objectives, violation = scored.fitness, scored.objectives, scored.violation
+            except KeyError as err:
+                status, error = "failed", f"no metric {err}"
+        return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
+                       objectives, violation, result.get("items", 0))
 
 
 # -- one run of the driver ------------------------------------------------------------------------
@@ -267,10 +318,12 @@ class SearchRun:
                 try:
                     self._run_pool(status, started)
                 finally:
-                    if self.pool is not None:  # inside the cluster: a Ray call after it would start a new one
-                        stats = self.pool.stats
-                        self.record.retried, self.record.replaced, self.record.timed_out = stats.retried, stats.replaced, stats.timed_out
-                        self.pool.shutdown()
+                    self._shutdown_pool()  # inside the cluster: a Ray call after it would start a new one
+                if self.config.rescore is not None:
+                    try:
+                        self._rescore()
+                    finally:
+                        self._shutdown_pool()
         except KeyboardInterrupt:
             self.record.stop_reason = "interrupted: continue with --resume"
         finally:
@@ -282,7 +335,17 @@ class SearchRun:
             finally:
                 append_run(self.store.root, self.record)
 
-    def _run_pool(self, status: StatusLine, started: float) -> None:
+    def _shutdown_pool(self) -> None:
+        if self.pool is not None:
+            stats = self.pool.stats
+            self.record.retried += stats.retried
+            self.record.replaced += stats.replaced
+            self.record.timed_out += stats.timed_out
+            self.pool.shutdown()
+            self.pool = None
+
+    def _start_pool(self, evaluator: Optional[dict] = None):
+        """Workers with the search's evaluator, or with `evaluator` (re-scoring)."""
         import ray
 
         from evaluators.worker import CandidateWorker
@@ -296,12 +359,19 @@ class SearchRun:
         # progress bars inside workers (lm-eval, datasets) would be shipped to the driver's
         # console for every candidate: noise, and CPU taken from the evaluation
         env = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", **hub_environment(), **thread_environment()}
-        spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0),),
+        spec = WorkerSpec(CandidateWorker, (worker_settings(self.config, self.genome, self.options, self.x0, evaluator),),
                           num_cpus=self.options.cpus_per_worker, num_gpus=per_worker, env=env)
         self.pool = WorkerPool(spec, count, timeout=self.options.candidate_timeout)
         self.record.workers = count
         self.pool.start()
-        runner = PoolRunner(self.pool, self.genome, self.config, self.pool.info["directions"])
+
+    def _run_pool(self, status: StatusLine, started: float) -> None:
+        self._start_pool()
+        self.scoring = Scoring.for_search(self.config, self.pool.info["directions"])
+        self.store.set_directions(self.scoring.directions)
+        known = {e.outcome.recipe_hash: (e.candidate.number, e.outcome) for e in self.store.journal()
+                 if e.outcome is not None and e.outcome.status in ("complete", "stopped") and e.outcome.recipe_hash}
+        runner = PoolRunner(self.pool, self.genome, self.scoring, known, self.config.racing, lambda: self.best_value)
         timeout = self.config.budget.timeout
 
         def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
@@ -310,11 +380,15 @@ class SearchRun:
             for key, value in outcome.timings.items():
                 self.seconds[key] = self.seconds.get(key, 0.0) + value
             fit = outcome.fitness
-            if fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
+            counts = outcome.status == "complete" and outcome.violation <= 0  # feasible, on every item
+            if counts and fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
                 self.best_value = fit
                 self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
             stats = self.pool.stats
-            status.update(candidate.number, self.finished, fit, outcome.error, self.best_value, outcome.timings,
+            note = outcome.error or ("stopped early" if outcome.status == "stopped" else
+                                     f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
+                                     f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else None)
+            status.update(candidate.number, self.finished, fit, note, self.best_value, outcome.timings,
                           faults_text(stats.retried, stats.replaced, stats.timed_out))
 
         self.state = run_loop(
@@ -325,16 +399,61 @@ class SearchRun:
         self.store.checkpoint(self.optimizer, self.state, force=True)
         self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
 
+    def _rescore(self) -> None:
+        """Score the top candidates on the held-out tasks (see evolve.rescore); resumable."""
+        definition = self.config.rescore
+        if self.record.stop_reason not in ("budget spent", "timeout"):
+            return  # the search itself is not finished
+        table = Rescoring(self.store.root, definition.tasks, definition.top_k)
+        self.store.flush()  # every result of the search is in the study before the top ones are picked
+        table.select(self.store.rows())
+        todo = table.pending()
+        if not todo:
+            return
+        if not self.options.quiet:
+            print(f"re-scoring the top {len(table.state['rows'])} candidates on held-out tasks "
+                  f"({', '.join(t.name for t in definition.tasks)})", flush=True)
+        self._start_pool(evaluator_spec(self.config, self.options, tasks=definition.tasks))
+        scoring = Scoring(definition.tasks, self.pool.info["directions"])
+        for number in todo:
+            self.pool.submit(number, self.genome.decode(self.store.genotype_of(self.store.trial(number))).to_plain())
+        remaining = len(todo)
+        while remaining:
+            for number, result, _attempts in self.pool.wait():
+                remaining -= 1
+                table.record(number, result["status"], result.get("metrics", {}), scoring)
+                if not self.options.quiet:
+                    row = next(r for r in table.state["rows"] if r["number"] == number)
+                    held = row["heldout_fitness"]
+                    print(f"  trial {number}: search {row['search_fitness']:.4f}, held-out "
+                          + (f"{held:.4f}" if held is not None else row["status"]), flush=True)
+
     def overhead_report(self) -> str:
         return overhead_text(self.seconds, self.record.evaluated)
 
+    def scoring_now(self) -> Scoring:
+        """The search's scoring, also when no worker ran in this run (directions from the study)."""
+        return getattr(self, "scoring", None) or Scoring.for_search(self.config, self.store.directions())
+
+    def chosen(self) -> Optional[dict]:
+        """The candidate to export: the best on the held-out tasks once re-scoring has finished,
+        else by the search's rule (best feasible fitness, or the Pareto front's pick)."""
+        rows = self.store.rows()
+        rescored = read_rescore(self.store.root) if self.config.rescore is not None else None
+        if rescored and rescored.get("chosen") is not None:
+            return next(r for r in rows if r["number"] == rescored["chosen"])
+        return self.scoring_now().choose(rows)
+
     def summary(self) -> str:
-        return search_summary(self.store, self.config.optimizer.name, self.genome.size)
+        return search_summary(self.store, self.config.optimizer.name, self.genome.size, self.chosen())
 
     def export(self) -> Optional[Path]:
+        if self.config.objective_tasks:
+            export_pareto(self.store, self.genome, self.scoring_now())
+        chosen = self.chosen()
         return export_best(
             self.store, self.genome, self.options.merge_options(overwrite=True), self.options.save_final_model,
-            self.summary(), self.options.quiet,
+            self.summary(), self.options.quiet, None if chosen is None else chosen["number"],
         )
 
 

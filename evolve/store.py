@@ -47,8 +47,38 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def round_to_dtype(value: float, dtype: str) -> float:
+    """`value` as the merge engine uses a weight: rounded to float32, then to the merge dtype
+    (round to nearest even), computed without torch."""
+    import struct
+
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    if dtype == "float16":
+        return struct.unpack("<e", struct.pack("<e", single))[0]
+    if dtype == "bfloat16":
+        bits = struct.unpack("<I", struct.pack("<f", single))[0]
+        if (bits & 0x7F800000) != 0x7F800000:  # finite: round the low 16 bits away, to even
+            bits += 0x7FFF + ((bits >> 16) & 1)
+        return struct.unpack("<f", struct.pack("<I", bits & 0xFFFF0000))[0]
+    return single
+
+
+def _rounded_weights(node, dtype: str, under_weight: bool = False):
+    if isinstance(node, dict):
+        return {k: _rounded_weights(v, dtype, under_weight or k == "weight") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_rounded_weights(v, dtype, under_weight) for v in node]
+    if under_weight and isinstance(node, float):
+        return round_to_dtype(node, dtype)
+    return node
+
+
 def recipe_hash(config: MergeConfig) -> str:
-    return text_hash(config.to_yaml())
+    """Identity of a recipe as merged: two recipes with the same hash give the same model. Weights
+    count as the engine uses them (rounded to the merge dtype), so genotypes that differ only below
+    that precision are recognised as one recipe and evaluated once."""
+    plain = _rounded_weights(config.to_plain(), str(config.dtype or "float32"))
+    return text_hash(json.dumps(plain, sort_keys=True, default=str))
 
 
 def _versions() -> dict:
@@ -152,8 +182,11 @@ class ExperimentStore:
                 entries.append(JournalEntry(candidate))
                 continue
             outcome = Outcome(
-                status=a.get("status", "failed"), fitness=t.value, metrics=a.get("metrics", {}), error=a.get("error"),
-                timings=a.get("timings", {}), attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
+                status=a.get("status", "failed"), fitness=t.value if t.value is not None else a.get("estimate"),
+                metrics=a.get("metrics", {}), error=a.get("error"), timings=a.get("timings", {}),
+                attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
+                objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
+                reused_from=a.get("reused_from"),
             )
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
@@ -252,24 +285,52 @@ class ExperimentStore:
             attrs["worker"] = outcome.worker
         if outcome.error:
             attrs["error"] = outcome.error[:2000]
+        optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
+                    "reused_from": outcome.reused_from}
+        attrs.update({k: v for k, v in optional.items() if v})
+        finite = outcome.fitness is not None and math.isfinite(outcome.fitness)
+        if outcome.status == "stopped" and finite:
+            attrs["estimate"] = outcome.fitness  # the fitness told to the optimiser, from its first items
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
-        ok = outcome.status == "complete" and outcome.fitness is not None and math.isfinite(outcome.fitness)
-        if ok:
+        if outcome.status == "complete" and finite:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.COMPLETE, [outcome.fitness])
+        elif outcome.status == "stopped" and finite:
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.PRUNED)
         else:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
 
     # -- reading results --------------------------------------------------------------------------
 
     def finished(self) -> list:
+        """Every candidate with a result: complete, failed, or stopped early by racing (pruned)."""
         import optuna
 
-        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
         return [t for t in self.study.get_trials(deepcopy=False) if t.state in states]
 
+    def rows(self) -> list[dict]:
+        """The complete candidates as plain rows (what selection and re-scoring read)."""
+        return [
+            {"number": t.number, "fitness": t.value, "metrics": t.user_attrs.get("metrics", {}),
+             "violation": t.user_attrs.get("violation", 0.0), "recipe_hash": t.user_attrs.get("recipe_hash")}
+            for t in self.finished() if t.value is not None
+        ]
+
+    def set_directions(self, directions: dict) -> None:
+        """The evaluator's task directions, kept for exports made without workers."""
+        if self.study.user_attrs.get("directions") != directions:
+            self._submit(self.study.set_user_attr, "directions", directions)
+
+    def directions(self) -> dict:
+        return dict(self.study.user_attrs.get("directions", {}))
+
+    def trial(self, number: int):
+        return self.study.get_trials(deepcopy=False)[number]
+
     def best(self):
-        complete = [t for t in self.finished() if t.value is not None]
+        """The complete, feasible candidate with the highest fitness (earliest on ties)."""
+        complete = [t for t in self.finished() if t.value is not None and t.user_attrs.get("violation", 0.0) <= 0]
         return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
     def genotype_of(self, trial) -> list[float]:

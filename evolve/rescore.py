@@ -1,0 +1,105 @@
+"""Held-out re-scoring: the search set picks candidates, held-out tasks pick the exported one.
+
+When a search with `rescore:` ends, its top_k candidates (complete and feasible, by search
+fitness, one per distinct recipe) are scored on the held-out tasks, which the optimiser never saw.
+The exported recipe and model are the best of them on those tasks. Progress is kept in
+DIR/rescore.json after every result (atomically), so a stopped re-scoring continues where it
+stopped:
+
+    {"tasks": [held-out task names], "top_k": k,
+     "rows": [{"number", "recipe_hash", "search_fitness", "heldout_fitness", "metrics", "status"}],
+     "chosen": number of the exported candidate, or null while rows are pending}
+
+status: "pending" (not scored yet), "complete" or "failed".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .objectives import Scoring
+
+RESCORE_FILE = "rescore.json"
+
+
+def top_candidates(rows: Sequence[dict], top_k: int) -> list[dict]:
+    """The k best feasible rows by search fitness (earlier first on ties), one per recipe."""
+    ranked = sorted((r for r in rows if r.get("violation", 0.0) <= 0), key=lambda r: (-r["fitness"], r["number"]))
+    out, seen = [], set()
+    for r in ranked:
+        if r["recipe_hash"] in seen:
+            continue
+        seen.add(r["recipe_hash"])
+        out.append(r)
+        if len(out) == top_k:
+            break
+    return out
+
+
+def read_rescore(root: Path) -> Optional[dict]:
+    path = Path(root) / RESCORE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class Rescoring:
+    """The re-scoring table of one experiment: which candidates, their held-out scores, the pick."""
+
+    def __init__(self, root: Path, tasks: Sequence, top_k: int):
+        self.path = Path(root) / RESCORE_FILE
+        self.tasks = list(tasks)
+        self.top_k = top_k
+        self.state = {"tasks": [t.name for t in self.tasks], "top_k": top_k, "rows": [], "chosen": None}
+        previous = read_rescore(root)
+        if previous and previous.get("tasks") == self.state["tasks"] and previous.get("top_k") == top_k:
+            self.state = previous  # a resumed re-scoring: keep what was scored
+
+    def select(self, rows: Sequence[dict]) -> None:
+        """Fix the candidates (once: a resumed search that added candidates re-selects, keeping
+        the scores of those already scored)."""
+        scored = {r["number"]: r for r in self.state["rows"] if r["status"] == "complete"}
+        self.state["rows"] = [
+            scored.get(r["number"]) or {"number": r["number"], "recipe_hash": r["recipe_hash"],
+                                        "search_fitness": r["fitness"], "heldout_fitness": None, "metrics": {},
+                                        "status": "pending"}
+            for r in top_candidates(rows, self.top_k)
+        ]
+        self.state["chosen"] = None
+        self._save()
+
+    def pending(self) -> list[int]:
+        return [r["number"] for r in self.state["rows"] if r["status"] != "complete"]
+
+    def record(self, number: int, status: str, metrics: dict, scoring: Scoring) -> None:
+        row = next(r for r in self.state["rows"] if r["number"] == number)
+        row["status"], row["metrics"] = status, metrics
+        if status == "complete":
+            try:
+                row["heldout_fitness"] = scoring.fitness(metrics)
+            except KeyError as err:
+                row["status"], row["metrics"] = "failed", {"error": f"no metric {err}"}
+        self._choose()
+        self._save()
+
+    def _choose(self) -> None:
+        if any(r["status"] == "pending" for r in self.state["rows"]):
+            self.state["chosen"] = None
+            return
+        done = [r for r in self.state["rows"] if r["status"] == "complete" and math.isfinite(r["heldout_fitness"])]
+        # the best held-out score; equal held-out scores: the better search fitness, then the earlier
+        best = max(done, key=lambda r: (r["heldout_fitness"], r["search_fitness"], -r["number"]), default=None)
+        self.state["chosen"] = best["number"] if best else None
+
+    @property
+    def chosen(self) -> Optional[int]:
+        return self.state["chosen"]
+
+    def _save(self) -> None:
+        from .store import _atomic_write
+
+        _atomic_write(self.path, json.dumps(self.state, indent=2).encode())
