@@ -222,11 +222,6 @@ class CMAESOptimizer(Optimizer):
         self.__dict__.update(pickle.loads(state["pickle"]))
 
 
-def _violation(trial) -> tuple[float]:
-    """Optuna's constraints_func: <= 0 is feasible (module level, so the study pickles)."""
-    return (float(trial.user_attrs.get("violation", 0.0)),)
-
-
 class OptunaSamplerOptimizer(Optimizer):
     """An Optuna sampler (TPE, NSGA-II, CMA-ES, random) over a private in-memory study: one
     candidate per ask. The experiment's SQLite study is written by the store, not here, so the
@@ -245,8 +240,8 @@ class OptunaSamplerOptimizer(Optimizer):
             n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
         }
         start = dict(zip(space.names, map(float, x0)))
-        made = SAMPLERS[sampler](seed, start, popsize, _violation if constraints else None)
-        self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=made)
+        self.constraints = constraints
+        self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=SAMPLERS[sampler](seed, start, popsize))
         self.study.enqueue_trial(start)
 
     def ask(self) -> Proposal:
@@ -259,8 +254,8 @@ class OptunaSamplerOptimizer(Optimizer):
 
         trial = optuna.trial.Trial(self.study, self.study._storage.get_trial_id_from_study_id_trial_number(
             self.study._study_id, proposal.index))
-        if result.violation:
-            trial.set_user_attr("violation", float(result.violation))
+        if self.constraints:  # Optuna's samplers read it: <= 0 is feasible
+            trial.set_constraint("violation", float(result.violation))
         values = result.objectives if self.objectives > 1 else (result.fitness,)
         if not _finite(result.fitness) or not all(_finite(v) for v in values):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -278,21 +273,21 @@ class OptunaSamplerOptimizer(Optimizer):
         self.study = pickle.loads(state["pickle"])
 
 
-def _tpe(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
+def _tpe(seed: int, x0: dict, popsize: Optional[int]):
     import optuna
 
     # constant_liar: candidates still running count as bad, so parallel workers spread out
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, constraints_func=constraints_func)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
 
 
-def _nsga2(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
+def _nsga2(seed: int, x0: dict, popsize: Optional[int]):
     import optuna
 
     # Optuna's default population of 50 would be one generation of a typical merge budget
-    return optuna.samplers.NSGAIISampler(population_size=popsize or NSGA2_POPSIZE, seed=seed, constraints_func=constraints_func)
+    return optuna.samplers.NSGAIISampler(population_size=popsize or NSGA2_POPSIZE, seed=seed)
 
 
-def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
+def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int]):
     import warnings
 
     import optuna
@@ -302,7 +297,7 @@ def _optuna_cmaes(seed: int, x0: dict, popsize: Optional[int], constraints_func=
         return optuna.samplers.CmaEsSampler(x0=x0, seed=seed, popsize=popsize, warn_independent_sampling=False)
 
 
-def _random(seed: int, x0: dict, popsize: Optional[int], constraints_func=None):
+def _random(seed: int, x0: dict, popsize: Optional[int]):
     import optuna
 
     return optuna.samplers.RandomSampler(seed=seed)

@@ -479,6 +479,25 @@ def dry_run_report(config: SearchConfig) -> str:
         f"budget: {budget} evaluations (1 for the starting point) -> about {generations} generation(s)"
         + (f", timeout {config.budget.timeout:.0f}s" if config.budget.timeout else ""),
     ]
+    if config.objective_tasks:
+        lines.append(
+            f"objectives: {len(config.objective_tasks)} ({', '.join(t.name for t in config.objective_tasks)}), Pareto front "
+            f"exported to pareto/; best_config.yaml is the front member with the best "
+            + ("weighted sum" if config.pareto_select == "weighted_sum" else config.pareto_select)
+        )
+    for c in config.constraints:
+        bounds = " and ".join(b for b in (c.min is not None and f">= {c.min}", c.max is not None and f"<= {c.max}") if b)
+        lines.append(f"constraint: {c.task} {c.metric or '(its metric)'} {bounds}; candidates outside are never exported")
+    if config.racing is not None:
+        lines.append(
+            f"racing: {config.racing.fraction:.0%} of each task's items first; the rest only while the candidate's "
+            f"upper bound (z = {config.racing.confidence_z:g}) can beat the best"
+        )
+    if config.rescore is not None:
+        lines.append(
+            f"re-scoring: the top {config.rescore.top_k} distinct recipes on held-out "
+            f"{', '.join(t.name for t in config.rescore.tasks)}; the best there is exported"
+        )
     if config.optimizer.name == "cma" and budget < 10 * genome.size:
         lines.append(
             f"note: CMA-ES usually needs far more evaluations than dimensions ({budget} for {genome.size}); "

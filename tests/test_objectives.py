@@ -1,0 +1,208 @@
+"""Objectives, constraints, selection, re-scoring bookkeeping, racing's rule and the optimisers'
+handling of them, without Ray (the end-to-end runs are in test_search.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import optuna
+import pytest
+
+from evaluators.racing import estimate, fitness_bound, should_stop, split_items, wilson_bounds
+from evolve.config import parse_search_config
+from evolve.objectives import Scoring
+from evolve.optimizers import Result, SearchSpace, make_optimizer
+from evolve.rescore import Rescoring, read_rescore, top_candidates
+from evolve.store import recipe_hash, round_to_dtype
+from merge_engine.config import parse_config
+
+BASE = {"genome": {"models": ["a", "b"], "merge_method": "linear"}, "tasks": ["x", "y"]}
+
+
+def config(**extra):
+    return parse_search_config({**BASE, **extra})
+
+
+def test_scoring_fitness_objectives_and_violation():
+    cfg = config(tasks=[{"name": "x", "weight": 2.0}, {"name": "ppl", "metric": "word_perplexity,none", "weight": 0.5}],
+                 objectives="pareto", optimizer="nsga2",
+                 constraints=[{"task": "ppl", "max": 20.0}, {"task": "x", "metric": "acc_norm,none", "min": 0.4}])
+    scoring = Scoring.for_search(cfg, {"x": "maximize", "ppl": "minimize"})
+    metrics = {"x": 0.75, "ppl": 23.0, "x:acc_norm,none": 0.3}
+    scored = scoring.score(metrics)
+    assert scored.fitness == pytest.approx(2.0 * 0.75 - 0.5 * 23.0)
+    assert scored.objectives == (0.75, -23.0)
+    assert scored.violation == pytest.approx((23.0 - 20.0) + (0.4 - 0.3))
+    assert scoring.score({"x": 0.75, "ppl": 19.0, "x:acc_norm,none": 0.5}).violation == 0.0
+    with pytest.raises(KeyError):
+        scoring.score({"x": 0.75, "ppl": 19.0})  # the constraint's metric was not reported
+
+
+def test_selection_ignores_infeasible_and_follows_the_declared_rule():
+    cfg = config(objectives="pareto", optimizer="random", pareto_select="y")
+    scoring = Scoring.for_search(cfg, {})
+    rows = [
+        {"number": 0, "fitness": 1.9, "metrics": {"x": 1.0, "y": 0.9}, "violation": 0.5},  # infeasible
+        {"number": 1, "fitness": 1.2, "metrics": {"x": 0.9, "y": 0.3}, "violation": 0.0},
+        {"number": 2, "fitness": 1.0, "metrics": {"x": 0.2, "y": 0.8}, "violation": 0.0},
+        {"number": 3, "fitness": 0.9, "metrics": {"x": 0.1, "y": 0.8}, "violation": 0.0},  # dominated by 2
+    ]
+    assert [r["number"] for r in scoring.front(rows)] == [1, 2]
+    assert scoring.choose(rows)["number"] == 2  # best on y among the front
+    weighted = Scoring.for_search(config(objectives="pareto", optimizer="random"), {})
+    assert weighted.choose(rows)["number"] == 1  # best feasible weighted sum
+    assert weighted.choose([rows[0]]) is None
+
+
+def test_config_errors_name_the_problem():
+    cases = [
+        ({"objectives": "pareto"}, "cma optimises one number"),
+        ({"tasks": [{"name": "x", "objective": True}, "y"]}, "two or more objective tasks"),
+        ({"constraints": [{"task": "z", "max": 1}]}, "constraints.0.task: 'z' is not one of the search tasks"),
+        ({"constraints": [{"task": "x", "min": 2, "max": 1}]}, "min 2.0 is above max 1.0"),
+        ({"racing": True, "objectives": "pareto", "optimizer": "tpe"}, "cannot be combined with a Pareto search"),
+        ({"pareto_select": "nope"}, "neither weighted_sum nor a task name"),
+        ({"rescore": {"tasks": []}}, "rescore.tasks"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(Exception, match=message):
+            config(**extra)
+    assert config(racing=True).racing.fraction == 0.25
+
+
+def test_top_candidates_are_distinct_feasible_and_ranked():
+    rows = [
+        {"number": 0, "fitness": 0.5, "recipe_hash": "a", "violation": 0.0},
+        {"number": 1, "fitness": 0.9, "recipe_hash": "b", "violation": 0.0},
+        {"number": 2, "fitness": 0.9, "recipe_hash": "b", "violation": 0.0},  # the same recipe again
+        {"number": 3, "fitness": 0.95, "recipe_hash": "c", "violation": 1.0},  # infeasible
+        {"number": 4, "fitness": 0.7, "recipe_hash": "d", "violation": 0.0},
+    ]
+    assert [r["number"] for r in top_candidates(rows, 3)] == [1, 4, 0]
+
+
+def test_rescoring_table_picks_the_best_held_out_and_resumes(tmp_path):
+    cfg = config(rescore={"tasks": ["h1", {"name": "h2", "weight": 2.0}], "top_k": 2})
+    rows = [{"number": n, "fitness": f, "recipe_hash": h, "violation": 0.0}
+            for n, f, h in ((0, 0.4, "a"), (1, 0.9, "b"), (2, 0.8, "c"))]
+    scoring = Scoring(cfg.rescore.tasks, {})
+    table = Rescoring(tmp_path, cfg.rescore.tasks, 2)
+    table.select(rows)
+    assert table.pending() == [1, 2] and table.chosen is None
+    table.record(1, "complete", {"h1": 0.5, "h2": 0.25}, scoring)  # held-out 1.0
+    assert table.chosen is None  # trial 2 not scored yet
+    # a stop here; the resumed search reads the table back and scores only what is missing
+    again = Rescoring(tmp_path, cfg.rescore.tasks, 2)
+    again.select(rows)
+    assert again.pending() == [2]
+    again.record(2, "complete", {"h1": 0.6, "h2": 0.3}, scoring)  # held-out 1.2: beats trial 1
+    saved = read_rescore(tmp_path)
+    assert saved["chosen"] == 2
+    assert [(r["number"], r["heldout_fitness"]) for r in saved["rows"]] == [(1, pytest.approx(1.0)), (2, pytest.approx(1.2))]
+    assert json.loads((tmp_path / "rescore.json").read_text())["tasks"] == ["h1", "h2"]
+
+
+def _wilson_by_bisection(mean: float, n: int, z: float) -> tuple[float, float]:
+    """Independent: the p where |mean - p| = z * sqrt(p (1 - p) / n), found by bisection."""
+    def outside(p):
+        return abs(mean - p) - z * math.sqrt(p * (1 - p) / n)
+
+    def solve(lo, hi):
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if (outside(lo) > 0) == (outside(mid) > 0):
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if mean == 0 else solve(0.0, mean)
+    high = 1.0 if mean == 1 else solve(mean, 1.0)
+    return low, high
+
+
+def test_wilson_bounds_match_their_definition():
+    for mean, n, z in ((0.5, 10, 1.0), (0.2, 25, 1.96), (0.9, 7, 2.0), (0.0, 12, 1.0), (1.0, 12, 1.0)):
+        lo, hi = wilson_bounds(mean, n, z)
+        ref_lo, ref_hi = _wilson_by_bisection(mean, n, z)
+        assert lo == pytest.approx(ref_lo, abs=1e-9) and hi == pytest.approx(ref_hi, abs=1e-9)
+
+
+def test_racing_rule_numbers():
+    weights = {"a": 1.0, "b": -0.5}  # b is minimised
+    stage = {"a": (0.4, 25, 100), "b": (0.6, 25, 100)}
+    lo_b = wilson_bounds(0.6, 25, 1.0)[0]
+    hi_a = wilson_bounds(0.4, 25, 1.0)[1]
+    expected = (25 * 0.4 + 75 * hi_a) / 100 - 0.5 * (25 * 0.6 + 75 * lo_b) / 100
+    assert fitness_bound(stage, weights, 1.0) == pytest.approx(expected)
+    assert estimate(stage, weights) == pytest.approx(0.4 - 0.3)
+    assert should_stop(stage, weights, 1.0, expected + 1e-9) and not should_stop(stage, weights, 1.0, expected - 1e-9)
+    assert not should_stop(stage, weights, 1.0, None)  # nothing to beat yet
+
+
+def test_split_items_is_seeded_disjoint_and_complete():
+    items = list(range(3, 103))
+    first, rest = split_items(items, 0.25, "0/race/t")
+    assert len(first) == 25 and sorted(first + rest) == items and not set(first) & set(rest)
+    assert split_items(items, 0.25, "0/race/t") == (first, rest)
+    assert split_items(items, 0.25, "1/race/t")[0] != first
+    assert split_items([7], 0.25, "s") == ([7], [])
+
+
+def test_recipe_hash_counts_weights_as_the_engine_rounds_them():
+    def recipe(w):
+        return parse_config({"merge_method": "linear", "dtype": "bfloat16",
+                             "models": [{"model": "a", "parameters": {"weight": w}}, {"model": "b", "parameters": {"weight": 0.5}}]})
+
+    assert recipe_hash(recipe(0.3)) == recipe_hash(recipe(0.3 + 1e-5))  # the same bfloat16 weight
+    assert round_to_dtype(0.3, "bfloat16") == round_to_dtype(0.3 + 1e-5, "bfloat16") == 0.30078125
+    assert recipe_hash(recipe(0.3)) != recipe_hash(recipe(0.32))
+
+
+SPACE = SearchSpace(("u", "v"), (0.0, 0.0), (1.0, 1.0))
+
+
+def test_nsga2_searches_two_objectives_with_constraints():
+    opt = make_optimizer("nsga2", SPACE, [0.5, 0.5], seed=1, objectives=2, constraints=True, popsize=6)
+    for _ in range(30):
+        p = opt.ask()
+        u, v = p.genotype
+        violation = max(0.0, 0.2 - v)  # v below 0.2 is infeasible
+        opt.tell(p, Result(u + v, (u, 1.0 - u * v), violation))
+    trials = opt.study.get_trials()
+    assert len(trials) == 30 and all(len(t.values) == 2 for t in trials)
+    infeasible = [t for t in trials if t.params["v"] < 0.2]
+    assert infeasible and all(t.system_attrs["constraints:violation"] == pytest.approx(0.2 - t.params["v"]) for t in infeasible)
+    assert all(t.system_attrs["constraints:violation"] == 0.0 for t in trials if t.params["v"] >= 0.2)
+    with pytest.raises(ValueError, match="several objectives need"):
+        make_optimizer("cma", SPACE, [0.5, 0.5], seed=1, objectives=2)
+
+
+def test_a_stopped_candidate_is_a_pruned_trial_with_its_estimate():
+    opt = make_optimizer("tpe", SPACE, [0.5, 0.5], seed=1)
+    p = opt.ask()
+    opt.tell(p, Result(0.25, stopped=True))
+    trial = opt.study.get_trials()[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values == {0: 0.25}
+
+
+def test_cma_ranks_infeasible_after_feasible_and_failed_last():
+    opt = make_optimizer("cma", SPACE, [0.5, 0.5], seed=1, popsize=4)
+    opt.ask()  # the starting point
+    proposals = [opt.ask() for _ in range(4)]
+    seen = {}
+    original = opt.es.tell
+
+    def spy(xs, losses, **kw):
+        seen["losses"] = list(losses)
+        return original(xs, losses, **kw)
+
+    opt.es.tell = spy
+    results = [Result(0.9), Result(2.0, violation=0.5), Result(None), Result(0.1)]
+    for p, r in zip(proposals, results):
+        opt.tell(p, r)
+    feasible, infeasible, failed, worse = seen["losses"]
+    assert feasible == -0.9 and worse == -0.1
+    assert failed > infeasible > worse  # the infeasible one's high fitness does not help it
