@@ -177,3 +177,105 @@ def test_optuna_sampler_search_and_dry_run(quickstart, tmp_path):
     assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows)
     assert not (storage / "final_model").exists()
     assert (storage / "best_config.yaml").is_file()
+
+
+def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
+    """Racing stops candidates that cannot beat the best on their first items (pruned trials with
+    their estimate), an identical recipe is never evaluated twice, and the top candidates are
+    re-scored on held-out tasks: the exported recipe is the best there."""
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", optimizer="tpe", budget=14)
+    data = yaml.safe_load(cfg.read_text())
+    data["racing"] = {"fraction": 0.3, "confidence_z": 1.0}
+    data["rescore"] = {"tasks": ["qs_arithmetic_heldout", "qs_facts_heldout"], "top_k": 3}
+    cfg.write_text(yaml.safe_dump(data))
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 14
+    full_items = rows[0]["items"]  # the starting point has nothing to beat: scored on every item
+    assert full_items == 66 + 20  # two thirds of 100 arithmetic items, 20 of 30 facts
+    stopped = [r for r in rows if r["state"] == "PRUNED"]
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert stopped, "racing stopped nothing"
+    for r in stopped:
+        assert r["status"] == "stopped" and r["items"] == round(0.3 * 66) + round(0.3 * 20)
+        assert r["estimate"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
+        # it was stopped because its optimistic bound was below the best finished before it
+        earlier = [c["value"] for c in complete if c["tell_order"] < r["tell_order"]]
+        assert earlier and r["estimate"] < max(earlier)
+    for r in complete:
+        assert r["items"] in (full_items, 0) and r["value"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
+    reused = [r for r in rows if r.get("reused_from") is not None]
+    for r in reused:
+        source = rows[r["reused_from"]]
+        assert r["recipe_hash"] == source["recipe_hash"] and r["metrics"] == source["metrics"] and r["items"] == 0
+    assert len({r["recipe_hash"] for r in rows}) == len(rows) - len(reused)
+    table = json.loads((storage / "rescore.json").read_text())
+    ranked = sorted((r for r in complete if r.get("reused_from") is None), key=lambda r: (-r["value"], r["number"]))
+    assert [r["number"] for r in table["rows"]] == [r["number"] for r in ranked[:3]]
+    for r in table["rows"]:
+        assert r["status"] == "complete"
+        assert r["heldout_fitness"] == pytest.approx(r["metrics"]["qs_arithmetic_heldout"] + r["metrics"]["qs_facts_heldout"])
+    chosen = max(table["rows"], key=lambda r: (r["heldout_fitness"], r["search_fitness"], -r["number"]))
+    assert table["chosen"] == chosen["number"]
+    assert f"trial {chosen['number']}," in (storage / "best_config.yaml").read_text().splitlines()[0]
+    card = (storage / "final_model" / "README.md").read_text()
+    assert "held-out" in card and f"| {chosen['number']} (exported) |" in card
+
+
+def test_pareto_search_with_a_constraint(quickstart, tmp_path):
+    """NSGA-II over the two tasks as separate objectives: pareto/ holds exactly the
+    non-dominated feasible trials, and an infeasible trial is never exported."""
+    from evolve.pareto import pareto_front
+
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", optimizer="nsga2", budget=12, popsize=4)
+    data = yaml.safe_load(cfg.read_text())
+    data["objectives"] = "pareto"
+    data["constraints"] = [{"task": "qs_facts", "min": 0.6}]
+    cfg.write_text(yaml.safe_dump(data))
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--no-save-final-model", "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 12
+    for r in rows:
+        m = r["metrics"]
+        assert r["objectives"] == pytest.approx([m["qs_arithmetic"], m["qs_facts"]])
+        assert r.get("violation", 0.0) == pytest.approx(max(0.0, 0.6 - m["qs_facts"]))
+    feasible = {}
+    for r in rows:  # identical recipes: the first trial stands for them
+        if r.get("violation", 0.0) == 0 and r["recipe_hash"] not in {f["recipe_hash"] for f in feasible.values()}:
+            feasible[r["number"]] = r
+    points = [(r["metrics"]["qs_arithmetic"], r["metrics"]["qs_facts"]) for r in feasible.values()]
+    expected = [list(feasible)[i] for i in pareto_front(points, ["maximize", "maximize"])]
+    front = json.loads((storage / "pareto" / "front.json").read_text())
+    assert [m["number"] for m in front["members"]] == expected
+    for m in front["members"]:
+        recipe = yaml.safe_load((storage / m["recipe"]).read_text())
+        assert recipe["merge_method"] == "task_arithmetic"
+    exported = int((storage / "best_config.yaml").read_text().split("trial ")[1].split(",")[0])
+    assert exported == max(expected, key=lambda n: (rows[n]["value"], -n))
+
+
+def test_raced_evaluation_equals_the_full_one(quickstart):
+    """The evaluator's two stages add up to exactly what one full evaluation gives, and a stopped
+    candidate's metrics are its means over the first-stage items."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
+    from evaluators.racing import split_items
+
+    path = quickstart["models"]["expert_arithmetic"]
+    ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
+    ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
+    full = ev.evaluate()
+    raced, stopped = ev.evaluate_raced({"qs_arithmetic": 1.0, "qs_facts": 1.0}, None, 0.25, 1.0)
+    assert not stopped and ev.evaluated_items == 86
+    assert raced == pytest.approx(full, abs=1e-12)
+    cut, stopped = ev.evaluate_raced({"qs_arithmetic": 1.0, "qs_facts": 1.0}, 10.0, 0.25, 1.0)
+    assert stopped and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
+    first = {name: split_items(ev.items(name), 0.25, f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
+    ev.samples = first  # an ordinary evaluation of just those items
+    assert cut == pytest.approx(ev.evaluate(), abs=1e-12)
