@@ -181,6 +181,10 @@ class SearchGenome:
     def encode(self, config: MergeConfig) -> list[float]:
         raise NotImplementedError
 
+    def summary(self) -> str:
+        """The dry run's first line, after `genome: N dimensions `."""
+        raise NotImplementedError
+
     def describe(self) -> list[str]:
         """The dry run's account of the genes: one line per kind of gene."""
         raise NotImplementedError
@@ -328,18 +332,22 @@ class Genome(SearchGenome):
             params["int8_mask"] = True
         return params
 
-    def describe(self) -> list[str]:
+    def _layout(self) -> str:
         if self.method == "model_stock":
-            layout = f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a filter_wise switch each"
-        elif self.method == "slerp":
+            return f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a filter_wise switch each"
+        if self.method == "slerp":
             select = len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0
-            layout = f"{self.num_groups} layer group(s) x ({select} model choice score(s) + {len(self.filters)} t)"
-        else:
-            layout = (
-                f"{self.num_groups} layer group(s) x {len(self.models)} model(s) x {len(self.filters)} "
-                f"parameter set(s) x {len(self.params)} parameter(s) ({', '.join(self.params)})"
-            )
-        lines = [f"{self.method} parameter genes: {self.num_params} ({layout})"]
+            return f"{self.num_groups} layer group(s) x ({select} model choice score(s) + {len(self.filters)} t)"
+        return (
+            f"{self.num_groups} layer group(s) x {len(self.models)} model(s) x {len(self.filters)} "
+            f"parameter set(s) x {len(self.params)} parameter(s)"
+        )
+
+    def summary(self) -> str:
+        return f"({self._layout()}); method {self.method}"
+
+    def describe(self) -> list[str]:
+        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self.params or (MODEL_STOCK_PARAM,))})"]
         if self.switched:
             lines.append(switch_line(len(self.models)))
         return lines
@@ -559,6 +567,10 @@ class MethodChoiceGenome(SearchGenome):
 
     def chosen(self, x: Sequence[float]) -> int:
         return category(x[0], len(self.methods))
+
+    def summary(self) -> str:
+        switches = " + a switch per model" if self.switched else ""
+        return f"(a method gene + each method's own genes{switches}); methods {', '.join(self.methods)}"
 
     def describe(self) -> list[str]:
         k = len(self.methods)

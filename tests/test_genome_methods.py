@@ -240,3 +240,25 @@ def test_switched_off_model_merges_as_weight_zero(llama_models, tmp_path):
     for name, value in streamed.items():
         assert torch.equal(value, resident[name]), name
         torch.testing.assert_close(value, base[name] + 0.8 * (a[name] - base[name]), rtol=1e-6, atol=1e-7)
+
+
+def test_dry_run_lists_method_and_switch_genes(llama_models):
+    from evolve.search import build_genome, dry_run_report
+
+    p = _paths(llama_models)
+    config = parse_search_config({"genome": {"models": [p["a"], p["b"]], "base_model": p["base"],
+                                             "merge_method": ["ties", "slerp"], "layer_granularity": 2,
+                                             "model_switch": True}, "tasks": ["t"], "budget": {"max_fevals": 30}})
+    g = build_genome(config)
+    # 1 method gene + ties 2 groups x 2 models x 2 params + slerp 2 groups x (3 scores + 1 t) + 2 switches
+    assert g.size == 1 + 8 + 8 + 2
+    lines = dry_run_report(config).splitlines()
+    assert lines[0] == ("genome: 19 dimensions (a method gene + each method's own genes + a switch per model); "
+                        "methods ties, slerp")
+    assert lines[1:5] == [
+        "  method gene: 1 (categorical over ties, slerp: floor of a value in [0, 2])",
+        "  ties parameter genes: 8 (2 layer group(s) x 2 model(s) x 1 parameter set(s) x 2 parameter(s): weight, density)",
+        "  slerp parameter genes: 8 (2 layer group(s) x (3 model choice score(s) + 1 t): t)",
+        "  switch genes: 2 (one per model; below 0.5 = weight exactly 0; one model always stays on); used by ties",
+    ]
+    assert "population 12" in lines[5]  # pycma: 4 + floor(3 ln 19)
