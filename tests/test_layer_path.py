@@ -24,6 +24,7 @@ from evolve.config import parse_search_config
 from merge_engine.config import parse_config
 from merge_engine.errors import ConfigError
 from search_spaces.layer_path import LayerPathGenome
+from test_search import quickstart  # noqa: F401  (the fixture: tiny trained models and lm-eval tasks)
 
 A, B, C = "/m/ft_a", "/m/ft_b", "/m/ft_c"
 REPO = Path(__file__).resolve().parents[1]
@@ -309,3 +310,41 @@ def test_layer_path_merge_cli_resident_and_independent_agree(llama_models, tmp_p
     assert torch.equal(logits, live_logits)
     # and it is a different model from any input
     assert not torch.allclose(logits, AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.float32)(ids).logits[:, :, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: mergekit-evolve with the new genomes (real Ray workers, lm-eval tasks, SQLite study)
+
+
+@pytest.mark.parametrize("genome", ["layer_path", "method_list"])
+def test_search_with_the_new_genomes(quickstart, tmp_path, genome):
+    import yaml
+    from transformers import AutoConfig
+
+    from test_search import run_evolve, search_yaml, trials
+
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=6, popsize=4)
+    data = yaml.safe_load(cfg.read_text())
+    m = quickstart["models"]
+    if genome == "layer_path":
+        data["genome"] = {"kind": "layer_path", "models": [str(m["expert_arithmetic"]), str(m["expert_facts"])],
+                          "num_layers": 5, "scale": True, "dtype": "float32"}
+    else:
+        data["genome"].update(merge_method=["task_arithmetic", "ties"], model_switch=True)
+    cfg.write_text(yaml.safe_dump(data))
+    storage = tmp_path / "run"
+    proc = run_evolve(cfg, storage, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(storage)
+    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows)
+    assert len({r["recipe_hash"] for r in rows}) == 6  # six different recipes really merged and scored
+    recipe = yaml.safe_load((storage / "best_config.yaml").read_text())
+    final = storage / "final_model"
+    if genome == "layer_path":
+        assert recipe["merge_method"] == "passthrough"
+        assert sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in recipe["slices"]) == 5
+        assert AutoConfig.from_pretrained(final).num_hidden_layers == 5
+    else:
+        assert recipe["merge_method"] in ("task_arithmetic", "ties")
+        assert AutoConfig.from_pretrained(final).num_hidden_layers == 4
+    assert (final / "model.safetensors").is_file()
