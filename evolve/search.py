@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 from merge_engine.errors import ConfigError
 from merge_engine.threads import thread_environment
-from search_spaces.genome import Genome, read_num_layers
+from search_spaces.genome import SearchGenome as Genome, parameter_genome, read_num_layers
+from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig
 from .model_refs import check_genome_models
@@ -81,11 +82,13 @@ class EvolveOptions:
 
 def build_genome(config: SearchConfig) -> Genome:
     counts = {str(ref): read_num_layers(ref) for ref in config.genome.models}
+    if config.genome.kind == "layer_path":  # models of different depths may share a layer path
+        return LayerPathGenome(config.genome, [counts[str(ref)] for ref in config.genome.models])
     if config.genome.base_model is not None:
         counts[str(config.genome.base_model)] = read_num_layers(config.genome.base_model, key="genome.base_model")
     if len(set(counts.values())) > 1:
         raise ConfigError(f"genome.models: models have different layer counts: {counts}")
-    return Genome(config.genome, next(iter(counts.values())))
+    return parameter_genome(config.genome, next(iter(counts.values())))
 
 
 def search_space(genome: Genome) -> SearchSpace:
@@ -462,19 +465,13 @@ def dry_run_report(config: SearchConfig) -> str:
     popsize = config.optimizer.popsize or (genome.default_popsize() if config.optimizer.name == "cma" else 8)
     budget = config.budget.max_fevals
     generations = math.ceil(max(budget - 1, 0) / popsize)
-    if genome.method == "model_stock":
-        layout = f"{genome.num_groups} layer group(s) x {len(genome.filters)} parameter set(s), a filter_wise switch each"
-    else:
-        layout = (
-            f"{genome.num_groups} layer group(s) x {len(genome.models)} model(s) x {len(genome.filters)} "
-            f"parameter set(s) x {len(genome.params)} parameter(s)"
-        )
     scheme = (
         "a generation barrier (classic CMA-ES)" if config.optimizer.generation_barrier else
         "no generation barrier: free workers get extra samples of the current distribution"
     ) if config.optimizer.name == "cma" else "one candidate per free worker"
     lines = [
-        f"genome: {genome.size} dimensions ({layout}); method {genome.method}",
+        f"genome: {genome.size} dimensions {genome.summary()}",
+        *(f"  {line}" for line in genome.describe()),
         f"optimizer: {config.optimizer.name}, population {popsize}; {scheme}",
         f"budget: {budget} evaluations (1 for the starting point) -> about {generations} generation(s)"
         + (f", timeout {config.budget.timeout:.0f}s" if config.budget.timeout else ""),
@@ -501,6 +498,7 @@ def dry_run_report(config: SearchConfig) -> str:
     if config.optimizer.name == "cma" and budget < 10 * genome.size:
         lines.append(
             f"note: CMA-ES usually needs far more evaluations than dimensions ({budget} for {genome.size}); "
-            "consider a coarser layer_granularity, fewer filters, or a larger budget"
+            + ("consider fewer output layers or models, no scale genes, or a larger budget" if config.genome.kind == "layer_path"
+               else "consider a coarser layer_granularity, fewer filters, or a larger budget")
         )
     return "\n".join(lines)

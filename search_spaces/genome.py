@@ -4,6 +4,12 @@ Layout follows mergekit-evolve: the vector is `[layer groups, models, parameter 
 (parameter sets = one per filter plus a catch-all). Unlike mergekit-evolve, every dimension has
 bounds in its valid range (weights, densities, t), so the optimiser never needs abs/clamp folding
 and a decoded value is exactly the value merged.
+
+evomerge's additions: `merge_method` as a list (MethodChoiceGenome: one categorical method gene),
+`model_switch` (one on/off gene per model after either layout) and `kind: layer_path`
+(search_spaces.layer_path). The optimisers see only bounded continuous dimensions, so a categorical
+gene over k choices is a dimension in [0, k] decoded by floor (clamped to k - 1 at the upper
+bound), and an on/off gene is a dimension in [0, 1] that is on at >= 0.5.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from merge_engine.architecture import get_config_value, known_architecture
-from merge_engine.config import MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
+from merge_engine.config import Conditional, MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.hub import looks_like_repo_id
 
@@ -130,7 +136,114 @@ def _unique_labels(refs: Sequence[ModelReference]) -> dict[ModelReference, str]:
     return {r: (str(r) if short[r] in clashes else short[r]) for r in refs}
 
 
-class Genome:
+def category(value: float, k: int) -> int:
+    """A categorical gene over k choices, in [0, k]: floor(value), clamped into 0..k-1."""
+    return min(max(int(math.floor(value)), 0), k - 1)
+
+
+class SearchGenome:
+    """What every genome has: bounded dimensions, a starting point, clipping, pycma's population.
+    Subclasses set `dimensions` and implement `decode_plain`, `encode` and `describe`."""
+
+    dimensions: list[Dimension]
+
+    @property
+    def size(self) -> int:
+        return len(self.dimensions)
+
+    @property
+    def lower(self) -> list[float]:
+        return [d.low for d in self.dimensions]
+
+    @property
+    def upper(self) -> list[float]:
+        return [d.high for d in self.dimensions]
+
+    def initial(self) -> list[float]:
+        return [d.initial for d in self.dimensions]
+
+    def default_popsize(self) -> int:
+        """pycma's default population size, 4 + floor(3 ln N)."""
+        return 4 + int(3 * math.log(self.size))
+
+    def _check(self, x: Sequence[float]) -> list[float]:
+        if len(x) != self.size:
+            raise ValueError(f"genotype has {len(x)} values, the genome {self.size}")
+        return [min(max(float(v), d.low), d.high) for v, d in zip(x, self.dimensions)]
+
+    def decode(self, x: Sequence[float]) -> MergeConfig:
+        return parse_config(self.decode_plain(self._check(x)), "decoded genome")
+
+    def decode_plain(self, x: list[float]) -> dict:
+        """The recipe as plain YAML data, for a genotype inside the bounds."""
+        raise NotImplementedError
+
+    def encode(self, config: MergeConfig) -> list[float]:
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """The dry run's first line, after `genome: N dimensions `."""
+        raise NotImplementedError
+
+    def describe(self) -> list[str]:
+        """The dry run's account of the genes: one line per kind of gene."""
+        raise NotImplementedError
+
+
+# -- model switches -------------------------------------------------------------------------------
+
+SWITCH_ON = 0.75  # a switch gene's starting value: on, 1.5 default sigma0 steps from off
+
+
+def switch_dimensions(labels: Sequence[str]) -> list[Dimension]:
+    return [Dimension(f"switch.{label}", 0.0, 1.0, SWITCH_ON) for label in labels]
+
+
+def switched_off(values: Sequence[float]) -> list[bool]:
+    """Which models are off (gene < 0.5). One always stays on: when every gene is below 0.5, the
+    model with the highest gene (the first of equal ones) stays on."""
+    off = [v < 0.5 for v in values]
+    if all(off):
+        off[max(range(len(values)), key=lambda i: (values[i], -i))] = False
+    return off
+
+
+def zero_weights(recipe: dict, off: set[str]) -> dict:
+    """Set the `weight` of each model in `off` (recipe references) to exactly 0 wherever the recipe
+    gives it one. The model stays an input, so the recipe's layout does not change."""
+    entries = list(recipe.get("models") or [])
+    for slc in recipe.get("slices") or []:
+        entries.extend(slc["sources"])
+    for entry in entries:
+        if entry["model"] in off and "weight" in (entry.get("parameters") or {}):
+            entry["parameters"]["weight"] = 0.0
+    return recipe
+
+
+def _all_zero(value) -> bool:
+    if isinstance(value, Conditional):
+        return _all_zero(value.value)
+    if isinstance(value, (tuple, list)):
+        return all(_all_zero(v) for v in value)
+    return float(value) == 0.0
+
+
+def encode_switches(config: MergeConfig, models: Sequence[ModelReference]) -> list[float]:
+    """Switch genes for a recipe: off for a model whose every weight is 0, else on."""
+    weights: dict[ModelReference, list] = {m: [] for m in models}
+    entries = list(config.models or [])
+    for slc in config.slices or []:
+        entries.extend(slc.sources)
+    for entry in entries:
+        if entry.model in weights and entry.parameters and "weight" in entry.parameters:
+            weights[entry.model].append(entry.parameters["weight"])
+    return [1.0 - SWITCH_ON if w and _all_zero(w) else SWITCH_ON for w in weights.values()]
+
+
+class Genome(SearchGenome):
+    """One merge method's genome (mergekit-evolve's layout), optionally with a switch gene per
+    model after it (`model_switch`, methods with a `weight` only)."""
+
     def __init__(self, definition, num_layers: int):
         """`definition`: an evolve.config.GenomeDefinition (duck-typed; no import of evolve)."""
         self.definition = d = definition
@@ -152,6 +265,10 @@ class Genome:
             self.slerp_pool = pool
         self.labels = _unique_labels(self.slerp_pool if self.method == "slerp" else self.models)
         self.dimensions = self._build_dimensions()
+        self.num_params = len(self.dimensions)  # the layout's genes; switch genes follow
+        self.switched = bool(d.model_switch) and "weight" in self.params
+        if self.switched:
+            self.dimensions += switch_dimensions([self.labels[m] for m in self.models])
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -193,34 +310,10 @@ class Genome:
                         dims.append(Dimension(f"g{g}.{self.labels[m]}.{p}.{f or 'all'}", *self._bounds(p)))
         return dims
 
-    @property
-    def size(self) -> int:
-        return len(self.dimensions)
-
-    @property
-    def lower(self) -> list[float]:
-        return [d.low for d in self.dimensions]
-
-    @property
-    def upper(self) -> list[float]:
-        return [d.high for d in self.dimensions]
-
-    def initial(self) -> list[float]:
-        return [d.initial for d in self.dimensions]
-
-    def default_popsize(self) -> int:
-        """pycma's default population size, 4 + floor(3 ln N)."""
-        return 4 + int(3 * math.log(self.size))
-
     def _index(self, g: int, m: int, f: int, p: int) -> int:
         return ((g * len(self.models) + m) * len(self.filters) + f) * len(self.params) + p
 
     # -- decode ---------------------------------------------------------------------------------
-
-    def _check(self, x: Sequence[float]) -> list[float]:
-        if len(x) != self.size:
-            raise ValueError(f"genotype has {len(x)} values, the genome {self.size}")
-        return [min(max(float(v), d.low), d.high) for v, d in zip(x, self.dimensions)]
 
     def _setting(self, values_by_filter: list) -> object:
         """One parameter's value: a scalar (or gradient), or a conditional list over the filters."""
@@ -239,20 +332,46 @@ class Genome:
             params["int8_mask"] = True
         return params
 
-    def decode(self, x: Sequence[float]) -> MergeConfig:
-        x = self._check(x)
+    def _layout(self) -> str:
+        if self.method == "model_stock":
+            return f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a filter_wise switch each"
+        if self.method == "slerp":
+            select = len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0
+            return f"{self.num_groups} layer group(s) x ({select} model choice score(s) + {len(self.filters)} t)"
+        return (
+            f"{self.num_groups} layer group(s) x {len(self.models)} model(s) x {len(self.filters)} "
+            f"parameter set(s) x {len(self.params)} parameter(s)"
+        )
+
+    def summary(self) -> str:
+        return f"({self._layout()}); method {self.method}"
+
+    def describe(self) -> list[str]:
+        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self.params or (MODEL_STOCK_PARAM,))})"]
+        if self.switched:
+            lines.append(switch_line(len(self.models)))
+        return lines
+
+    def decode_plain(self, x: list[float]) -> dict:
+        recipe = self._decode_layout(x[: self.num_params])
+        if self.switched:
+            off = switched_off(x[self.num_params :])
+            zero_weights(recipe, {str(m) for m, o in zip(self.models, off) if o})
+        return recipe
+
+    def _decode_layout(self, x: list[float]) -> dict:
         d = self.definition
         recipe: dict = {"merge_method": self.method, "dtype": d.dtype}
         if d.tokenizer_source is not None:
             recipe["tokenizer_source"] = d.tokenizer_source
         if self.method == "slerp":
             recipe.update(self._decode_slerp(x))
-            return parse_config(recipe, "decoded genome")
+            return recipe
         if d.base_model is not None:
             recipe["base_model"] = str(d.base_model)
         if self.method == "model_stock":
             recipe.update(self._decode_model_stock(x))
-            return parse_config(recipe, "decoded genome")
+            return recipe
         recipe["parameters"] = self._fixed_parameters()
 
         def model_params(g: Optional[int], m: int) -> dict:
@@ -273,7 +392,7 @@ class Genome:
             recipe["models"] = [
                 {"model": str(ref), "parameters": model_params(group, m)} for m, ref in enumerate(self.models)
             ]
-            return parse_config(recipe, "decoded genome")
+            return recipe
         size = self.num_layers // self.num_groups
         slices = []
         for g in range(self.num_groups):
@@ -286,7 +405,7 @@ class Genome:
                 sources.append({"model": str(d.base_model), "layer_range": lr})
             slices.append({"sources": sources})
         recipe["slices"] = slices
-        return parse_config(recipe, "decoded genome")
+        return recipe
 
     def _switches(self, x: list[float], g: int):
         """model_stock's filter_wise setting for one layer group (true where the gene is >= 0.5)."""
@@ -347,6 +466,8 @@ class Genome:
         if config.merge_method != self.method:
             raise ConfigError(f"warm start: recipe uses {config.merge_method}, the genome {self.method}")
         x = self.initial()
+        if self.switched:
+            x[self.num_params :] = encode_switches(config, self.models)
         if self.method == "slerp":
             return self._encode_slerp(config, x)
         if self.method == "model_stock":
@@ -413,3 +534,80 @@ class Genome:
         ]
         slc = OutputSliceDefinition(sources=sources) if sources else None
         return ParameterScope(slc, None, config.parameters), sources
+
+
+def switch_line(n_models: int) -> str:
+    return f"switch genes: {n_models} (one per model; below 0.5 = weight exactly 0; one model always stays on)"
+
+
+class MethodChoiceGenome(SearchGenome):
+    """`merge_method` as a list: one categorical gene picks the method, then each method has its
+    own genes (a Genome per method, its dimension names prefixed with the method's name); the
+    genes of the methods not picked are ignored. The method gene is global, not per layer group:
+    a mergekit recipe has one merge_method. Layout: [method, genes of method 1, genes of method 2,
+    ..., switch genes (model_switch)]."""
+
+    def __init__(self, definition, num_layers: int):
+        self.definition = definition
+        self.num_layers = num_layers
+        self.methods = definition.methods
+        self.choices = [Genome(definition.for_method(m), num_layers) for m in self.methods]
+        self.models: list[ModelReference] = list(definition.models)
+        k = len(self.methods)
+        self.dimensions = [Dimension("method", 0.0, float(k), 0.5)]  # starts on the first method
+        self.offsets = []
+        for method, sub in zip(self.methods, self.choices):
+            self.offsets.append(len(self.dimensions))
+            self.dimensions += [Dimension(f"{method}.{d.name}", d.low, d.high, d.initial) for d in sub.dimensions]
+        self.num_params = len(self.dimensions)
+        self.switched = bool(definition.model_switch)
+        if self.switched:
+            labels = _unique_labels(self.models)
+            self.dimensions += switch_dimensions([labels[m] for m in self.models])
+
+    def chosen(self, x: Sequence[float]) -> int:
+        return category(x[0], len(self.methods))
+
+    def summary(self) -> str:
+        switches = " + a switch per model" if self.switched else ""
+        return f"(a method gene + each method's own genes{switches}); methods {', '.join(self.methods)}"
+
+    def describe(self) -> list[str]:
+        k = len(self.methods)
+        lines = [f"method gene: 1 (categorical over {', '.join(self.methods)}: floor of a value in [0, {k}])"]
+        for sub in self.choices:
+            lines += sub.describe()
+        if self.switched:
+            weighted = [m for m, sub in zip(self.methods, self.choices) if "weight" in sub.params]
+            lines.append(switch_line(len(self.models)) + f"; used by {', '.join(weighted)}")
+        return lines
+
+    def decode_plain(self, x: list[float]) -> dict:
+        i = self.chosen(x)
+        sub = self.choices[i]
+        recipe = sub.decode_plain(x[self.offsets[i] : self.offsets[i] + sub.size])
+        if self.switched and "weight" in sub.params:
+            off = switched_off(x[self.num_params :])
+            zero_weights(recipe, {str(m) for m, o in zip(self.models, off) if o})
+        return recipe
+
+    def encode(self, config: MergeConfig) -> list[float]:
+        """The recipe's method picked, its genes encoded; the other methods keep their start."""
+        if config.merge_method not in self.methods:
+            raise ConfigError(
+                f"warm start: recipe uses {config.merge_method}, the genome one of {', '.join(self.methods)}"
+            )
+        i = self.methods.index(config.merge_method)
+        x = self.initial()
+        x[0] = i + 0.5
+        x[self.offsets[i] : self.offsets[i] + self.choices[i].size] = self.choices[i].encode(config)
+        if self.switched:
+            x[self.num_params :] = encode_switches(config, self.models)
+        return self._check(x)
+
+
+def parameter_genome(definition, num_layers: int) -> SearchGenome:
+    """The genome of a `kind: parameter_space` definition: one method, or a choice of methods."""
+    if isinstance(definition.merge_method, str):
+        return Genome(definition, num_layers)
+    return MethodChoiceGenome(definition, num_layers)
