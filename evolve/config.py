@@ -204,9 +204,10 @@ def _task_entries(value):
 
 
 class OptimizerDefinition(_Schema):
-    name: Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random"] = "cma"
+    # None: chosen from the budget and the genome (evolve.search.resolve_optimizer)
+    name: Optional[Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random"]] = None
     popsize: Optional[int] = Field(default=None, ge=2)
-    sigma0: float = Field(default=1 / 6, gt=0)
+    sigma0: Optional[float] = Field(default=None, gt=0)  # None: 1/6 of each gene's range (wider when chosen)
     seed: int = 0
     # evomerge, cma only: true = classic CMA-ES, workers wait for each generation's last result
     generation_barrier: bool = False
@@ -264,7 +265,7 @@ class SearchConfig(_Schema):
         if len(self.objective_tasks) == 1:
             raise ValueError("tasks: a Pareto search needs two or more objective tasks")
         multi = len(self.objective_tasks) > 1
-        if multi and self.optimizer.name not in ("nsga2", "tpe", "random"):
+        if multi and self.optimizer.name not in (None, "nsga2", "tpe", "random"):
             raise ValueError(
                 f"optimizer: {self.optimizer.name} optimises one number; a Pareto search needs nsga2, tpe or random"
             )

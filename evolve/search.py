@@ -104,6 +104,32 @@ def starting_point(config: SearchConfig, genome: Genome) -> list[float]:
     return genome.initial()
 
 
+# The default optimiser, chosen by bench/search_quality.py's evidence (docs/search-quality.md):
+# CMA-ES adapts its distribution well only with many evaluations per gene; below that, TPE.
+CMA_MIN_EVALS_PER_GENE = 20
+DEFAULT_SIGMA0 = 1 / 6  # a named cma: mergekit-evolve's step, relative to each gene's range
+CHOSEN_CMA_SIGMA0 = 0.3  # a chosen cma explores more of the box from the start
+
+
+def resolve_optimizer(config: SearchConfig, genome_size: int, chosen: Optional[str] = None) -> tuple[SearchConfig, str]:
+    """(the config with its optimiser fixed, why that one). A config that names an optimiser gets
+    it; otherwise `chosen` (what a resumed experiment started with), else the default rule."""
+    opt = config.optimizer
+    if opt.name is not None:
+        name, why = opt.name, "named in the config"
+    elif chosen is not None:
+        name, why = chosen, "chosen when this experiment started"
+    elif config.objective_tasks:
+        name, why = "nsga2", "the default for several objectives"
+    else:
+        per_gene = config.budget.max_fevals / max(genome_size, 1)
+        name = "cma" if per_gene >= CMA_MIN_EVALS_PER_GENE else "tpe"
+        why = (f"the default for {config.budget.max_fevals} evaluations over {genome_size} genes ({per_gene:.1f} per gene; "
+               f"CMA-ES from {CMA_MIN_EVALS_PER_GENE} per gene, TPE below)")
+    sigma0 = opt.sigma0 or (CHOSEN_CMA_SIGMA0 if opt.name is None else DEFAULT_SIGMA0)
+    return config.model_copy(update={"optimizer": opt.model_copy(update={"name": name, "sigma0": sigma0})}), why
+
+
 def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Optimizer:
     opt = config.optimizer
     return make_optimizer(
@@ -288,9 +314,11 @@ class SearchRun:
         self.genome = build_genome(config)
         check_tasks(config, options)
         self.store = ExperimentStore(options.storage_path, search_space(self.genome))
+        started_with = self.store.manifest().get("optimizer") if options.resume else None
+        self.config = config = resolve_optimizer(config, self.genome.size, started_with)[0]
         self.store.open(
             config_text, {"optimizer": config.optimizer.seed, "evaluation": config.seed, "merge": options.merge_seed},
-            options.resume,
+            options.resume, {"optimizer": config.optimizer.name},
         )
         self.x0 = starting_point(config, self.genome)
         self.optimizer = build_optimizer(config, self.genome, self.x0)
@@ -462,6 +490,7 @@ class SearchRun:
 
 def dry_run_report(config: SearchConfig) -> str:
     genome = build_genome(config)
+    config, why = resolve_optimizer(config, genome.size)
     popsize = config.optimizer.popsize or (genome.default_popsize() if config.optimizer.name == "cma" else 8)
     budget = config.budget.max_fevals
     generations = math.ceil(max(budget - 1, 0) / popsize)
@@ -472,7 +501,7 @@ def dry_run_report(config: SearchConfig) -> str:
     lines = [
         f"genome: {genome.size} dimensions {genome.summary()}",
         *(f"  {line}" for line in genome.describe()),
-        f"optimizer: {config.optimizer.name}, population {popsize}; {scheme}",
+        f"optimizer: {config.optimizer.name} ({why}), population {popsize}; {scheme}",
         f"budget: {budget} evaluations (1 for the starting point) -> about {generations} generation(s)"
         + (f", timeout {config.budget.timeout:.0f}s" if config.budget.timeout else ""),
     ]

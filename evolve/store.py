@@ -127,7 +127,12 @@ class ExperimentStore:
 
     # -- opening ----------------------------------------------------------------------------------
 
-    def open(self, config_text: str, seeds: dict, resume: bool) -> None:
+    def manifest(self) -> dict:
+        path = self.root / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def open(self, config_text: str, seeds: dict, resume: bool, extra: Optional[dict] = None) -> None:
+        """`extra`: facts fixed when the experiment starts (the optimiser chosen), kept in the manifest."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -161,6 +166,7 @@ class ExperimentStore:
                 "config": config_text,
                 "seeds": seeds,
                 "versions": _versions(),
+                **(extra or {}),
             }
             _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
         storage = f"sqlite:///{(self.root / 'study.db').resolve()}"

@@ -123,7 +123,8 @@ def test_defaults():
     assert [(t.name, t.weight, t.metric, t.direction) for t in c.tasks] == [("t", 1.0, "acc,none", None)]
     assert (c.limit, c.num_fewshot, c.shuffle, c.random_init) == (None, None, False, False)
     assert (c.apply_chat_template, c.fewshot_as_multiturn) == (True, True)  # mergekit-evolve's defaults
-    assert (c.optimizer.name, c.optimizer.popsize, c.optimizer.sigma0, c.optimizer.seed) == ("cma", None, 1 / 6, 0)
+    # no optimizer named: chosen when the search starts, from the budget per gene
+    assert (c.optimizer.name, c.optimizer.popsize, c.optimizer.sigma0, c.optimizer.seed) == (None, None, None, 0)
     assert (c.budget.max_fevals, c.budget.timeout) == (100, None)
     assert c.seed == 0
 
@@ -147,9 +148,13 @@ def test_optimizer_as_a_string_or_a_mapping(name):
     assert (c.optimizer.name, c.optimizer.popsize, c.optimizer.seed) == (name, 6, 3)
 
 
-def test_optimizer_mapping_without_name_is_cma():
-    c = parse({**with_genome(), "optimizer": {"sigma0": 0.1}})
-    assert (c.optimizer.name, c.optimizer.sigma0) == ("cma", 0.1)
+def test_optimizer_mapping_without_name_is_chosen_at_the_start():
+    from evolve.search import resolve_optimizer
+
+    c = parse({**with_genome(), "optimizer": {"sigma0": 0.1}, "budget": {"max_fevals": 400}})
+    assert (c.optimizer.name, c.optimizer.sigma0) == (None, 0.1)
+    resolved, _ = resolve_optimizer(c, 6)  # 400 evaluations over 6 genes: CMA-ES, the user's step kept
+    assert (resolved.optimizer.name, resolved.optimizer.sigma0) == ("cma", 0.1)
 
 
 def test_tasks_bare_strings_and_mappings_mix():
@@ -402,7 +407,7 @@ def test_cli_dry_run_reports_size_population_generations(tmp_path, models32, gra
     if filters:
         genome["filters"] = filters
     storage = tmp_path / "storage"
-    proc = evolve_cli(tmp_path, {"genome": genome, "tasks": ["t"]}, "--dry-run", "--storage-path", str(storage))
+    proc = evolve_cli(tmp_path, {"genome": genome, "tasks": ["t"], "optimizer": "cma"}, "--dry-run", "--storage-path", str(storage))
     assert proc.returncode == 0, proc.stderr
     assert pop == cma_popsize(size)
     assert dry_run_numbers(proc.stdout) == (size, pop, generations(100, pop))
@@ -411,7 +416,7 @@ def test_cli_dry_run_reports_size_population_generations(tmp_path, models32, gra
 
 def test_dry_run_budget_and_population_overrides(tmp_path, models32):
     genome = {"models": models32, "merge_method": "ties", "base_model": models32[0], "layer_granularity": 8}
-    cfg = {"genome": genome, "tasks": ["t"], "budget": {"max_fevals": 40}, "optimizer": {"popsize": 10}}
+    cfg = {"genome": genome, "tasks": ["t"], "budget": {"max_fevals": 40}, "optimizer": {"name": "cma", "popsize": 10}}
     # N = 4 groups x 3 models x 1 set x 2 params
     proc = evolve_cli(tmp_path, cfg, "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -420,7 +425,7 @@ def test_dry_run_budget_and_population_overrides(tmp_path, models32):
     proc = evolve_cli(tmp_path, cfg, "--dry-run", "--max-fevals", "61", "--force-population-size", "6")
     assert dry_run_numbers(proc.stdout) == (24, 6, 10)
     # without a popsize, CMA's default
-    del cfg["optimizer"]
+    cfg["optimizer"] = "cma"
     proc = evolve_cli(tmp_path, cfg, "--dry-run", "--max-fevals", "27")
     assert dry_run_numbers(proc.stdout) == (24, 13, 2)
 
@@ -430,7 +435,8 @@ def test_dry_run_report_in_process(tmp_path):
 
     models = [fake_model(tmp_path, n, 4) for n in ("a", "b")]
     cfg = parse({"genome": {"models": models, "merge_method": "slerp", "base_model": fake_model(tmp_path, "base", 4),
-                            "layer_granularity": 2, "filters": ["mlp"]}, "tasks": ["t"], "budget": {"max_fevals": 50}})
+                            "layer_granularity": 2, "filters": ["mlp"]}, "tasks": ["t"], "budget": {"max_fevals": 50},
+                 "optimizer": "cma"})
     size, pop, gens = dry_run_numbers(dry_run_report(cfg))
     # slerp, pool of 3: per group 3 selection scores + 2 t values
     assert (size, pop, gens) == (10, cma_popsize(10), generations(50, cma_popsize(10)))

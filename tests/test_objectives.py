@@ -58,7 +58,7 @@ def test_selection_ignores_infeasible_and_follows_the_declared_rule():
 
 def test_config_errors_name_the_problem():
     cases = [
-        ({"objectives": "pareto"}, "cma optimises one number"),
+        ({"objectives": "pareto", "optimizer": "cma"}, "cma optimises one number"),
         ({"tasks": [{"name": "x", "objective": True}, "y"]}, "two or more objective tasks"),
         ({"constraints": [{"task": "z", "max": 1}]}, "constraints.0.task: 'z' is not one of the search tasks"),
         ({"constraints": [{"task": "x", "min": 2, "max": 1}]}, "min 2.0 is above max 1.0"),
@@ -206,3 +206,18 @@ def test_cma_ranks_infeasible_after_feasible_and_failed_last():
     feasible, infeasible, failed, worse = seen["losses"]
     assert feasible == -0.9 and worse == -0.1
     assert failed > infeasible > worse  # the infeasible one's high fitness does not help it
+
+
+def test_default_optimizer_follows_the_budget_per_gene_and_a_named_one_is_kept():
+    from evolve.search import CHOSEN_CMA_SIGMA0, CMA_MIN_EVALS_PER_GENE, resolve_optimizer
+
+    small = config(budget={"max_fevals": CMA_MIN_EVALS_PER_GENE * 6 - 1})
+    resolved, why = resolve_optimizer(small, 6)
+    assert resolved.optimizer.name == "tpe" and "per gene" in why
+    large, why = resolve_optimizer(config(budget={"max_fevals": CMA_MIN_EVALS_PER_GENE * 6}), 6)
+    assert (large.optimizer.name, large.optimizer.sigma0) == ("cma", CHOSEN_CMA_SIGMA0)
+    named, why = resolve_optimizer(config(optimizer="cma", budget={"max_fevals": 10}), 6)
+    assert (named.optimizer.name, named.optimizer.sigma0, why) == ("cma", 1 / 6, "named in the config")
+    resumed, why = resolve_optimizer(small, 6, chosen="cma")  # what the experiment started with wins
+    assert resumed.optimizer.name == "cma" and "started" in why
+    assert resolve_optimizer(config(objectives="pareto"), 6)[0].optimizer.name == "nsga2"
