@@ -212,7 +212,9 @@ def _pareto_plot(tasks: list[str], points: dict[int, list[float]], members: list
     ys = [p[1] for p in points.values()]
     ax.scatter(xs, ys, s=12, alpha=0.4, color="C0", label="candidate")
     front = sorted((points[n] for n in members if n in points), key=lambda p: (p[0], p[1]))
-    ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="C3", label="Pareto front")
+    # joined only for two tasks: with more, the front seen along two of them is no staircase
+    style = "o-" if len(tasks) == 2 else "o"
+    ax.plot([p[0] for p in front], [p[1] for p in front], style, color="C3", label="Pareto front")
     ax.set_xlabel(tasks[0])
     ax.set_ylabel(tasks[1])
     ax.legend()
@@ -308,7 +310,7 @@ def _render(root: Path, study, tmp: Path) -> str:
     facts = [
         ("experiment", _esc(root.resolve())),
         ("started", _esc((manifest or {}).get("created", "?"))),
-        ("optimizer", _esc(f"{config.optimizer.name}, budget {config.budget.max_fevals} evaluations") if config else "?"),
+        ("optimizer", _esc(config.optimizer.name) if config else "?"),
         ("tasks", _esc(", ".join(f"{t} ({directions.get(t, 'maximize')})" for t in tasks))),
         ("trials", f"{len(finished)} finished ({len(complete)} complete, {failed} failed), {running} running"),
         ("best fitness", f'<span id="best-fitness" data-value="{best.value!r}">{best.value:.6g}</span> (trial {best.number})'
@@ -414,7 +416,7 @@ def _importance(study, complete: list) -> str:
         importances = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
         )
-    except (RuntimeError, ValueError) as err:  # e.g. every trial has the same fitness
+    except Exception as err:  # noqa: BLE001 - e.g. every trial has the same fitness; the page goes on
         return f'<p class="note">Importance could not be estimated: {_esc(err)}</p>'
     if not importances:
         return '<p class="note">No gene varies across the complete trials.</p>'

@@ -144,8 +144,12 @@ class Rows(HTMLParser):
 
 
 def test_report_matches_the_study(experiment):
+    import hashlib
+
     root, _ = experiment
+    before = hashlib.sha256((root / "study.db").read_bytes()).hexdigest()
     path = write_report(root)
+    assert hashlib.sha256((root / "study.db").read_bytes()).hexdigest() == before  # read, never written
     assert path == root / "report.html"
     text = path.read_text()
     rows = study_rows(root)
@@ -364,3 +368,31 @@ def test_reports_during_a_running_search(llama_models, tmp_path):
     assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] <= 40
     text = write_report(root).read_text()
     assert "40 finished (39 complete, 1 failed), 0 running" in text
+
+
+def test_a_real_search_writes_its_report(llama_models, tmp_path):
+    """mergekit-evolve (Ray workers, lm-eval tasks) ends by writing DIR/report.html."""
+    from experiments.quickstart.skills import write_lm_eval_tasks
+
+    tasks = tmp_path / "tasks"
+    write_lm_eval_tasks(tasks)
+    cfg = tmp_path / "search.yml"
+    cfg.write_text(yaml.safe_dump({
+        "genome": {"models": [str(llama_models["a"]), str(llama_models["b"])], "base_model": str(llama_models["base"]),
+                   "merge_method": "task_arithmetic", "layer_granularity": 2, "dtype": "float32"},
+        "tasks": ["qs_arithmetic", "qs_facts"], "limit": 8,
+        "apply_chat_template": False, "fewshot_as_multiturn": False,
+        "optimizer": {"name": "random", "seed": 0}, "budget": {"max_fevals": 3},
+    }))
+    storage = tmp_path / "run"
+    proc = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(tasks),
+                           "--no-save-final-model"], capture_output=True, text=True, env=dict(ENV, RAY_AUTH_MODE="disabled"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == f"report: {storage / 'report.html'}"
+    text = (storage / "report.html").read_text()
+    complete = [r for r in study_rows(storage) if r["state"] == "COMPLETE"]
+    best = max(complete, key=lambda r: (r["value"], -r["number"]))
+    assert f'data-value="{best["value"]!r}">{best["value"]:.6g}</span> (trial {best["number"]})' in text
+    assert "3 finished (3 complete, 0 failed), 0 running" in text and "budget spent, 3 evaluated" in text
+    heat = [c for c in Rows(text).cells if c.get("class") == "heat"]
+    assert {c["data-dim"]: float(c["data-value"]) for c in heat} == best["params"] and len(heat) == 2 * 2
