@@ -1,4 +1,4 @@
-"""`mergekit-evolve search.yml --storage-path DIR [options]`.
+"""`mergekit-evolve search.yml --storage-path DIR [options]` and `mergekit-evolve report DIR`.
 
 mergekit-evolve's options keep their names; those that have no effect here say so in --help.
 """
@@ -6,6 +6,7 @@ mergekit-evolve's options keep their names; those that have no effect here say s
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import click
@@ -17,7 +18,8 @@ from .report import faults_text
 NO_EFFECT = "(accepted for compatibility; no effect here)"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"]},
+               epilog="mergekit-evolve report DIR: write DIR/report.html from the experiment's current state.")
 @click.argument("genome_config_path", type=click.Path(dir_okay=False))
 @click.option("--storage-path", type=click.Path(file_okay=False), required=False, help="Experiment directory: study, checkpoints, best recipe, final model.")
 @click.option("--resume", is_flag=True, help="Continue the stopped experiment in --storage-path.")
@@ -55,7 +57,7 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--wandb-entity", default=None, help=NO_EFFECT)
 @click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
+def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
          num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, num_threads, cpus_per_worker, task_search_path, save_final_model, random_seed, device, merge_cuda,
          batch_size, allow_crimes, lora_merge_cache, lora_merge_dtype, allow_benchmarks, verbose, quiet, **_ignored):
     """Search merge recipes with an evolutionary optimiser; export the best one."""
@@ -116,8 +118,50 @@ def main(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout,
                            f"recipe: {Path(storage_path) / 'best_config.yaml'}")
             if out is not None:
                 click.echo(f"final model: {out}")
+            _write_report(Path(storage_path), quiet)
 
     run_cli(verbose, action)
+
+
+def _write_report(root: Path, quiet: bool) -> None:
+    """report.html at the end of a search; a report that fails must not fail the search."""
+    import logging
+
+    from .html_report import write_report
+
+    try:
+        path = write_report(root)
+    except Exception as err:  # noqa: BLE001 - the search's results are on disk either way
+        logging.getLogger(__name__).warning("report.html not written: %s (retry with: mergekit-evolve report %s)", err, root)
+        return
+    if not quiet:
+        click.echo(f"report: {path}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("storage_path", type=click.Path(file_okay=False))
+@click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
+def report_command(storage_path, verbose):
+    """Write STORAGE_PATH/report.html (fitness, best recipe per layer, Pareto front, parameter
+    importance, re-scoring) from the experiment's study; works while a search is running."""
+    setup_logging(verbose, False)
+
+    def action() -> None:
+        from .html_report import write_report
+
+        click.echo(write_report(Path(storage_path)))
+
+    run_cli(verbose, action)
+
+
+def main(args=None) -> None:
+    """`mergekit-evolve report DIR` or `mergekit-evolve search.yml [options]` (a search config
+    named `report` is passed as `./report`)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:
+        report_command(argv[1:], prog_name="mergekit-evolve report")
+    else:
+        search_command(argv, prog_name="mergekit-evolve")
 
 
 def _sigterm_as_interrupt(signum, frame):
