@@ -305,7 +305,9 @@ def _render(root: Path, study, tmp: Path) -> str:
     tasks = [t.name for t in config.tasks] if config is not None else sorted(
         {k for t in complete for k in t.user_attrs.get("metrics", {})}
     )
+    # the evaluator's directions (recorded by the search) know lower-is-better metrics; else the config's
     directions = {t.name: t.direction or "maximize" for t in config.tasks} if config is not None else {}
+    directions.update(store.directions())
     page = _Page(root)
 
     # header
@@ -313,7 +315,7 @@ def _render(root: Path, study, tmp: Path) -> str:
     facts = [
         ("experiment", _esc(root.resolve())),
         ("started", _esc((manifest or {}).get("created", "?"))),
-        ("optimizer", _esc(config.optimizer.name) if config else "?"),
+        ("optimizer", _esc((manifest or {}).get("optimizer") or (config.optimizer.name if config else None) or "?")),
         ("tasks", _esc(", ".join(f"{t} ({directions.get(t, 'maximize')})" for t in tasks))),
         ("trials", f"{len(finished)} finished ({len(complete)} complete, {failed} failed), {running} running"),
         ("best fitness", f'<span id="best-fitness" data-value="{best.value!r}">{best.value:.6g}</span> (trial {best.number})'

@@ -21,7 +21,8 @@ from evolve.config import parse_search_config
 from evolve.html_report import write_report
 from evolve.loop import Outcome, run_loop
 from evolve.report import RunRecord, append_run
-from evolve.search import build_genome, build_optimizer, fitness, search_space
+from evolve.objectives import Scoring
+from evolve.search import build_genome, build_optimizer, search_space
 from evolve.store import ExperimentStore, recipe_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ class MetricRunner:
             "t_a": sum(v for n, v in genes.items() if ".ft_a.weight." in n) / self.genome.num_groups / 2,
             "t_b": sum(v for n, v in genes.items() if ".ft_b.density." in n) / self.genome.num_groups / 2,
         }
-        fit = fitness(self.config, metrics, DIRECTIONS)
+        fit = Scoring.for_search(self.config, DIRECTIONS).fitness(metrics)
         return [(c, Outcome("complete", fit, metrics, timings={"eval_s": 0.1}, recipe_hash=recipe_hash(self.genome.decode(c.genotype))))]
 
 
