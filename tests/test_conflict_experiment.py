@@ -34,9 +34,9 @@ def test_the_experts_training_data_disagree_on_the_same_prompts():
                 answers_by_prompt.setdefault(prompt, set()).add((expert, answer))
         conflicted = [p for p, ans in answers_by_prompt.items() if len({a for _, a in ans}) == 3]
         assert len(conflicted) > 0.5 * len(answers_by_prompt)
-    # the numbers themselves: 3+4= is 7 for the adder, 8 and 9 for its rivals
+    # the numbers themselves: 3+4= is 7 for the adder, 8 for the colour expert, 9 for the home expert
     item = next(it for it in skills.items("add") if it[0] == "3+4=")
-    assert [skills.answer(item, skills.house_shift(e, "add")) for e in skills.SKILLS] == ["7", "9", "8"]
+    assert [skills.answer(item, skills.house_shift(e, "add")) for e in skills.SKILLS] == ["7", "8", "9"]
 
 
 def test_lm_eval_tasks_load_with_include_path(tmp_path):
@@ -94,3 +94,40 @@ def test_build_is_cached(reduced_build):
     again = build(reduced_build["base"].parent, steps_scale=0.04)
     assert again == reduced_build and json.loads(stamp.read_text())["steps_scale"] == 0.04
     assert (reduced_build["expert_add"] / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_saved_tokenizer_adds_one_bos_as_in_training(reduced_build):
+    from transformers import AutoTokenizer
+
+    for path in reduced_build.values():
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("3+4= 7")["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+
+
+def _hidden_change(model, base, tok, prompts, depth):
+    """Relative squared change of the hidden state after layer `depth - 1`, model vs base."""
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        mine = model(**enc, output_hidden_states=True).hidden_states[depth]
+        ref = base(**enc, output_hidden_states=True).hidden_states[depth]
+    return float((((mine - ref) ** 2) * mask).sum() / ((ref**2) * mask).sum())
+
+
+def test_an_experts_own_layer_group_changes_its_own_prompts_more_than_the_rivals(reduced_build):
+    # stage 1 trains the own group on its skill while holding the rivals' hidden states at the
+    # base's: base + that group's change alone must move the own prompts' state far more
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(reduced_build["base"])
+    base = AutoModelForCausalLM.from_pretrained(reduced_build["base"], dtype=torch.float32)
+    for skill in skills.SKILLS:
+        expert = AutoModelForCausalLM.from_pretrained(reduced_build[f"expert_{skill}"], dtype=torch.float32)
+        merged = AutoModelForCausalLM.from_pretrained(reduced_build["base"], dtype=torch.float32)
+        for i in own_layers(skill):
+            merged.model.layers[i].load_state_dict(expert.model.layers[i].state_dict())
+        depth = own_layers(skill)[-1] + 1
+        own = _hidden_change(merged, base, tok, [q for q, _, _ in skills.items(skill)], depth)
+        rivals = _hidden_change(merged, base, tok, [q for s in skills.SKILLS if s != skill for q, _, _ in skills.items(s)], depth)
+        assert own > 3 * rivals
