@@ -47,6 +47,8 @@ class Experiment:
     build: Callable[[], dict]  # -> {"base": path, "expert_<skill>": path, ...}
     write_tasks: Callable[[Path], list]
     heldout: tuple[str, ...]
+    # recipes known by construction, shown for reference (not baselines the search must beat)
+    references: Callable[[dict], dict] = lambda models: {}
 
 
 def experiment(name: str) -> Experiment:
@@ -55,7 +57,7 @@ def experiment(name: str) -> Experiment:
         from experiments.conflict.build_models import build
 
         return Experiment(ROOT / "experiments/conflict/search.yml", lambda: build(Path("demo_output/conflict/models")),
-                          skills.write_lm_eval_tasks, tuple(skills.heldout_task_names()))
+                          skills.write_lm_eval_tasks, tuple(skills.heldout_task_names()), per_layer_choice)
     if name == "quickstart":
         from experiments.quickstart.build_models import build
         from experiments.quickstart.skills import TASKS, write_lm_eval_tasks
@@ -63,6 +65,24 @@ def experiment(name: str) -> Experiment:
         return Experiment(ROOT / "experiments/quickstart/search.yml", lambda: build(Path("demo_output/quickstart/models")),
                           write_lm_eval_tasks, tuple(f"qs_{s}_heldout" for s in TASKS))
     raise SystemExit(f"--experiment: unknown experiment {name!r} (known: conflict, quickstart)")
+
+
+def per_layer_choice(models: dict) -> dict[str, str]:
+    """The conflict experiment's designed answer: layer group k from expert k alone (weight 1)."""
+    import yaml
+
+    from experiments.conflict.build_models import own_layers
+    from experiments.conflict.skills import SKILLS
+
+    slices = []
+    for owner in SKILLS:
+        layers = own_layers(owner)
+        span = [layers[0], layers[-1] + 1]
+        sources = [{"model": str(models[f"expert_{s}"]), "layer_range": span, "parameters": {"weight": float(s == owner)}}
+                   for s in SKILLS]
+        slices.append({"sources": sources + [{"model": str(models["base"]), "layer_range": span}]})
+    doc = {"merge_method": "task_arithmetic", "base_model": str(models["base"]), "dtype": "float32", "slices": slices}
+    return {"per-layer choice by hand": yaml.safe_dump(doc, sort_keys=False)}
 
 
 def default_optimizers() -> list[str]:
@@ -225,14 +245,16 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     for name, path in models.items():
         rows.append({**summarise(name, [{"heldout": score(path)}]), "group": SEARCH_FREE})
-    for name, recipe in baseline_recipes(models).items():
+    fixed = [(n, r, "baseline") for n, r in baseline_recipes(models).items()]
+    fixed += [(n, r, "reference") for n, r in exp.references(models).items()]
+    for name, recipe, group in fixed:
         slug = name.split(" (")[0].replace(" ", "_")
         out = work / "baselines" / slug
         (work / "baselines").mkdir(parents=True, exist_ok=True)
         cfg = work / "baselines" / f"{slug}.yml"
         cfg.write_text(recipe)
         subprocess.run([str(BIN / "mergekit-yaml"), str(cfg), str(out), "--overwrite", "--quiet"], check=True)
-        rows.append({**summarise(name, [{"heldout": score(out)}]), "group": "baseline"})
+        rows.append({**summarise(name, [{"heldout": score(out)}]), "group": group})
     print(table(rows), flush=True)
 
     results: dict[str, list[dict]] = {o: [] for o in optimizers}
