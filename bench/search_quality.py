@@ -202,7 +202,7 @@ def table(rows: list[dict]) -> str:
         if "median" not in r:
             lines.append(f"| {r['method']:<30} | failed: {'; '.join(r['failed'])[:80]}")
             continue
-        spread = f"{r['min']:.3f} - {r['max']:.3f}" if r["runs"] > 1 else "(fixed)"
+        spread = f"{r['min']:.3f} - {r['max']:.3f}" if r["runs"] > 1 else "(1 run)" if r.get("group") == "search" else "(fixed)"
         ev = f"{r['evaluations']:g}" if r.get("evaluations") is not None else "-"
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
         lines.append(f"| {r['method']:<30} | {r['median']:>15.3f} | {spread:<13} | {ev:>11} | {wall:>13} |")
