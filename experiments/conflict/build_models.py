@@ -4,14 +4,18 @@ format of three skills but none of their answers, and one expert per skill fine-
 Why per-layer choices matter here: expert k is fine-tuned in two stages, each touching only some
 transformer layers (embeddings, final norm and head stay the base's):
 
-1. its own layer group (layers 2k, 2k+1) learns skill k, everything else frozen;
+1. its own layer group (layers 2k, 2k+1) learns skill k, everything else frozen, while its hidden
+   state on the rival skills' questions is held at the base's (`KEEP`), so the change stays local
+   to skill k's prompts and still works beside other experts' layer groups;
 2. the other layers learn its "house answers" to the rival skills' questions (the same prompts
    the rival experts answer correctly; see `skills.py`), while replaying skill k.
 
 So in layer group k, expert k's task vector carries skill k and both rivals' task vectors carry
 answers that contradict it. Averaging (uniform linear = task arithmetic at 1/N) dilutes every
 skill with its contradictions, and plain task arithmetic (weight 1 each) adds them at full
-strength; taking group k from expert k alone recovers all three skills.
+strength; taking group k from expert k alone recovers all three skills. Measured on held-out
+items (mean accuracy over the three skills): uniform linear 0.266, task arithmetic 0.333, TIES
+0.393, group k from expert k 0.650 (docs/search-quality.md).
 
 Each model is a real `LlamaForCausalLM` saved with `save_pretrained` (safetensors) together with
 a byte-level BPE tokenizer trained here. Cached: existing models with the same recipe are reused.
