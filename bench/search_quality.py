@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Search quality: evolved merge recipes vs random search vs fixed merge baselines, on held-out items.
+
+    python bench/search_quality.py [--experiment conflict|quickstart] [--seeds 5] [--budget N]
+        [--optimizers cma,tpe,nsga2,random] [--work-dir bench_output/search_quality] [--threads 1]
+
+For every (optimizer, seed) the real `mergekit-evolve` CLI runs the experiment's search.yml with
+`optimizer.name`, `optimizer.seed` and `budget.max_fevals` changed (a generated copy of the file);
+the exported final_model is then scored on the held-out lm-eval tasks, which the search never
+sees. The baselines (uniform linear, task arithmetic with weight 1 each, TIES) are merged with
+`mergekit-yaml` and scored the same way, as are the base model and the experts for reference.
+The score of a model is the mean held-out accuracy over the experiment's skills.
+
+Default optimizers: cma, tpe and random, plus nsga2 when evomerge has it (`evolve.optimizers.OPTIMIZERS`).
+Every finished run is cached in the work directory (`runs/<optimizer>-seed<S>-b<budget>/result.json`):
+running the command again skips it, and a search stopped half-way is continued with `--resume`.
+The table gives, per method: median and min-max of the held-out score over seeds, and the median
+number of evaluations and wall seconds per search; results.json holds every number.
+Exit status 0 when every evolved optimizer beats random search and every baseline on the median
+held-out score, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+RANDOM = "random"
+SEARCH_FREE = "search-free reference"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    search_yml: Path
+    build: Callable[[], dict]  # -> {"base": path, "expert_<skill>": path, ...}
+    write_tasks: Callable[[Path], list]
+    heldout: tuple[str, ...]
+    # recipes known by construction, shown for reference (not baselines the search must beat)
+    references: Callable[[dict], dict] = lambda models: {}
+
+
+def experiment(name: str) -> Experiment:
+    if name == "conflict":
+        from experiments.conflict import skills
+        from experiments.conflict.build_models import build
+
+        return Experiment(ROOT / "experiments/conflict/search.yml", lambda: build(Path("demo_output/conflict/models")),
+                          skills.write_lm_eval_tasks, tuple(skills.heldout_task_names()), per_layer_choice)
+    if name == "quickstart":
+        from experiments.quickstart.build_models import build
+        from experiments.quickstart.skills import TASKS, write_lm_eval_tasks
+
+        return Experiment(ROOT / "experiments/quickstart/search.yml", lambda: build(Path("demo_output/quickstart/models")),
+                          write_lm_eval_tasks, tuple(f"qs_{s}_heldout" for s in TASKS))
+    raise SystemExit(f"--experiment: unknown experiment {name!r} (known: conflict, quickstart)")
+
+
+def per_layer_choice(models: dict) -> dict[str, str]:
+    """The conflict experiment's designed answer: layer group k from expert k alone (weight 1)."""
+    import yaml
+
+    from experiments.conflict.build_models import own_layers
+    from experiments.conflict.skills import SKILLS
+
+    slices = []
+    for owner in SKILLS:
+        layers = own_layers(owner)
+        span = [layers[0], layers[-1] + 1]
+        sources = [{"model": str(models[f"expert_{s}"]), "layer_range": span, "parameters": {"weight": float(s == owner)}}
+                   for s in SKILLS]
+        slices.append({"sources": sources + [{"model": str(models["base"]), "layer_range": span}]})
+    doc = {"merge_method": "task_arithmetic", "base_model": str(models["base"]), "dtype": "float32", "slices": slices}
+    return {"per-layer choice by hand": yaml.safe_dump(doc, sort_keys=False)}
+
+
+def default_optimizers() -> list[str]:
+    from evolve.optimizers import OPTIMIZERS
+
+    return [o for o in ("cma", "tpe", "nsga2", RANDOM) if o in OPTIMIZERS]
+
+
+def baseline_recipes(models: dict) -> dict[str, str]:
+    """mergekit recipes of the fixed baselines over the experts (`models` without "base")."""
+    import yaml
+
+    experts = [str(p) for k, p in models.items() if k != "base"]
+    base = str(models["base"])
+
+    def recipe(method, params, with_base=True, **extra):
+        doc = {"merge_method": method, "dtype": "float32",
+               "models": [{"model": e, "parameters": dict(params)} for e in experts], **extra}
+        if with_base:
+            doc["base_model"] = base
+        return yaml.safe_dump(doc, sort_keys=False)
+
+    n = len(experts)
+    return {
+        # = task arithmetic at weight 1/N: the experts share the base's embeddings and head
+        "uniform linear": recipe("linear", {"weight": 1 / n}, with_base=False),
+        "task arithmetic (weight 1)": recipe("task_arithmetic", {"weight": 1.0}),
+        "TIES (density 0.5, weight 1)": recipe("ties", {"weight": 1.0, "density": 0.5}),
+    }
+
+
+class Scorer:
+    """Held-out accuracy through the same lm-eval evaluator the search uses (tasks loaded once)."""
+
+    def __init__(self, task_dir: Path, tasks: tuple[str, ...]):
+        from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
+
+        self.tasks = tasks
+        self.evaluator = LMEvalEvaluator([TaskSpec(t) for t in tasks], include_paths=[str(task_dir)])
+
+    def __call__(self, path: Path) -> dict[str, float]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.evaluator.attach(model, AutoTokenizer.from_pretrained(path))
+        per_task = self.evaluator.evaluate()
+        return {**per_task, "mean": statistics.fmean(per_task[t] for t in self.tasks)}
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)  # a killed bench never leaves a half-written result behind
+
+
+def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str:
+    import yaml
+
+    doc = yaml.safe_load(source.read_text())
+    # popsize etc. belong to the file's own optimizer; another one gets its defaults
+    opt = dict(doc.get("optimizer") or {}) if (doc.get("optimizer") or {}).get("name") == optimizer else {}
+    doc["optimizer"] = {**opt, "name": optimizer, "seed": seed}
+    doc["budget"] = {**(doc.get("budget") or {}), "max_fevals": budget}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: int, task_dir: Path,
+               threads: int, score: Scorer) -> dict:
+    """One cached (optimizer, seed) search: the CLI, then the held-out score of its final model."""
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_dir / "search.yml"
+    cfg.write_text(search_yml_copy(source, optimizer, seed, budget))
+    storage = run_dir / "evolve"
+    cmd = [str(BIN / "mergekit-evolve"), str(cfg), "--storage-path", str(storage), "--task-search-path", str(task_dir),
+           "-j", str(threads), "--quiet"]
+    if (storage / "checkpoint.pkl").exists():
+        cmd.append("--resume")  # an earlier bench run stopped inside this search
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    final = storage / "final_model"
+    if proc.returncode != 0 or not (final / "config.json").exists():
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": err[-1] if err else f"exit status {proc.returncode}", "wall_s": wall}
+    from evolve.report import read_runs
+
+    result = {
+        "optimizer": optimizer, "seed": seed, "wall_s": wall,
+        "evaluations": sum(r.evaluated for r in read_runs(storage)),
+        "heldout": score(final),
+    }
+    _write_json(done, result)
+    return result
+
+
+def summarise(name: str, results: list[dict]) -> dict:
+    ok = [r for r in results if "heldout" in r]
+    scores = [r["heldout"]["mean"] for r in ok]
+    row = {"method": name, "runs": len(ok), "failed": [r["error"] for r in results if "error" in r]}
+    if scores:
+        row.update(median=statistics.median(scores), min=min(scores), max=max(scores), scores=scores)
+        evals = [r["evaluations"] for r in ok if "evaluations" in r]
+        row["evaluations"] = statistics.median(evals) if evals else None
+        walls = [r["wall_s"] for r in ok if "wall_s" in r]
+        row["wall_s"] = statistics.median(walls) if walls else None
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"| {'method':<30} | held-out median | min - max     | evaluations | search wall s |",
+             f"|{'-' * 32}|-----------------|---------------|-------------|---------------|"]
+    for r in rows:
+        if "median" not in r:
+            lines.append(f"| {r['method']:<30} | failed: {'; '.join(r['failed'])[:80]}")
+            continue
+        spread = f"{r['min']:.3f} - {r['max']:.3f}" if r["runs"] > 1 else "(1 run)" if r.get("group") == "search" else "(fixed)"
+        ev = f"{r['evaluations']:g}" if r.get("evaluations") is not None else "-"
+        wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
+        lines.append(f"| {r['method']:<30} | {r['median']:>15.3f} | {spread:<13} | {ev:>11} | {wall:>13} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiment", default="conflict", choices=["conflict", "quickstart"])
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per optimizer (default 5)")
+    p.add_argument("--budget", type=int, default=None, help="evaluations per search (default: the search.yml's)")
+    p.add_argument("--optimizers", default=None, help="comma-separated (default: cma,tpe,nsga2 if available,random)")
+    p.add_argument("--work-dir", type=Path, default=Path("bench_output/search_quality"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per search worker and for scoring (default 1: the models are tiny, and on a "
+                        "busy machine two threads waiting on each other are far slower than one)")
+    args = p.parse_args(argv)
+    from evolve.optimizers import OPTIMIZERS
+
+    optimizers = args.optimizers.split(",") if args.optimizers else default_optimizers()
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown:
+        raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(OPTIMIZERS)})")
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)  # held-out scoring in this process: tiny models, see --threads
+    os.chdir(ROOT)  # the search.yml files name their models relative to the repository root
+    exp = experiment(args.experiment)
+    budget = args.budget or (yaml.safe_load(exp.search_yml.read_text()).get("budget") or {}).get("max_fevals", 100)
+    work = (args.work_dir if args.work_dir.is_absolute() else ROOT / args.work_dir) / args.experiment
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    models = exp.build()
+    task_dir = work / "tasks"
+    exp.write_tasks(task_dir)
+    score = Scorer(task_dir, exp.heldout)
+    print(f"models and tasks ready in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    rows: list[dict] = []
+    for name, path in models.items():
+        rows.append({**summarise(name, [{"heldout": score(path)}]), "group": SEARCH_FREE})
+    fixed = [(n, r, "baseline") for n, r in baseline_recipes(models).items()]
+    fixed += [(n, r, "reference") for n, r in exp.references(models).items()]
+    for name, recipe, group in fixed:
+        slug = name.split(" (")[0].replace(" ", "_")
+        out = work / "baselines" / slug
+        (work / "baselines").mkdir(parents=True, exist_ok=True)
+        cfg = work / "baselines" / f"{slug}.yml"
+        cfg.write_text(recipe)
+        subprocess.run([str(BIN / "mergekit-yaml"), str(cfg), str(out), "--overwrite", "--quiet"], check=True)
+        rows.append({**summarise(name, [{"heldout": score(out)}]), "group": group})
+    print(table(rows), flush=True)
+
+    results: dict[str, list[dict]] = {o: [] for o in optimizers}
+    # seed-major order: a change in the machine's load falls on every optimiser alike
+    for seed in range(args.seeds):
+        for opt in optimizers:
+            run_dir = work / "runs" / f"{opt}-seed{seed}-b{budget}"
+            r = run_search(run_dir, exp.search_yml, opt, seed, budget, task_dir, args.threads, score)
+            results[opt].append(r)
+            status = f"{r['heldout']['mean']:.3f} held-out, {r['evaluations']} evaluations" if "heldout" in r else r["error"]
+            print(f"  {opt} seed {seed}: {status} ({r.get('wall_s', 0):.0f}s)", flush=True)
+    for opt in optimizers:
+        rows.append({**summarise(f"{opt} search", results[opt]), "group": "search"})
+
+    print(f"\nexperiment {args.experiment}, {args.seeds} seed(s), budget {budget} evaluations, "
+          f"held-out score = mean accuracy over {', '.join(exp.heldout)}")
+    print(table(rows))
+    by_method = {r["method"]: r for r in rows}
+    rivals = [r for r in rows if r["group"] == "baseline"] + [by_method.get(f"{RANDOM} search", {"method": RANDOM})]
+    verdict = {}
+    for opt in (o for o in optimizers if o != RANDOM):
+        mine = by_method[f"{opt} search"].get("median")
+        lost = [r["method"] for r in rivals if mine is None or r.get("median") is None or mine <= r["median"]]
+        verdict[opt] = not lost
+        print(f"{opt}: " + ("beats random search and every baseline" if not lost else f"does not beat {', '.join(lost)}"))
+    _write_json(work / "results.json", {
+        "experiment": args.experiment, "seeds": args.seeds, "budget": budget, "optimizers": optimizers,
+        "heldout_tasks": list(exp.heldout), "rows": rows, "runs": results, "verdict": verdict,
+    })
+    print(f"results: {work / 'results.json'}  (total {time.perf_counter() - t0:.0f}s)")
+    return 0 if verdict and all(verdict.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
