@@ -139,15 +139,47 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)  # a killed bench never leaves a half-written result behind
 
 
+def parse_variant(spec: str) -> tuple[str, dict, set]:
+    """`name[:key=value/...][+racing][+pareto]` -> (optimizer name or "default", optimizer
+    options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
+    base, *mods = spec.split("+")
+    name, _, opts = base.partition(":")
+    options = {}
+    for item in filter(None, opts.split("/")):
+        key, _, value = item.partition("=")
+        options[key] = float(value)
+    unknown = set(mods) - {"racing", "pareto"}
+    if unknown:
+        raise SystemExit(f"--optimizers {spec}: unknown modifier(s) {', '.join(sorted(unknown))}")
+    return name, options, set(mods)
+
+
 def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str:
     import yaml
 
+    name, options, mods = parse_variant(optimizer)
     doc = yaml.safe_load(source.read_text())
     # popsize etc. belong to the file's own optimizer; another one gets its defaults
-    opt = dict(doc.get("optimizer") or {}) if (doc.get("optimizer") or {}).get("name") == optimizer else {}
-    doc["optimizer"] = {**opt, "name": optimizer, "seed": seed}
+    opt = dict(doc.get("optimizer") or {}) if (doc.get("optimizer") or {}).get("name") == name else {}
+    doc["optimizer"] = {**opt, **options, "seed": seed, **({} if name == "default" else {"name": name})}
     doc["budget"] = {**(doc.get("budget") or {}), "max_fevals": budget}
+    if "racing" in mods:
+        doc["racing"] = True
+    if "pareto" in mods:
+        doc["objectives"] = "pareto"
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def evaluated_items(storage: Path) -> int:
+    """Items scored over the whole search (racing's saving), from the study's `items` attributes."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{storage / 'study.db'}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'items'").fetchall()
+    finally:
+        con.close()
+    return sum(int(json.loads(v)) for (v,) in rows)
 
 
 def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: int, task_dir: Path,
@@ -176,6 +208,8 @@ def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: i
     result = {
         "optimizer": optimizer, "seed": seed, "wall_s": wall,
         "evaluations": sum(r.evaluated for r in read_runs(storage)),
+        "items": evaluated_items(storage),
+        "optimizer_used": json.loads((storage / "manifest.json").read_text()).get("optimizer", optimizer),
         "heldout": score(final),
     }
     _write_json(done, result)
@@ -192,12 +226,14 @@ def summarise(name: str, results: list[dict]) -> dict:
         row["evaluations"] = statistics.median(evals) if evals else None
         walls = [r["wall_s"] for r in ok if "wall_s" in r]
         row["wall_s"] = statistics.median(walls) if walls else None
+        items = [r["items"] for r in ok if r.get("items")]
+        row["items"] = statistics.median(items) if items else None
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"| {'method':<30} | held-out median | min - max     | evaluations | search wall s |",
-             f"|{'-' * 32}|-----------------|---------------|-------------|---------------|"]
+    lines = [f"| {'method':<30} | held-out median | min - max     | evaluations | items scored | search wall s |",
+             f"|{'-' * 32}|-----------------|---------------|-------------|--------------|---------------|"]
     for r in rows:
         if "median" not in r:
             lines.append(f"| {r['method']:<30} | failed: {'; '.join(r['failed'])[:80]}")
@@ -205,7 +241,8 @@ def table(rows: list[dict]) -> str:
         spread = f"{r['min']:.3f} - {r['max']:.3f}" if r["runs"] > 1 else "(1 run)" if r.get("group") == "search" else "(fixed)"
         ev = f"{r['evaluations']:g}" if r.get("evaluations") is not None else "-"
         wall = f"{r['wall_s']:.0f}" if r.get("wall_s") is not None else "-"
-        lines.append(f"| {r['method']:<30} | {r['median']:>15.3f} | {spread:<13} | {ev:>11} | {wall:>13} |")
+        items = f"{r['items']:g}" if r.get("items") is not None else "-"
+        lines.append(f"| {r['method']:<30} | {r['median']:>15.3f} | {spread:<13} | {ev:>11} | {items:>12} | {wall:>13} |")
     return "\n".join(lines)
 
 
@@ -223,7 +260,7 @@ def main(argv=None) -> int:
     from evolve.optimizers import OPTIMIZERS
 
     optimizers = args.optimizers.split(",") if args.optimizers else default_optimizers()
-    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    unknown = [o for o in optimizers if parse_variant(o)[0] not in (*OPTIMIZERS, "default")]
     if unknown:
         raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(OPTIMIZERS)})")
     import torch
@@ -261,7 +298,7 @@ def main(argv=None) -> int:
     # seed-major order: a change in the machine's load falls on every optimiser alike
     for seed in range(args.seeds):
         for opt in optimizers:
-            run_dir = work / "runs" / f"{opt}-seed{seed}-b{budget}"
+            run_dir = work / "runs" / f"{opt.replace(':', '_').replace('=', '').replace(',', '_')}-seed{seed}-b{budget}"
             r = run_search(run_dir, exp.search_yml, opt, seed, budget, task_dir, args.threads, score)
             results[opt].append(r)
             status = f"{r['heldout']['mean']:.3f} held-out, {r['evaluations']} evaluations" if "heldout" in r else r["error"]
@@ -275,7 +312,7 @@ def main(argv=None) -> int:
     by_method = {r["method"]: r for r in rows}
     rivals = [r for r in rows if r["group"] == "baseline"] + [by_method.get(f"{RANDOM} search", {"method": RANDOM})]
     verdict = {}
-    for opt in (o for o in optimizers if o != RANDOM):
+    for opt in (o for o in optimizers if parse_variant(o)[0] != RANDOM):
         mine = by_method[f"{opt} search"].get("median")
         lost = [r["method"] for r in rivals if mine is None or r.get("median") is None or mine <= r["median"]]
         verdict[opt] = not lost

@@ -248,7 +248,8 @@ def test_dry_run_lists_method_and_switch_genes(llama_models):
     p = _paths(llama_models)
     config = parse_search_config({"genome": {"models": [p["a"], p["b"]], "base_model": p["base"],
                                              "merge_method": ["ties", "slerp"], "layer_granularity": 2,
-                                             "model_switch": True}, "tasks": ["t"], "budget": {"max_fevals": 30}})
+                                             "model_switch": True}, "tasks": ["t"], "budget": {"max_fevals": 30},
+                                  "optimizer": "cma"})
     g = build_genome(config)
     # 1 method gene + ties 2 groups x 2 models x 2 params + slerp 2 groups x (3 scores + 1 t) + 2 switches
     assert g.size == 1 + 8 + 8 + 2
