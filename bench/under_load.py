@@ -15,6 +15,10 @@ ran before they existed, as a baseline measured in the same run.
 ResidentMerger in this process holds the inputs, and each timed `apply` materialises a candidate
 (new weights, every tensor recomputed) into a live transformers model, as a search worker does
 (the median of `--candidates` applies per load level).
+
+`--quiet-pairs N` instead measures what the thread defaults cost a quiet merge: per method, N
+pairs of runs without and with them (`GOMP_SPINCOUNT` empty vs the engine's 1000), the order
+alternating within each pair; it prints the medians and their ratio (target: within 10 %).
 """
 
 from __future__ import annotations
@@ -100,6 +104,28 @@ def resident_times(method: str, dirs, work: Path, count: int) -> dict[int, tuple
     return times
 
 
+def quiet_pairs(methods, dirs, work: Path, pairs: int) -> int:
+    import statistics
+
+    variants = {"unset": {**os.environ, "GOMP_SPINCOUNT": ""}, "1000": dict(os.environ)}
+    print("| method | GOMP_SPINCOUNT unset: median s | 1000: median s | ratio 1000/unset | pairs |")
+    print("|---|---|---|---|---|")
+    worst = 0.0
+    for method in methods:
+        recipe = work / f"under-load-{method}.yml"
+        write_recipe(recipe, method, dirs)
+        times = {v: [] for v in variants}
+        for i in range(pairs):
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))
+            for v in order:
+                times[v].append(run(recipe, work / "under-load-out", variants[v])[0])
+        unset, spin = statistics.median(times["unset"]), statistics.median(times["1000"])
+        worst = max(worst, spin / unset)
+        print(f"| {method} | {unset:.2f} | {spin:.2f} | {spin / unset:.3f} | {pairs} |", flush=True)
+    print(f"\ntarget: quiet time with the defaults within 10 % of without: {'PASS' if worst <= 1.10 else 'FAIL'} (worst {worst:.3f})")
+    return 0 if worst <= 1.10 else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default="./bench_output")
@@ -108,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--before", action="store_true", help="also measure without the engine's thread defaults")
     p.add_argument("--resident", default="linear,ties,dare_ties", help="methods timed as resident candidates ('' to skip)")
     p.add_argument("--candidates", type=int, default=5, help="resident candidates timed per load level (median)")
+    p.add_argument("--quiet-pairs", type=int, default=0, help="only compare quiet runs without/with the thread defaults, N pairs")
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     dirs = ensure_models(work, llama_spec(22 if args.full else 4))
@@ -121,6 +148,8 @@ def main(argv=None) -> int:
     warm = work / "under-load-warm.yml"
     write_recipe(warm, "ties", dirs)
     run(warm, work / "under-load-out", dict(os.environ))  # numba kernels compiled and cached, untimed
+    if args.quiet_pairs:
+        return quiet_pairs(methods, dirs, work, args.quiet_pairs)
     rows = []
     for method in methods:
         recipe = work / f"under-load-{method}.yml"

@@ -188,6 +188,18 @@ if numba is not None:
                 buf[j] = _round((d * keep) * weight, wide)
 
     @njit(inline="always")
+    def _weighted_variant(buf, base, src, are_deltas, weight, threshold, cutoff, start, stop, wide, random, key, p, scale):
+        """`_weighted_into` with the dtype and delta flags as constants (`random` is one already)."""
+        if wide and are_deltas:
+            _weighted_into(buf, base, src, True, weight, threshold, cutoff, start, stop, True, random, key, p, scale)
+        elif wide:
+            _weighted_into(buf, base, src, False, weight, threshold, cutoff, start, stop, True, random, key, p, scale)
+        elif are_deltas:
+            _weighted_into(buf, base, src, True, weight, threshold, cutoff, start, stop, False, random, key, p, scale)
+        else:
+            _weighted_into(buf, base, src, False, weight, threshold, cutoff, start, stop, False, random, key, p, scale)
+
+    @njit(inline="always")
     def _combine_into(bufs, base, out, start, stop, mode, weights, scalar_divisor, normalize, wide):
         """out = base + combination of the models' W (mode 0: sum, 1: TIES vote over any count)."""
         count = bufs.shape[0]
@@ -235,22 +247,9 @@ if numba is not None:
                 # the constant flags let each variant compile to its own branch-free loop
                 t, c, k, p, sc = thresholds[m], cutoffs[m], keys[m], probs[m], scales[m]
                 if random:
-                    if wide and are_deltas:
-                        _weighted_into(bufs[m], base, sources[m], True, weights[m], t, c, start, stop, True, True, k, p, sc)
-                    elif wide:
-                        _weighted_into(bufs[m], base, sources[m], False, weights[m], t, c, start, stop, True, True, k, p, sc)
-                    elif are_deltas:
-                        _weighted_into(bufs[m], base, sources[m], True, weights[m], t, c, start, stop, False, True, k, p, sc)
-                    else:
-                        _weighted_into(bufs[m], base, sources[m], False, weights[m], t, c, start, stop, False, True, k, p, sc)
-                elif wide and are_deltas:
-                    _weighted_into(bufs[m], base, sources[m], True, weights[m], t, c, start, stop, True, False, k, p, sc)
-                elif wide:
-                    _weighted_into(bufs[m], base, sources[m], False, weights[m], t, c, start, stop, True, False, k, p, sc)
-                elif are_deltas:
-                    _weighted_into(bufs[m], base, sources[m], True, weights[m], t, c, start, stop, False, False, k, p, sc)
+                    _weighted_variant(bufs[m], base, sources[m], are_deltas, weights[m], t, c, start, stop, wide, True, k, p, sc)
                 else:
-                    _weighted_into(bufs[m], base, sources[m], False, weights[m], t, c, start, stop, False, False, k, p, sc)
+                    _weighted_variant(bufs[m], base, sources[m], are_deltas, weights[m], t, c, start, stop, wide, False, k, p, sc)
             if wide:
                 if mode == 1:
                     _combine_into(bufs, base, out, start, stop, 1, weights, scalar_divisor, normalize, True)
@@ -306,6 +305,18 @@ if numba is not None:
             mixed = mixed * (total - total + np.float32(1.0))  # non-finite W: non-finite result, as eager
             _store(out, i, _round(b + mixed, wide), wide)
 
+    @njit(inline="always")
+    def _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, start, stop, wide, random, keys, probs, scales):
+        """`_ties2_span` with the dtype and delta flags as constants (`random` is one already)."""
+        if wide and are_deltas:
+            _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, start, stop, True, random, keys, probs, scales)
+        elif wide:
+            _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, start, stop, True, random, keys, probs, scales)
+        elif are_deltas:
+            _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, start, stop, False, random, keys, probs, scales)
+        else:
+            _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, start, stop, False, random, keys, probs, scales)
+
     @njit(parallel=True, cache=True, error_model="numpy")
     def _ties2_kernel(base, s0, s1, are_deltas, q0, q1, q01, thresholds, cutoffs, normalize, out, random, keys, probs, scales):
         """Two-model TIES in one pass. Entries equal to model m's threshold are kept up to flat
@@ -319,14 +330,7 @@ if numba is not None:
             stop = min(n, start + BLOCK)
             if random:
                 t0 = np.int32(0)
-                if wide and are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t0, normalize, out, start, stop, True, True, keys, probs, scales)
-                elif wide:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t0, normalize, out, start, stop, True, True, keys, probs, scales)
-                elif are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t0, normalize, out, start, stop, False, True, keys, probs, scales)
-                else:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t0, normalize, out, start, stop, False, True, keys, probs, scales)
+                _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t0, normalize, out, start, stop, wide, True, keys, probs, scales)
                 continue
             first = min(max(cutoffs[0] + 1, start), stop)
             second = min(max(cutoffs[1] + 1, start), stop)
@@ -337,14 +341,7 @@ if numba is not None:
                     continue
                 t0 = np.int32(thresholds[0] + (0 if lo <= cutoffs[0] else 1))
                 t1 = np.int32(thresholds[1] + (0 if lo <= cutoffs[1] else 1))
-                if wide and are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, True, False, keys, probs, scales)
-                elif wide:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, True, False, keys, probs, scales)
-                elif are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, False, False, keys, probs, scales)
-                else:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, False, False, keys, probs, scales)
+                _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, lo, hi, wide, False, keys, probs, scales)
 
 
 if numba is not None:
