@@ -11,11 +11,20 @@ shows the best wall time, its CPU time and the peak RSS of each. Outputs are com
 tensor: deterministic methods bit for bit (mismatching elements, max |difference|); random methods
 (DARE, DELLA) statistically, by the share of entries that differ from the base and the norm of the
 merged task vector, which must agree within 1 %.
+
+The `tokenizer-union` row merges (task_arithmetic, `tokenizer_source: union`) three small Llama
+checkpoints made here whose tokenizers differ: a byte-level BPE vocabulary trained on the fly for
+the base, and fine-tunes that add different tokens (`<|im_start|>`, `<|im_end|>` special in one;
+`<|im_end|>` special and `<tool>` plain in the other) with their own embedding rows. Both outputs'
+token sets must be equal; mergekit numbers the appended tokens in Python set order (it changes
+with PYTHONHASHSEED), so embedding and LM-head rows are compared token by token, the other tensors
+bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +54,81 @@ def recipes(dirs: dict, layers: int) -> dict[str, str]:
                         f"  - sources: [{{model: {a}, layer_range: [0, {layers // 2}]}}]\n"
                         f"  - sources: [{{model: {b}, layer_range: [{layers // 4}, {layers}]}}]\n",
     }
+
+
+TOKEN_CORPUS = [f"the {a} {b} merges {c} of the {d}" for a in ("small", "large", "odd", "new") for b in ("model", "tensor", "vocab")
+                for c in ("rows", "weights", "tokens") for d in ("base", "fine-tune", "union")]
+
+
+def tokenizer_models(work: Path) -> dict[str, Path]:
+    """base / ft_a / ft_b: 4-layer bf16 Llama checkpoints (hidden 256) with tokenizers that
+    differ in their added tokens (made once, reused)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from experiments.quickstart.build_models import train_tokenizer
+
+    root = work / "models" / "tok-union"
+    dirs = {m: root / m for m in ("base", "ft_a", "ft_b")}
+    if all((d / "tokenizer.json").exists() and (d / "model.safetensors").exists() for d in dirs.values()):
+        return dirs
+    tok = train_tokenizer(dirs["base"], TOKEN_CORPUS, vocab_size=300)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    base.save_pretrained(dirs["base"])
+    added = {"ft_a": (["<|im_start|>", "<|im_end|>"], []), "ft_b": (["<|im_end|>"], ["<tool>"])}
+    for seed, (name, (special, plain)) in enumerate(added.items(), start=1):
+        gen = torch.Generator().manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.bfloat16)  # resizing edits its config
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), base.parameters()):
+                p.copy_(q + 0.02 * torch.randn(q.shape, generator=gen).to(q.dtype))
+        t = AutoTokenizer.from_pretrained(dirs["base"])
+        t.add_special_tokens({"additional_special_tokens": special})
+        if plain:
+            t.add_tokens(plain)
+        model.resize_token_embeddings(len(t), mean_resizing=False)
+        with torch.no_grad():  # distinctive rows for the added tokens
+            for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+                w[len(tok):] = (1.0 + torch.randn(w.shape[0] - len(tok), w.shape[1], generator=gen)).to(w.dtype)
+        model.save_pretrained(dirs[name])
+        t.save_pretrained(dirs[name])
+    return dirs
+
+
+def tokenizer_recipe(dirs: dict[str, Path]) -> str:
+    return (f"merge_method: task_arithmetic\ndtype: bfloat16\nbase_model: {dirs['base']}\ntokenizer_source: union\nmodels:\n"
+            f"  - model: {dirs['ft_a']}\n    parameters: {{weight: 0.6}}\n  - model: {dirs['ft_b']}\n    parameters: {{weight: 0.4}}\n")
+
+
+def vocab(out: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab(with_added_tokens=True)
+
+
+def compare_union(ours: Path, theirs: Path, names: list[str]) -> str:
+    """Same token set; embedding rows compared token by token (mergekit appends the added tokens
+    in Python set order, which changes with PYTHONHASHSEED), every other tensor bit for bit."""
+    import torch
+
+    va, vb = vocab(ours), vocab(theirs)
+    if set(va) != set(vb):
+        return f"token sets DIFFER: {sorted(set(va) ^ set(vb))}"
+    by_id = sorted(va, key=va.get)
+    perm = torch.tensor([vb[t] for t in by_id])
+    same_ids = all(va[t] == vb[t] for t in va)
+    embeddings = [n for n in names if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    cmp = compare_outputs(ours, theirs, [n for n in names if n not in embeddings])
+    if "error" in cmp:
+        return cmp["error"]
+    mo, mt = PlainModel(ours), PlainModel(theirs)
+    rows_differ = sum(int((mo.get(n).view(torch.int16) != mt.get(n)[perm].view(torch.int16)).any(1).sum()) for n in embeddings)
+    return (f"{len(va)} tokens, same token set ({'same ids' if same_ids else 'added tokens in another order'}); "
+            f"embedding rows differing by token: {rows_differ}; other tensors: "
+            f"{'bit-identical' if not cmp['mismatched'] else str(cmp['mismatched']) + ' elements differ'}")
 
 
 def ensure_mergekit(venv: Path) -> Path:
@@ -89,7 +173,9 @@ def main(argv=None) -> int:
     theirs = ensure_mergekit(Path(args.mergekit_venv or work / "mergekit-venv"))
     read_all([f for d in dirs.values() for f in model_files(d)], bytearray(64 << 20))
     rows = []
-    for method, text in recipes(dirs, layers).items():
+    all_recipes = recipes(dirs, layers)
+    all_recipes["tokenizer-union"] = tokenizer_recipe(tokenizer_models(work))
+    for method, text in all_recipes.items():
         recipe = work / f"vs-{method}.yml"
         recipe.write_text(text)
         best = {}
@@ -97,7 +183,8 @@ def main(argv=None) -> int:
             for tool, exe in (("evomerge", OURS), ("mergekit", theirs)):  # alternating
                 out = work / f"vs-out-{tool}"
                 remove(out)
-                cmd = [str(exe), str(recipe), str(out), "--no-copy-tokenizer"]
+                cmd = [str(exe), str(recipe), str(out)]
+                cmd += [] if method == "tokenizer-union" else ["--no-copy-tokenizer"]
                 cmd += ["--quiet"] if tool == "evomerge" else []
                 report = measured(cmd, work, f"vs-{tool}")
                 if tool not in best or report["wall_s"] < best[tool]["wall_s"]:
@@ -108,6 +195,8 @@ def main(argv=None) -> int:
             (ka, na), (kb, nb) = statistics(ours, dirs["base"]), statistics(theirs_out, dirs["base"])
             agree = abs(ka / kb - 1) < 0.01 and abs(na / nb - 1) < 0.01
             verdict = f"changed {ka:.4f} vs {kb:.4f}, |delta| {na:.3f} vs {nb:.3f}: {'statistically equal' if agree else 'DIFFER'}"
+        elif method == "tokenizer-union":
+            verdict = compare_union(ours, theirs_out, names)
         else:
             cmp = compare_outputs(ours, theirs_out, names)
             verdict = cmp.get("error") or (f"{cmp['mismatched']} of {cmp['total']} elements differ (max {cmp['max_abs_diff']:.3g})"

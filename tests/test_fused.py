@@ -4,6 +4,9 @@ enough to take the kernels (several kernel blocks, ties at the top-k threshold, 
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import pytest
 import torch
 
@@ -135,7 +138,8 @@ def test_writes_into_the_given_output_buffer():
 @pytest.mark.parametrize(
     "method,params,dtype",
     [
-        ("dare_ties", {"normalize": True}, torch.bfloat16),  # torch random streams
+        ("dare_ties", {"normalize": True, "lambda": 0.7}, torch.bfloat16),
+        ("della", {"normalize": True}, torch.bfloat16),
         ("ties", {"normalize": True, "lambda": 0.7}, torch.bfloat16),
         ("ties", {"normalize": True, "rescale": True}, torch.float32),
         ("ties", {"normalize": True}, torch.float16),
@@ -144,7 +148,7 @@ def test_writes_into_the_given_output_buffer():
 def test_unsupported_cases_keep_the_eager_path(monkeypatch, method, params, dtype):
     base, xs = make_inputs(torch.float32, 2, seed=3)
     base, xs = base.to(dtype), [x.to(dtype) for x in xs]
-    model_params = [{}, {"weight": 0.5, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    model_params = [{}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5, "density": 0.5, "epsilon": 0.1}]
     eager, result, used = run_both(monkeypatch, lambda: call(method, [base] + xs, 0, params, model_params))
     assert not used
     assert torch.equal(result, eager)
@@ -179,3 +183,113 @@ def test_row_ranks_kernel_equals_a_stable_argsort(dtype, shape, scale):
             expected[r, j] = rank
     assert torch.equal(ranks.long(), expected)
     assert fused.row_ranks(_magnitude_bits(x.float())) is None  # 32-bit: torch's sort
+
+
+# ----------------------------------------------------------------------------------------------
+# DARE's random masks: the documented counter-based stream, re-implemented here in numpy
+
+
+def ref_mask_key(seed: int, tensor: str, position: int) -> int:
+    """docs/methods.md: SHA-256 of "<seed>\\0<tensor>#<position>", first 8 bytes little-endian,
+    top bit cleared."""
+    digest = hashlib.sha256(f"{seed}\0{tensor}#{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def ref_uniforms(key: int, n: int) -> np.ndarray:
+    """The (j+1)-th SplitMix64 output for j = 0..n-1, top 24 bits times 2^-24 (float32)."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return ((z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
+
+
+def test_reference_stream_is_splitmix64():
+    # SplitMix64 seeded with 0: its first outputs are published test values of the generator
+    M = (1 << 64) - 1
+    state, outputs = 0, []
+    for _ in range(3):
+        state = (state + 0x9E3779B97F4A7C15) & M
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        outputs.append(z ^ (z >> 31))
+    assert outputs == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert ref_uniforms(0, 3).tolist() == [(o >> 40) * 2.0**-24 for o in outputs]
+
+
+def ref_dare_masks(base, xs, densities, seed, tensor, rescale=True):
+    """Per task vector: keep-mask times the L1 rescale factor (norms and ratio in the dtype), the
+    factor ref_gta multiplies each delta by."""
+    dtype = base.dtype
+    masks = []
+    for i, (x, density) in enumerate(zip(xs, densities)):
+        delta = (x - base).flatten()
+        if density >= 1:
+            masks.append(torch.ones(base.shape, dtype=dtype))
+            continue
+        u = ref_uniforms(ref_mask_key(seed, tensor, i), delta.numel())
+        keep = torch.from_numpy(u < np.float32(density))
+        factor = torch.ones((), dtype=dtype)
+        if rescale:
+            before = torch.tensor(delta.double().abs().sum().item(), dtype=dtype)
+            after = torch.tensor((delta.double() * keep).abs().sum().item(), dtype=dtype)
+            if before >= 1e-7 and after >= 1e-7:
+                factor = before / after
+        masks.append((keep.to(dtype) * factor).view(base.shape))
+    return masks
+
+
+DARE_CASES = [
+    # method, weights, densities, normalize, rescale
+    ("dare_ties", [0.5, 0.7], [0.3, 0.6], True, True),  # the two-model vote kernel
+    ("dare_ties", [1.0, -0.6], [0.5, 1.0], False, True),
+    ("dare_linear", [0.4, 0.9], [0.2, 0.8], False, True),
+    ("dare_linear", [0.4, 0.9], [0.5, 0.5], True, False),
+    ("dare_ties", [0.5, 0.7, 0.3], [0.3, 0.6, 0.9], True, True),  # the general kernel
+    ("dare_linear", [0.6], [0.1], False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method,weights,densities,normalize,rescale", DARE_CASES)
+def test_dare_kernel_and_eager_follow_the_documented_stream(monkeypatch, dtype, method, weights, densities, normalize, rescale):
+    base, xs = make_inputs(dtype, len(weights), seed=10 + len(weights))
+    tensor = "model.layers.3.mlp.down_proj.weight"
+    model_params = [{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)]
+    params = {"normalize": normalize, "rescale": rescale}
+    eager, result, used = run_both(monkeypatch, lambda: call(method, [base] + xs, 0, params, model_params, tensor_name=tensor, seed=42))
+    assert used, "the kernel was not used for DARE"
+    masks = ref_dare_masks(base, xs, densities, 42, tensor, rescale)
+    reference = ref_gta(base, xs, weights, consensus=method == "dare_ties", normalize=normalize, masks=masks)
+    assert torch.equal(bits(result), bits(eager)), f"{int((bits(result) != bits(eager)).sum())} entries differ"
+    # values (as the TIES cases above: the reference's sums do not keep the engine's -0)
+    assert torch.equal(result, reference), f"{int((result != reference).sum())} entries differ"
+    # the masks keep `density` of the entries (a Bernoulli count within 5 standard deviations)
+    for mask, d in zip(masks, densities):
+        kept, n = int((mask != 0).sum()), mask.numel()
+        assert abs(kept - d * n) <= 5 * (d * (1 - d) * n) ** 0.5 + 1e-9
+
+
+def test_dare_resident_cache_reuses_the_norms_with_the_same_result(monkeypatch):
+    base, xs = make_inputs(torch.bfloat16, 2, seed=21)
+    deltas = [x - base for x in xs]
+    params = {"normalize": True, "lambda": 1.0, "rescale": True}
+    cache: dict = {}
+    calls = []
+    real = fused.random_l1
+    monkeypatch.setattr(fused, "random_l1", lambda *a: calls.append(1) or real(*a))
+
+    def resident(weights):
+        ctx = TensorContext("t", seed=3)
+        return ta.merge_task_vectors(base, deltas, weights, [0.4, 0.7], params, ta.VARIANTS["dare_ties"], ctx, cache)
+
+    first = resident([0.5, 0.6])
+    assert len(calls) == 2
+    second = resident([0.7, 0.2])  # other weights, same masks: the norms come from the cache
+    assert len(calls) == 2
+    streaming = call("dare_ties", [base] + xs, 0, {"normalize": True}, [{}, {"weight": 0.7, "density": 0.4}, {"weight": 0.2, "density": 0.7}], tensor_name="t", seed=3)
+    assert torch.equal(bits(streaming), bits(second))
+    assert not torch.equal(first, second)

@@ -4,7 +4,8 @@ computations written here from the formulas of docs/mergekit-reference.md.
 - breadcrumbs: the kept index set equals a plain-Python sort by (|delta|, -flat index), positions
   [n_bot, N - n_top) (mergekit keeps nothing when n_top == 0; we keep what the formula says);
   merged values bit-equal to the reference's combination, through the method functions and the CLI.
-- della: random masks, so statistics: kept fractions per magnitude-rank decile match the keep
+- della: the mask is exactly `uniform < p` with the uniforms of the documented counter-based
+  stream (re-implemented in test_fused.py with numpy) and p from the rank formula; statistics: kept fractions per magnitude-rank decile match the keep
   probability (density - eps) + 2 eps rank / (C - 1) within a few standard deviations, and the
   L1 rescale restores the task vector's norm. Given the masks, della / della_linear values equal
   the reference's consensus / plain combination.
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from helpers import read_model, write_yaml
+from test_fused import ref_mask_key, ref_uniforms
 from test_errors import assert_user_error, leftovers, run_cli
 from test_methods import (  # noqa: F401  (inputs: a fixture)
     assert_bit_equal,
@@ -264,6 +266,17 @@ def test_della_kept_fraction_follows_magnitude_rank(dtype):
         mask = out != 0
         scale = delta.abs().sum() / (delta * mask).abs().sum()
         torch.testing.assert_close(out, delta * mask * scale, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_della_mask_is_the_documented_stream_below_the_rank_probability(dtype):
+    delta = nonzero(randn(120, 300, seed=55) * 0.01).to(dtype)
+    tensor = "model.layers.0.mlp.up_proj.weight"  # della_alone's tensor, seed 9, task vector 0
+    out = della_alone(delta, 0.4, 0.15, seed=9, rescale=False)
+    u = ref_uniforms(ref_mask_key(9, tensor, 0), delta.numel()).astype(np.float64)
+    expected = u < della_probability(delta, 0.4, 0.15)
+    assert np.array_equal((out != 0).flatten().numpy(), expected)
+    assert torch.equal(out.flatten()[expected], delta.flatten()[expected])  # rescale off: untouched
 
 
 def test_della_one_row_tensors_rank_over_the_whole_tensor():

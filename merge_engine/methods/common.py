@@ -17,6 +17,44 @@ def tensor_seed(run_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+# The random masks of DARE and DELLA (docs/methods.md, "Random masks"): entry j of a task vector is
+# kept when the (j+1)-th output of SplitMix64 seeded with the mask key, cut to its top 24 bits and
+# scaled by 2^-24, is below the keep probability (both float32). Counter-based: any slice of the
+# stream is computed on its own, so results depend neither on chunking nor on the executor; the
+# numba kernels (fused.py) compute the same stream in uint64 arithmetic.
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_M1 = 0xBF58476D1CE4E5B9
+SPLITMIX_M2 = 0x94D049BB133111EB
+
+
+def _signed(value: int) -> int:
+    """A 64-bit constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def mask_key(run_seed: int, tensor_name: str, position: int) -> int:
+    """The random-mask key of one task vector: (run seed, output tensor, its position among the
+    merge's task vectors)."""
+    return tensor_seed(run_seed, f"{tensor_name}#{position}")
+
+
+def keep_probability(p: float) -> float:
+    """p rounded to float32, the precision both paths compare the uniforms in."""
+    return float(torch.tensor(p, dtype=torch.float32))
+
+
+def mask_uniforms(key: int, start: int, end: int, device) -> torch.Tensor:
+    """The stream's uniforms for flat indices [start, end) as float32 (multiples of 2^-24 in
+    [0, 1)), with int64 torch ops: products wrap modulo 2^64 as uint64 ones do, and each right
+    shift is masked to a logical one."""
+    z = torch.arange(start + 1, end + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed(SPLITMIX_GAMMA)).add_(_signed(key))
+    z.bitwise_xor_((z >> 30) & ((1 << 34) - 1)).mul_(_signed(SPLITMIX_M1))
+    z.bitwise_xor_((z >> 27) & ((1 << 37) - 1)).mul_(_signed(SPLITMIX_M2))
+    z.bitwise_xor_((z >> 31) & ((1 << 33) - 1))
+    return ((z >> 40) & 0xFFFFFF).to(torch.float32).mul_(2.0**-24)
+
+
 @dataclass
 class TensorContext:
     name: str

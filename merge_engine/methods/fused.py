@@ -7,9 +7,13 @@ exactly: every eager op on a 16-bit tensor is "widen to float32, compute, round 
 so each such op is written here as a float32 operation followed by `_round` (a no-op for float32
 tensors). Signed zeros follow torch's `sign` (+0 for +-0) and `clamp(min=0)` (keeps -0).
 
-Only what is exact and common is fused: CPU, contiguous bfloat16 or float32, magnitude or no
-sparsification, no rescale, lambda 1. Everything else (DARE's torch RNG, float16, CUDA, ...)
-keeps the eager path. `EVOMERGE_EAGER=1` disables the kernels (tests compare both paths).
+Only what is exact and common is fused: CPU, contiguous bfloat16 or float32, lambda 1, and
+magnitude (TIES, no rescale), random (DARE, with or without rescale) or no sparsification.
+DARE's masks come from the counter-based stream of common.py (`mask_uniforms`), recomputed per
+element here, so no mask is stored. Everything else (DELLA, breadcrumbs, float16, CUDA, ...) keeps
+the eager path. `EVOMERGE_EAGER=1` disables the kernels (tests compare both paths). The one
+difference: DARE's L1 norms are float64 sums in another order than torch's, so a rescale factor
+(rounded to the tensor's dtype) can differ from the eager one in its last bit, rarely.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .common import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
 
 try:  # numba is a dependency, but a platform without it still merges (eagerly)
     import numba
@@ -98,6 +104,16 @@ if numba is not None:
             arr[i] = b >> np.uint32(16)  # already rounded
 
     @njit(inline="always")
+    def _uniform(key, j):
+        """The mask stream's uniform for flat index j (common.mask_uniforms): SplitMix64's
+        (j+1)-th output for `key`, top 24 bits times 2^-24."""
+        z = key + np.uint64(j + 1) * np.uint64(SPLITMIX_GAMMA)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_M1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_M2)
+        z = z ^ (z >> np.uint64(31))
+        return np.float32(np.uint32(z >> np.uint64(40))) * np.float32(1.0 / 16777216.0)
+
+    @njit(inline="always")
     def _delta_at(base, src, i, are_deltas, wide):
         if are_deltas:
             return _load(src, i, wide)
@@ -129,15 +145,59 @@ if numba is not None:
                     return i
         return stop - 1
 
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _random_l1(base, src, are_deltas, key, p, wide):
+        """DARE's rescale norms of one task vector: (sum |d|, sum |d * keep|) in float64, per
+        block and then in block order (the same value whatever the thread count)."""
+        n = base.shape[0]
+        blocks = (n + BLOCK - 1) // BLOCK
+        before = np.zeros(blocks, dtype=np.float64)
+        after = np.zeros(blocks, dtype=np.float64)
+        for blk in prange(blocks):
+            start = blk * BLOCK
+            stop = min(n, start + BLOCK)
+            b, x = base[start:stop], src[start:stop]
+            total = 0.0
+            kept = 0.0
+            for j in range(stop - start):
+                d = abs(np.float64(_delta_at(b, x, j, are_deltas, wide)))
+                total += d
+                kept += d if _uniform(key, start + j) < p else 0.0
+            before[blk] = total
+            after[blk] = kept
+        sum_before = 0.0
+        sum_after = 0.0
+        for blk in range(blocks):
+            sum_before += before[blk]
+            sum_after += after[blk]
+        return sum_before, sum_after
+
     @njit(inline="always")
-    def _weighted_into(buf, base, src, are_deltas, weight, threshold, cutoff, start, stop, wide):
-        """buf[j] = W for flat index start + j: the (sparsified) task vector times its weight."""
+    def _weighted_into(buf, base, src, are_deltas, weight, threshold, cutoff, start, stop, wide, random, key, p, scale):
+        """buf[j] = W for flat index start + j: the (sparsified) task vector times its weight.
+        Random masks (DARE): kept entries times the rescale factor, as the eager path rounds."""
         base, src = base[start:stop], src[start:stop]  # 0-based: plain vector loads
         for j in range(stop - start):
             d = _delta_at(base, src, j, are_deltas, wide)
-            mag = _magnitude(d, wide)
-            keep = np.float32(1.0) if (mag > threshold) | ((mag == threshold) & (start + j <= cutoff)) else np.float32(0.0)
-            buf[j] = _round((d * keep) * weight, wide)
+            if random:
+                keep = np.float32(1.0) if _uniform(key, start + j) < p else np.float32(0.0)
+                buf[j] = _round(_round((d * keep) * scale, wide) * weight, wide)
+            else:
+                mag = _magnitude(d, wide)
+                keep = np.float32(1.0) if (mag > threshold) | ((mag == threshold) & (start + j <= cutoff)) else np.float32(0.0)
+                buf[j] = _round((d * keep) * weight, wide)
+
+    @njit(inline="always")
+    def _weighted_variant(buf, base, src, are_deltas, weight, threshold, cutoff, start, stop, wide, random, key, p, scale):
+        """`_weighted_into` with the dtype and delta flags as constants (`random` is one already)."""
+        if wide and are_deltas:
+            _weighted_into(buf, base, src, True, weight, threshold, cutoff, start, stop, True, random, key, p, scale)
+        elif wide:
+            _weighted_into(buf, base, src, False, weight, threshold, cutoff, start, stop, True, random, key, p, scale)
+        elif are_deltas:
+            _weighted_into(buf, base, src, True, weight, threshold, cutoff, start, stop, False, random, key, p, scale)
+        else:
+            _weighted_into(buf, base, src, False, weight, threshold, cutoff, start, stop, False, random, key, p, scale)
 
     @njit(inline="always")
     def _combine_into(bufs, base, out, start, stop, mode, weights, scalar_divisor, normalize, wide):
@@ -171,7 +231,7 @@ if numba is not None:
             _store(out, j, _round(_load(base, j, wide) + mixed, wide), wide)
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def _merge_kernel(base, sources, are_deltas, weights, thresholds, cutoffs, mode, scalar_divisor, normalize, out):
+    def _merge_kernel(base, sources, are_deltas, weights, thresholds, cutoffs, mode, scalar_divisor, normalize, out, random, keys, probs, scales):
         """One output tensor of task_arithmetic / ties with magnitude sparsification, block by
         block: each model's W into a small buffer, then the combination (both loops vectorise);
         see the eager `_merge`/`_combine`/`_elect_two` for the op sequence mirrored here."""
@@ -185,14 +245,11 @@ if numba is not None:
             bufs = np.empty((count, stop - start), dtype=np.float32)
             for m in range(count):
                 # the constant flags let each variant compile to its own branch-free loop
-                if wide and are_deltas:
-                    _weighted_into(bufs[m], base, sources[m], True, weights[m], thresholds[m], cutoffs[m], start, stop, True)
-                elif wide:
-                    _weighted_into(bufs[m], base, sources[m], False, weights[m], thresholds[m], cutoffs[m], start, stop, True)
-                elif are_deltas:
-                    _weighted_into(bufs[m], base, sources[m], True, weights[m], thresholds[m], cutoffs[m], start, stop, False)
+                t, c, k, p, sc = thresholds[m], cutoffs[m], keys[m], probs[m], scales[m]
+                if random:
+                    _weighted_variant(bufs[m], base, sources[m], are_deltas, weights[m], t, c, start, stop, wide, True, k, p, sc)
                 else:
-                    _weighted_into(bufs[m], base, sources[m], False, weights[m], thresholds[m], cutoffs[m], start, stop, False)
+                    _weighted_variant(bufs[m], base, sources[m], are_deltas, weights[m], t, c, start, stop, wide, False, k, p, sc)
             if wide:
                 if mode == 1:
                     _combine_into(bufs, base, out, start, stop, 1, weights, scalar_divisor, normalize, True)
@@ -207,7 +264,7 @@ if numba is not None:
 if numba is not None:
 
     @njit(inline="always")
-    def _ties2_span(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, start, stop, wide):
+    def _ties2_span(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, start, stop, wide, random, keys, probs, scales):
         """Two-model TIES over [start, stop) with fixed keep thresholds (|d| >= t keeps). Same
         values as `_elect_two` + `_combine`, with its selects spelled out: a model agrees when its
         W is nonzero and has the majority's sign; the divisor is the agreeing weights' sum."""
@@ -221,10 +278,16 @@ if numba is not None:
             else:
                 d0 = _round(_load(s0, i, wide) - b, wide)
                 d1 = _round(_load(s1, i, wide) - b, wide)
-            k0 = np.float32(1.0) if _magnitude(d0, wide) >= t0 else np.float32(0.0)
-            k1 = np.float32(1.0) if _magnitude(d1, wide) >= t1 else np.float32(0.0)
-            w0 = _round((d0 * k0) * q0, wide)
-            w1 = _round((d1 * k1) * q1, wide)
+            if random:  # DARE: the mask stream, then the rescale factor (eager `_Sparsifier`)
+                k0 = np.float32(1.0) if _uniform(keys[0], start + i) < probs[0] else np.float32(0.0)
+                k1 = np.float32(1.0) if _uniform(keys[1], start + i) < probs[1] else np.float32(0.0)
+                w0 = _round(_round((d0 * k0) * scales[0], wide) * q0, wide)
+                w1 = _round(_round((d1 * k1) * scales[1], wide) * q1, wide)
+            else:
+                k0 = np.float32(1.0) if _magnitude(d0, wide) >= t0 else np.float32(0.0)
+                k1 = np.float32(1.0) if _magnitude(d1, wide) >= t1 else np.float32(0.0)
+                w0 = _round((d0 * k0) * q0, wide)
+                w1 = _round((d1 * k1) * q1, wide)
             total = w0 + w1  # its sign is the rounded sum's sign
             negative = total < 0  # the vote: the sign of the sum, +1 for a zero sum
             agree0 = (w0 != 0) & ((w0 < 0) == negative)
@@ -242,16 +305,33 @@ if numba is not None:
             mixed = mixed * (total - total + np.float32(1.0))  # non-finite W: non-finite result, as eager
             _store(out, i, _round(b + mixed, wide), wide)
 
+    @njit(inline="always")
+    def _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, start, stop, wide, random, keys, probs, scales):
+        """`_ties2_span` with the dtype and delta flags as constants (`random` is one already)."""
+        if wide and are_deltas:
+            _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, start, stop, True, random, keys, probs, scales)
+        elif wide:
+            _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, start, stop, True, random, keys, probs, scales)
+        elif are_deltas:
+            _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, start, stop, False, random, keys, probs, scales)
+        else:
+            _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, start, stop, False, random, keys, probs, scales)
+
     @njit(parallel=True, cache=True, error_model="numpy")
-    def _ties2_kernel(base, s0, s1, are_deltas, q0, q1, q01, thresholds, cutoffs, normalize, out):
+    def _ties2_kernel(base, s0, s1, are_deltas, q0, q1, q01, thresholds, cutoffs, normalize, out, random, keys, probs, scales):
         """Two-model TIES in one pass. Entries equal to model m's threshold are kept up to flat
-        index cutoffs[m]: each block splits at the cutoffs into spans of fixed thresholds."""
+        index cutoffs[m]: each block splits at the cutoffs into spans of fixed thresholds.
+        `random`: DARE masks from the stream instead (one span per block)."""
         n = base.shape[0]
         wide = base.itemsize == 4
         blocks = (n + BLOCK - 1) // BLOCK
         for blk in prange(blocks):
             start = blk * BLOCK
             stop = min(n, start + BLOCK)
+            if random:
+                t0 = np.int32(0)
+                _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t0, normalize, out, start, stop, wide, True, keys, probs, scales)
+                continue
             first = min(max(cutoffs[0] + 1, start), stop)
             second = min(max(cutoffs[1] + 1, start), stop)
             for e in range(3):
@@ -261,14 +341,7 @@ if numba is not None:
                     continue
                 t0 = np.int32(thresholds[0] + (0 if lo <= cutoffs[0] else 1))
                 t1 = np.int32(thresholds[1] + (0 if lo <= cutoffs[1] else 1))
-                if wide and are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, True)
-                elif wide:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, True)
-                elif are_deltas:
-                    _ties2_span(base, s0, s1, True, q0, q1, q01, t0, t1, normalize, out, lo, hi, False)
-                else:
-                    _ties2_span(base, s0, s1, False, q0, q1, q01, t0, t1, normalize, out, lo, hi, False)
+                _ties2_variant(base, s0, s1, are_deltas, q0, q1, q01, t0, t1, normalize, out, lo, hi, wide, False, keys, probs, scales)
 
 
 if numba is not None:
@@ -344,6 +417,14 @@ def tie_cutoff(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: 
     return base.numel() - 1
 
 
+def random_l1(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, m: int, key: int, p: float) -> tuple[float, float]:
+    """(||delta_m||_1, ||delta_m * keep||_1) in float64 for DARE's rescale, keep from the mask
+    stream with `key` and keep probability `p` (already float32-exact)."""
+    _set_threads()
+    before, after = _random_l1(_raw(base), _raw(sources[m]), are_deltas, np.uint64(key), np.float32(p), base.element_size() == 4)
+    return float(before), float(after)
+
+
 def merge(
     base: torch.Tensor,
     sources: Sequence[torch.Tensor],
@@ -356,13 +437,21 @@ def merge(
     scalar_divisor: float,
     normalize: bool,
     out: Optional[torch.Tensor] = None,
+    random: Optional[tuple[Sequence[int], Sequence[float], Sequence[float]]] = None,
 ) -> torch.Tensor:
     """base + combined (sparsified, weighted) task vectors in one pass. `sources` are task vectors
     (`are_deltas`) or fine-tuned tensors (their deltas are formed on the fly); `weights` are
-    already quantised to the tensor's dtype; thresholds -1 keep everything."""
+    already quantised to the tensor's dtype; thresholds -1 keep everything. `random`: DARE's
+    (mask keys, float32 keep probabilities, rescale factors) per model, instead of thresholds
+    (probability 2 keeps everything, factor 1 leaves values alone)."""
     _set_threads()
     if out is None:
         out = torch.empty_like(base)
+    n = len(sources)
+    keys, probs, scales = random if random is not None else ([0] * n, [2.0] * n, [1.0] * n)
+    keys = np.asarray(keys, dtype=np.uint64)
+    probs = np.asarray(probs, dtype=np.float32)
+    scales = np.asarray(scales, dtype=np.float32)
     if two_model_vote:
         q01 = float(torch.tensor(weights[0] + weights[1], dtype=torch.float32).to(base.dtype))
         _ties2_kernel(
@@ -377,6 +466,10 @@ def merge(
             np.asarray(cutoffs, dtype=np.int64),
             normalize,
             _raw(out),
+            random is not None,
+            keys,
+            probs,
+            scales,
         )
         return out
     _merge_kernel(
@@ -390,6 +483,10 @@ def merge(
         np.float32(scalar_divisor),
         normalize,
         _raw(out),
+        random is not None,
+        keys,
+        probs,
+        scales,
     )
     return out
 
@@ -406,10 +503,14 @@ def warm_up(max_sources: int = 3) -> int:
         base = torch.zeros(MIN_FUSED_NUMEL, dtype=dtype)
         sources = [torch.full_like(base, 0.01 * (i + 1)) for i in range(max_sources)]
         for n in range(1, max_sources + 1):
-            merge(base, sources[:n], True, [0.5] * n, [-1] * n, [-1] * n, True, False, 1.0, True)
+            for random in (None, ([1] * n, [0.5] * n, [1.0] * n)):
+                merge(base, sources[:n], True, [0.5] * n, [-1] * n, [-1] * n, True, False, 1.0, True, random=random)
+                count += 1
+        for random in (None, ([1, 2], [0.5, 0.5], [1.0, 1.0])):
+            merge(base, sources[:2], True, [0.5, 0.5], [-1, -1], [-1, -1], True, True, 1.0, True, random=random)
             count += 1
-        merge(base, sources[:2], True, [0.5, 0.5], [-1, -1], [-1, -1], True, True, 1.0, True)
         tie_cutoff(base, sources, True, 0, 0, 1)
+        random_l1(base, sources, True, 0, 1, 0.5)
         count += 2
     row_ranks(torch.zeros(2, MIN_FUSED_NUMEL, dtype=torch.int16))
     return count + 1

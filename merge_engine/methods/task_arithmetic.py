@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ModelError
 from . import fused
-from .common import TensorContext, chunk_bounds, flat, tensor_seed
+from .common import TensorContext, chunk_bounds, flat, keep_probability, mask_key, mask_uniforms
 
 RESCALE_EPS = 1e-7
 
@@ -258,6 +258,16 @@ class _DellaProbabilities:
         return self.rows[2][start - offset : end - offset]
 
 
+def rescale_factor(before: float, after: float, dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """mergekit's L1 rescale ||delta||_1 / ||kept||_1, both norms and the ratio in the work dtype;
+    None (no rescale) where either norm is below RESCALE_EPS."""
+    before_t = torch.tensor(before, dtype=dtype)
+    after_t = torch.tensor(after, dtype=dtype)
+    if before_t >= RESCALE_EPS and after_t >= RESCALE_EPS:
+        return (before_t / after_t).to(device)
+    return None
+
+
 class _Sparsifier:
     """One task vector's sparsification, applied slice by slice in flat-index order."""
 
@@ -317,20 +327,17 @@ class _Sparsifier:
     def _start(self) -> None:
         for s in self.sets:
             s.start()
-        if self.kind in RANDOM_KINDS:
-            # each model's mask has its own stream, seeded by (run seed, tensor, model position)
-            device = self.vectors.base_flat.device
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(tensor_seed(self.ctx.seed, f"{self.ctx.name}#{self.i}"))
 
     def _keep(self, start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
         """The keep mask of the slice [start, end) as 0/1 numbers."""
-        if self.kind == "random":
-            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.density
-        if self.kind == "della_magprune":
+        if self.kind in RANDOM_KINDS:
+            # each model's mask has its own counter-based stream, keyed by (run seed, tensor, model)
+            key = mask_key(self.ctx.seed, self.ctx.name, self.i)
+            if self.kind == "random":
+                return mask_uniforms(key, start, end, delta.device) < keep_probability(self.density)
             if self.probability is None:
                 return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-            return torch.rand(delta.shape, generator=self.gen, device=delta.device) < self.probability(start, end)
+            return mask_uniforms(key, start, end, delta.device) < self.probability(start, end)
         bits = _magnitude_bits(delta)
         keep = self.sets[0].mask(bits)
         for outliers in self.sets[1:]:
@@ -357,10 +364,7 @@ class _Sparsifier:
             before += float(work.abs().sum(dtype=torch.float64))
             after += float((work * keep).abs().sum(dtype=torch.float64))
         dtype = self._work(self.vectors.chunk(self.i, 0, 1)).dtype
-        before_t = torch.tensor(before, dtype=dtype)
-        after_t = torch.tensor(after, dtype=dtype)
-        if before_t >= RESCALE_EPS and after_t >= RESCALE_EPS:
-            self.scale = (before_t / after_t).to(self.vectors.base_flat.device)
+        self.scale = rescale_factor(before, after, dtype, self.vectors.base_flat.device)
 
     def __iter__(self):
         masks, self.masks = self.masks, None  # each kept mask is used once, then freed
@@ -501,18 +505,34 @@ def _merge(
 
 def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, variant: Variant, ctx: TensorContext, cache) -> Optional[torch.Tensor]:
     """The same merge through the one-pass CPU kernel, or None where only the eager path applies
-    (random masks, breadcrumbs, rescaling, lambda, float16, CUDA)."""
+    (DELLA, breadcrumbs, TIES with rescale, lambda, float16, CUDA)."""
     sparsified = [variant.sparsify is not None and d < 1 for d in densities]
-    if variant.sparsify not in (None, "magnitude") and any(sparsified):
+    random = variant.sparsify == "random" and any(sparsified)
+    if variant.sparsify not in (None, "magnitude", "random") and any(sparsified):
         return None
-    if (any(sparsified) and params["rescale"]) or params["lambda"] != 1:
+    if (any(sparsified) and params["rescale"] and not random) or params["lambda"] != 1:
         return None
     sources = vectors.deltas if vectors.deltas is not None else vectors.inputs
     if not fused.usable([vectors.base_flat, *sources]):
         return None
     cache = {} if cache is None else cache
     thresholds, cutoffs = [], []
+    keys, probs, scales = [], [], []
     for i, density in enumerate(densities):
+        if random:
+            thresholds.append(-1)
+            cutoffs.append(-1)
+            keys.append(mask_key(ctx.seed, ctx.name, i) if sparsified[i] else 0)
+            probs.append(keep_probability(density) if sparsified[i] else 2.0)  # 2: keep all
+            scale = None
+            if sparsified[i] and params["rescale"]:
+                # the norms depend on (mask, density) only: a search changing weights reuses them
+                key = ("l1", i, keys[-1], probs[-1])
+                if key not in cache:
+                    cache[key] = fused.random_l1(vectors.base_flat, sources, vectors.deltas is not None, i, keys[-1], probs[-1])
+                scale = rescale_factor(*cache[key], base.dtype, "cpu")
+            scales.append(1.0 if scale is None else float(scale))
+            continue
         if not sparsified[i]:
             thresholds.append(-1)
             cutoffs.append(-1)
@@ -537,6 +557,7 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
         float(_sum_divisor(quantised, base.dtype, "cpu")),
         bool(params["normalize"]),
         out=out.view(-1) if out is not None else None,
+        random=(keys, probs, scales) if random else None,
     )
     return out if out is not None else result.view(base.shape)
 
