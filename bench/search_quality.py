@@ -253,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=None, help="evaluations per search (default: the search.yml's)")
     p.add_argument("--optimizers", default=None, help="comma-separated (default: cma,tpe,nsga2 if available,random)")
     p.add_argument("--work-dir", type=Path, default=Path("bench_output/search_quality"))
+    p.add_argument("--search-yml", type=Path, default=None,
+                   help="search this config instead of the experiment's search.yml (e.g. experiments/conflict/layer_path.yml)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per search worker and for scoring (default 1: the models are tiny, and on a "
                         "busy machine two threads waiting on each other are far slower than one)")
@@ -269,8 +271,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)  # held-out scoring in this process: tiny models, see --threads
     os.chdir(ROOT)  # the search.yml files name their models relative to the repository root
     exp = experiment(args.experiment)
-    budget = args.budget or (yaml.safe_load(exp.search_yml.read_text()).get("budget") or {}).get("max_fevals", 100)
+    source = (args.search_yml if args.search_yml.is_absolute() else ROOT / args.search_yml) if args.search_yml else exp.search_yml
+    budget = args.budget or (yaml.safe_load(source.read_text()).get("budget") or {}).get("max_fevals", 100)
     work = (args.work_dir if args.work_dir.is_absolute() else ROOT / args.work_dir) / args.experiment
+    if args.search_yml:
+        work = work / source.stem  # its own runs, beside the experiment's shared tasks and baselines
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     models = exp.build()
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for opt in optimizers:
             run_dir = work / "runs" / f"{opt.replace(':', '_').replace('=', '').replace(',', '_')}-seed{seed}-b{budget}"
-            r = run_search(run_dir, exp.search_yml, opt, seed, budget, task_dir, args.threads, score)
+            r = run_search(run_dir, source, opt, seed, budget, task_dir, args.threads, score)
             results[opt].append(r)
             status = f"{r['heldout']['mean']:.3f} held-out, {r['evaluations']} evaluations" if "heldout" in r else r["error"]
             print(f"  {opt} seed {seed}: {status} ({r.get('wall_s', 0):.0f}s)", flush=True)
