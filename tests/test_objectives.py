@@ -209,13 +209,13 @@ def test_cma_ranks_infeasible_after_feasible_and_failed_last():
 
 
 def test_default_optimizer_follows_the_budget_per_gene_and_a_named_one_is_kept():
-    from evolve.search import CHOSEN_CMA_SIGMA0, CMA_MIN_EVALS_PER_GENE, resolve_optimizer
+    from evolve.search import CMA_MIN_EVALS_PER_GENE, resolve_optimizer
 
     small = config(budget={"max_fevals": CMA_MIN_EVALS_PER_GENE * 6 - 1})
     resolved, why = resolve_optimizer(small, 6)
     assert resolved.optimizer.name == "tpe" and "per gene" in why
     large, why = resolve_optimizer(config(budget={"max_fevals": CMA_MIN_EVALS_PER_GENE * 6}), 6)
-    assert (large.optimizer.name, large.optimizer.sigma0) == ("cma", CHOSEN_CMA_SIGMA0)
+    assert (large.optimizer.name, large.optimizer.sigma0) == ("cma", 1 / 6)
     named, why = resolve_optimizer(config(optimizer="cma", budget={"max_fevals": 10}), 6)
     assert (named.optimizer.name, named.optimizer.sigma0, why) == ("cma", 1 / 6, "named in the config")
     resumed, why = resolve_optimizer(small, 6, chosen="cma")  # what the experiment started with wins
