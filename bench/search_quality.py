@@ -140,7 +140,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def parse_variant(spec: str) -> tuple[str, dict, set]:
-    """`name[:key=value/...][+racing][+pareto]` -> (optimizer name or "default", optimizer
+    """`name[:key=value/...][+racing[@z]][+pareto]` -> (optimizer name or "default", optimizer
     options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
     base, *mods = spec.split("+")
     name, _, opts = base.partition(":")
@@ -148,7 +148,7 @@ def parse_variant(spec: str) -> tuple[str, dict, set]:
     for item in filter(None, opts.split("/")):
         key, _, value = item.partition("=")
         options[key] = float(value)
-    unknown = set(mods) - {"racing", "pareto"}
+    unknown = {m.partition("@")[0] for m in mods} - {"racing", "pareto"}
     if unknown:
         raise SystemExit(f"--optimizers {spec}: unknown modifier(s) {', '.join(sorted(unknown))}")
     return name, options, set(mods)
@@ -163,8 +163,10 @@ def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str
     opt = dict(doc.get("optimizer") or {}) if (doc.get("optimizer") or {}).get("name") == name else {}
     doc["optimizer"] = {**opt, **options, "seed": seed, **({} if name == "default" else {"name": name})}
     doc["budget"] = {**(doc.get("budget") or {}), "max_fevals": budget}
-    if "racing" in mods:
-        doc["racing"] = True
+    for mod in mods:
+        if mod.startswith("racing"):  # racing, or racing@Z for another confidence_z
+            z = mod.partition("@")[2]
+            doc["racing"] = {"confidence_z": float(z)} if z else True
     if "pareto" in mods:
         doc["objectives"] = "pareto"
     return yaml.safe_dump(doc, sort_keys=False)
