@@ -22,10 +22,12 @@ memory streams) where the copy reads one and writes one (2), so ~1.5x is the ban
 and two task vectors (4 streams, ~2x) and do ~60 float ops per entry (bfloat16 rounding emulated
 in float32; DARE adds a 64-bit hash per model and entry), which on 2 cores is compute-bound.
 
-Measured (--quick, 0.61 GB out, 2 cores shared with other work, so floors ranged 0.04-0.2 s
-between rows; two runs, paired medians): linear 1.13x / 1.61x, ties 2.02x / 2.01x, dare_ties
-2.44x / 3.65x; candidates that also change densities: ties 2.53x, dare_ties 6.71x. Before the
-counter-based DARE stream and its kernel, a dare_ties candidate took 4.5 s (120x).
+Measured on a quiet 2-core machine (--quick, 0.61 GB out, --repeats 5, paired medians; the
+copy floor was 0.028-0.036 s): linear 0.042 s (1.45x), ties 0.150 s (5.4x), dare_ties 0.237 s
+(6.5x); candidates that also change densities: ties 4.1x, dare_ties 8.7x. Before the
+counter-based DARE stream and its kernel, a dare_ties candidate took 4.5 s (120x). Measured beside
+other work, the floors swelled to 0.04-0.2 s and the ratios shrank to about 2x: only a quiet
+machine gives these ratios meaning.
 """
 
 from __future__ import annotations
