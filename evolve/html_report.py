@@ -402,10 +402,12 @@ def _pareto(root: Path, complete: list, tasks: list[str], directions: dict) -> s
         return '<p class="note">One task: the front is the best trial.</p>'
     if not points:
         return '<p class="note">No candidate with every task\'s metric yet.</p>'
-    numbers = list(points)
+    # as the export does: infeasible trials (outside the constraints) never join the front
+    violation = {t.number: t.user_attrs.get("violation", 0.0) for t in complete}
+    numbers = [n for n in points if violation[n] <= 0]
     dirs = [directions.get(k, "maximize") for k in tasks]
     front = [numbers[i] for i in pareto_front([points[n] for n in numbers], dirs)]
-    note = (f"<p>{len(front)} of {len(points)} complete trials are not dominated on ("
+    note = (f"<p>{len(front)} of {len(numbers)} complete, feasible trials are not dominated on ("
             + ", ".join(f"{_esc(k)} {d}" for k, d in zip(tasks, dirs)) + ").</p>")
     rows = [(f' class="pareto-member" data-trial="{n}"', [str(n)] + [_num(v) for v in points[n]] + [_num(fitness[n])])
             for n in sorted(front, key=lambda n: -fitness[n])]

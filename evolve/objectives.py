@@ -24,6 +24,17 @@ def constraint_key(task_name: str, metric: Optional[str], task_metric: str) -> s
     return task_name if metric in (None, task_metric) else f"{task_name}:{metric}"
 
 
+def extra_metrics(tasks: Sequence, constraints: Sequence) -> dict[str, list[str]]:
+    """{task: [metric, ...]}: the metrics constraints read besides each task's own, which the
+    evaluator must report (under `constraint_key`'s `task:metric`)."""
+    own = {t.name: t.metric for t in tasks}
+    out: dict[str, list[str]] = {}
+    for c in constraints:
+        if constraint_key(c.task, c.metric, own[c.task]) != c.task:
+            out.setdefault(c.task, []).append(c.metric)
+    return out
+
+
 @dataclass(frozen=True)
 class Scored:
     fitness: float

@@ -29,7 +29,7 @@ from search_spaces.layer_path import LayerPathGenome
 from .config import SearchConfig
 from .model_refs import check_genome_models
 from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
-from .objectives import Scoring
+from .objectives import Scoring, extra_metrics
 from .optimizers import Optimizer, SearchSpace, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
 from .rescore import Rescoring, read_rescore
@@ -170,11 +170,7 @@ def check_tasks(config: SearchConfig, options: EvolveOptions) -> None:
 def evaluator_spec(config: SearchConfig, options: EvolveOptions, tasks=None) -> dict:
     """The workers' lm-eval evaluator: the search tasks (or `tasks`, e.g. the held-out ones), each
     also reporting the other metrics constraints read (as `task:metric`)."""
-    extra: dict[str, list[str]] = {}
-    for c in config.constraints if tasks is None else ():
-        task_metric = next(t.metric for t in config.tasks if t.name == c.task)
-        if c.metric not in (None, task_metric):
-            extra.setdefault(c.task, []).append(c.metric)
+    extra = extra_metrics(config.tasks, config.constraints) if tasks is None else {}
     return {
         "kind": "lm_eval",
         "tasks": [{"name": t.name, "metric": t.metric, "weight": t.weight, "direction": t.direction,
@@ -324,9 +320,13 @@ class SearchRun:
         self.x0 = starting_point(config, self.genome)
         self.optimizer = build_optimizer(config, self.genome, self.x0)
         self.state = LoopState()
+        journal = self.store.journal() if options.resume else []  # read once: resume and reuse both need it
+        # identical recipes are not evaluated again, also across runs of the driver
+        self.known = {e.outcome.recipe_hash: (e.candidate.number, e.outcome) for e in journal
+                      if e.outcome is not None and e.outcome.status in ("complete", "stopped") and e.outcome.recipe_hash}
         if options.resume:
             try:
-                self.state = resume(self.optimizer, self.store.journal(), self.store.load_checkpoint())
+                self.state = resume(self.optimizer, journal, self.store.load_checkpoint())
             except JournalMismatch as err:
                 raise ConfigError(
                     f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
@@ -401,9 +401,7 @@ class SearchRun:
         self._start_pool()
         self.scoring = Scoring.for_search(self.config, self.pool.info["directions"])
         self.store.set_directions(self.scoring.directions)
-        known = {e.outcome.recipe_hash: (e.candidate.number, e.outcome) for e in self.store.journal()
-                 if e.outcome is not None and e.outcome.status in ("complete", "stopped") and e.outcome.recipe_hash}
-        runner = PoolRunner(self.pool, self.genome, self.scoring, known, self.config.racing, lambda: self.best_value)
+        runner = PoolRunner(self.pool, self.genome, self.scoring, self.known, self.config.racing, lambda: self.best_value)
         timeout = self.config.budget.timeout
 
         def on_outcome(candidate: Candidate, outcome: Outcome) -> None:

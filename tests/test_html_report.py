@@ -183,7 +183,7 @@ def test_report_matches_the_study(experiment):
     for attrs, cells in listed:
         n = int(attrs["data-trial"])
         assert cells == [str(n), f"{points[n][0]:.4f}", f"{points[n][1]:.4f}", f"{next(r['value'] for r in complete if r['number'] == n):.4f}"]
-    assert f"{len(front)} of {len(complete)} complete trials are not dominated on (t_a maximize, t_b minimize)" in text
+    assert f"{len(front)} of {len(complete)} complete, feasible trials are not dominated on (t_a maximize, t_b minimize)" in text
 
     # importance: the 25 most important of 32 genes, fANOVA's shares (they sum to 1 over all 32)
     imp = page.with_class("importance")
