@@ -91,9 +91,30 @@ def world(tmp_path_factory):
         truth[name] = coef @ m_sd[name].double()[model_shared_ids]
         truth["tied:" + name] = coef @ t_sd["model.embed_tokens.weight"].double()[model_shared_ids]
     _set_rows(donor, donor_rows)
+
+    # a second donor whose new tokens are the mean of their subword pieces (as the model's
+    # tokenizer spells them): the case the subword baseline is exact for
+    pieces_donor = root / "donor_pieces"
+    shutil.copytree(donor, pieces_donor)
+    to_donor = {i: j for j, i in shared}
+    coef = torch.zeros(len(new_ids), len(shared), dtype=torch.float64)
+    column = {j: c for c, (j, _) in enumerate(shared)}
+    for r, j in enumerate(new_ids):
+        text = dtok.convert_tokens_to_string([dtok.convert_ids_to_tokens(j)])
+        pieces = mtok.encode(text, add_special_tokens=False)
+        for i in pieces:
+            coef[r, column[to_donor[i]]] += 1.0 / len(pieces)
+    rows = {}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        d = d_sd[name].double()
+        d[new_ids] = coef @ d[donor_shared_ids]
+        rows[name] = d.float()
+        truth["pieces:" + name] = coef @ m_sd[name].double()[model_shared_ids]
+    _set_rows(pieces_donor, rows)
     return {
         "root": root, "model": model, "tied": tied, "donor": donor, "mtok": mtok, "dtok": dtok,
-        "shared": shared, "new_ids": new_ids, "truth": truth,
+        "shared": shared, "new_ids": new_ids, "truth": truth, "pieces_donor": pieces_donor,
+        "max_pieces": int((coef > 0).sum(1).max()),
     }
 
 
@@ -166,10 +187,10 @@ def test_output_loads_with_the_donors_vocabulary(world, transplanted):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def _errors(world, out: Path, name: str, key: str = None) -> tuple[float, float]:
+def _errors(world, out: Path, name: str, key: str) -> tuple[float, float]:
     """(mean cosine similarity, mean relative error) of the new tokens' rows against the truth."""
     got = read_model(out)[name][world["new_ids"]].double()
-    want = world["truth"][key or name]
+    want = world["truth"][key]
     cos = torch.nn.functional.cosine_similarity(got, want, dim=1).mean().item()
     rel = ((got - want).norm(dim=1) / want.norm(dim=1)).mean().item()
     return cos, rel
@@ -184,24 +205,45 @@ METHODS = {
 }
 
 
-def test_omp_recovers_known_rows_far_better_than_the_baselines(world, transplanted, tmp_path, capsys):
-    scores = {"omp": {n: _errors(world, transplanted, n) for n in ("model.embed_tokens.weight", "lm_head.weight")}}
+def _scores(world, tmp_path, donor: Path, truth_prefix: str) -> dict:
+    scores = {}
     for method, args in METHODS.items():
-        if method == "omp":
-            continue
         out = tmp_path / method
-        ok(world["model"], world["donor"], out, *args)
-        scores[method] = {n: _errors(world, out, n) for n in ("model.embed_tokens.weight", "lm_head.weight")}
+        ok(world["model"], donor, out, *args)
+        scores[method] = {n: _errors(world, out, n, truth_prefix + n) for n in ("model.embed_tokens.weight", "lm_head.weight")}
+    return scores
+
+
+def _report(title: str, scores: dict, capsys) -> None:
     with capsys.disabled():
-        print("\nnew-token rows vs truth (mean cosine, mean relative error), embed | lm_head:")
+        print(f"\n{title}: new-token rows vs truth (mean cosine, mean relative error), embed | lm_head:")
         for method, s in scores.items():
             e, h = s["model.embed_tokens.weight"], s["lm_head.weight"]
             print(f"  {method:22s} {e[0]:.4f} {e[1]:.2e} | {h[0]:.4f} {h[1]:.2e}")
+
+
+def test_omp_recovers_sparse_rows_the_baselines_miss(world, tmp_path, capsys):
+    """True rows: 3 random shared tokens each. OMP finds them from the donor's rows."""
+    scores = _scores(world, tmp_path, world["donor"], "")
+    _report(f"sparse combinations of {SPARSITY} shared tokens", scores, capsys)
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         cos, rel = scores["omp"][name]
         assert cos > 0.9999 and rel < 1e-3, (name, cos, rel)
-        for method in ("subword", "mean", "landmark_pca"):
+        for method in ("subword", "mean", "landmark_pca", "common_interpolation"):
             assert scores[method][name][1] > 0.5, (method, name, scores[method][name])
+
+
+def test_omp_also_recovers_mean_of_pieces_rows(world, tmp_path, capsys):
+    """True rows: the mean of the token's subword pieces. The subword baseline is exact by
+    construction; OMP (k = 8 >= the most pieces of any token) recovers the same rows."""
+    assert world["max_pieces"] <= 8
+    scores = _scores(world, tmp_path, world["pieces_donor"], "pieces:")
+    _report("mean of subword pieces", scores, capsys)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert scores["subword"][name][1] < 1e-6
+        cos, rel = scores["omp"][name]
+        assert cos > 0.9999 and rel < 1e-3, (name, cos, rel)
+        assert scores["mean"][name][1] > 0.5
 
 
 def test_tied_model_stays_tied(world, tmp_path):
@@ -298,3 +340,51 @@ def test_bad_input_fails_cleanly(world, tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-a", "zero"),
+        ("-a", "randn"),
+        ("-a", "john_hewitt"),
+        ("-a", "common_interpolation", "--weight-scheme", "barycentric", "-c"),
+        ("-a", "common_interpolation", "--barycentric"),
+        ("-a", "subword", "--subword-method", "weighted_mean"),
+        ("-a", "subword", "--subword-method", "first_last"),
+        ("-a", "subword", "--subword-method", "sum"),
+        ("--knn",),
+    ],
+)
+def test_every_method_keeps_shared_rows_and_is_deterministic(world, tmp_path, args):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ok(world["model"], world["donor"], a, *args)
+    ok(world["model"], world["donor"], b, *args)
+    before, sa, sb = read_model(world["model"]), read_model(a), read_model(b)
+    j = torch.tensor([j for j, _ in world["shared"]])
+    i = torch.tensor([i for _, i in world["shared"]])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(sa[name][j], before[name][i])
+        assert torch.isfinite(sa[name]).all()
+        assert torch.equal(sa[name], sb[name])
+
+
+def test_interpolation_weights_against_direct_computation():
+    from merge_engine.tokensurgeon import interpolation
+
+    gen = torch.Generator().manual_seed(0)
+    atoms = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    idx, w = interpolation(targets, atoms, 4, "distance_proportional", False)
+    dist = torch.cdist(targets, atoms)
+    for r in range(5):
+        near = dist[r].argsort()[:4]
+        assert set(idx[r].tolist()) == set(near.tolist())
+        inv = 1 / dist[r, idx[r]]
+        torch.testing.assert_close(w[r], inv / inv.sum())
+    # 12 neighbours in 6 dimensions: both fits are exact; barycentric weights sum to 1
+    for scheme in ("least_squares", "barycentric"):
+        idx, w = interpolation(targets, atoms, 12, scheme, False)
+        recon = (w.unsqueeze(-1) * atoms[idx]).sum(1)
+        torch.testing.assert_close(recon, targets, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.sum(1), torch.ones(5, dtype=torch.float64))
