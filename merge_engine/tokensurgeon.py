@@ -476,7 +476,11 @@ def _open(reference: str, what: str, options, required_weights: bool = True) -> 
         ref = ModelReference.parse(reference)
     except ValueError as err:
         raise ModelError(f"{what} {reference}: {err}") from None
-    directory = resolve_model_dir(ref, options.lora_merge_cache, options.lora_merge_dtype, options.lazy_unpickle)
+    try:
+        directory = resolve_model_dir(ref, options.lora_merge_cache, options.lora_merge_dtype, options.lazy_unpickle)
+    except ModelError as err:  # name the role: "donor ...", not "model ..."
+        message = str(err)
+        raise ModelError(f"{what}{message[len('model'):]}" if message.startswith("model ") else message) from None
     if not required_weights and not (directory / "config.json").is_file():
         return directory, None
     config = read_json(directory / "config.json", f"{what} {ref}")

@@ -68,6 +68,7 @@ def world(tmp_path_factory):
     model = _make(root / "model", root / "tok_model", len(mtok), 32, seed=0)
     tied = _make(root / "tied", root / "tok_model", len(mtok), 32, seed=1, tied=True)
     donor = _make(root / "donor", root / "tok_donor", len(dtok), 48, seed=2)
+    peer = _make(root / "peer", root / "tok_donor", len(dtok), 32, seed=3)  # merge partner of `model`
 
     shared = _shared(mtok, dtok)
     donor_shared_ids = torch.tensor([j for j, _ in shared])
@@ -113,7 +114,7 @@ def world(tmp_path_factory):
     _set_rows(pieces_donor, rows)
     return {
         "root": root, "model": model, "tied": tied, "donor": donor, "mtok": mtok, "dtok": dtok,
-        "shared": shared, "new_ids": new_ids, "truth": truth, "pieces_donor": pieces_donor,
+        "shared": shared, "new_ids": new_ids, "truth": truth, "pieces_donor": pieces_donor, "peer": peer,
         "max_pieces": int((coef > 0).sum(1).max()),
     }
 
@@ -388,3 +389,33 @@ def test_interpolation_weights_against_direct_computation():
         recon = (w.unsqueeze(-1) * atoms[idx]).sum(1)
         torch.testing.assert_close(recon, targets, rtol=0, atol=1e-6)
     torch.testing.assert_close(w.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+def test_transplant_then_merge(world, tmp_path):
+    """Two models with different tokenizers: give one the other's, then merge them linearly."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from merge_engine.config import load_config
+    from merge_engine.options import MergeOptions
+    from merge_engine.streaming import run_merge
+
+    moved = tmp_path / "moved"
+    ok(world["model"], world["peer"], moved)
+    recipe = tmp_path / "merge.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "linear",
+        "models": [{"model": str(moved), "parameters": {"weight": 0.5}}, {"model": str(world["peer"]), "parameters": {"weight": 0.5}}],
+        "dtype": "float32",
+    }))
+    config, text = load_config(recipe)
+    out = tmp_path / "merged"
+    run_merge(config, out, MergeOptions(quiet=True), config_text=text)
+    merged, a, b = read_model(out), read_model(world["model"]), read_model(world["peer"])
+    j = torch.tensor([j for j, _ in world["shared"]])
+    i = torch.tensor([i for _, i in world["shared"]])
+    name = "model.embed_tokens.weight"
+    # a shared token's merged row averages the model's row for it (moved to the peer's id) and the peer's
+    torch.testing.assert_close(merged[name][j], (a[name][i] + b[name][j]) / 2, rtol=0, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.config.vocab_size == len(world["dtok"])
