@@ -392,8 +392,11 @@ def approximate_rows(
     if method == Method.LANDMARK_PCA:
         out[have_t] = landmark_map(donor_shared, model_shared, opts.k if opts.k > 0 else None)(targets_all)
         return out
-    # score matrices are [batch, shared tokens]: about 256 MiB of float32 per batch by default
-    batch = opts.batch_size or max(1, (1 << 26) // max(1, donor_shared.shape[0]))
+    # per target: a score row over the shared tokens, the k picked donor rows, the k model rows
+    # they combine, the Gram matrix; the default batch keeps that near 256 MiB
+    k = min(opts.k, donor_shared.shape[0])
+    per_target = 4 * (donor_shared.shape[0] + k * (donor_shared.shape[1] + model_shared.shape[1] + k))
+    batch = opts.batch_size or max(1, (256 << 20) // per_target)
     for start in range(0, len(have), batch):
         targets = targets_all[start : start + batch]
         if method == Method.OMP:

@@ -419,3 +419,33 @@ def test_transplant_then_merge(world, tmp_path):
     torch.testing.assert_close(merged[name][j], (a[name][i] + b[name][j]) / 2, rtol=0, atol=1e-6)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.config.vocab_size == len(world["dtok"])
+
+
+def test_special_ids_follow_the_donor(world, tmp_path):
+    donor = tmp_path / "donor"
+    shutil.copytree(world["donor"], donor)
+    cfg = json.loads((donor / "config.json").read_text())
+    cfg["eos_token_id"] = 3  # the donor's <|sep|>
+    (donor / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    ok(world["model"], donor, out, "-a", "zero")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 3
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 3
+
+
+def test_tokenizer_tokens_beyond_the_embedding(tmp_path, caplog):
+    """The donor's tokenizer has two tokens beyond its 259 embedding rows (tok_fixtures' base):
+    the output has rows for them, approximated from their subword pieces; the model's two added
+    tokens, unknown to the donor, are dropped."""
+    from tok_fixtures import build_tokenizer_models
+
+    models = build_tokenizer_models(tmp_path / "m")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        ok(models["ft_a"], models["base"], out)
+    sd, before = read_model(out), read_model(models["ft_a"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert sd[name].shape[0] == 261 and before[name].shape[0] == 261
+        assert torch.equal(sd[name][:259], before[name][:259])
+        assert not torch.equal(sd[name][259:], before[name][259:])
+    assert "no row in the donor's embeddings" in caplog.text
