@@ -514,7 +514,6 @@ def _special_ids(donor_tok, donor_config: Optional[dict]) -> dict:
 
 def transplant(model: str, donor: str, out_path: Path, options, surgery: SurgeryOptions, command_line: str = "") -> dict:
     """Write MODEL with DONOR's tokenizer to `out_path` (atomically); returns a summary."""
-    import torch
     from tqdm import tqdm
 
     from .io import OutputTensorSpec, atomic_model_output, copy_files
