@@ -45,6 +45,11 @@ class MoEConfig(_Schema):
     shared_experts: Optional[list[Expert]] = None
     architecture: Optional[str] = None
 
+    @field_validator("experts_per_token", mode="before")
+    @classmethod
+    def _null_means_default(cls, value):
+        return 2 if value is None else value  # mergekit reads `experts_per_token: null` as its default, 2
+
     @field_validator("experts")
     @classmethod
     def _some_experts(cls, value: list[Expert]) -> list[Expert]:
