@@ -289,6 +289,9 @@ def _with_tokens(models, tokens):
         (lambda m: _with_tokens(m, {"<x>": {"source": {"kind": "copy"}}}), ["tokenizer.tokens.<x>.source.kind", "'copy'"]),
         (lambda m: _with_tokens(m, {"<tool>": {"source": str(m["ft_a"])}}), ["tokenizer.tokens.<tool>.source", "has no token '<tool>'"]),
         (lambda m: linear_config(m, chat_template="my template"), ["chat_template", "'my template'"]),
+        # different vocabulary sizes and no tokenizer rule: refused (mergekit too), not merged on common rows
+        (lambda m: linear_config(m), ["tensor model.embed_tokens.weight", "vocabulary sizes differ", "259 rows",
+                                      "261", "tokenizer_source: base", "tokenizer_source: union"]),
     ],
 )
 def test_bad_tokenizer_settings_fail_at_planning(models, make, needles):
