@@ -394,7 +394,7 @@ class Planner:
                     f"model {inputs[large].model} has {rows[large]}), so the common rows could mix unrelated tokens; "
                     "align the vocabularies with `tokenizer_source: base` or `tokenizer_source: union`"
                 )
-            return (rows[0], min(s[1] for s in shapes))
+            return (min(rows), min(s[1] for s in shapes))
         for i, s in enumerate(shapes):
             if tuple(s) != tuple(shapes[ref]):
                 raise mismatch(ref, i)
