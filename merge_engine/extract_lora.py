@@ -1,5 +1,5 @@
 """`mergekit-extract-lora --model FT --base-model BASE --out-path DIR`: a PEFT LoRA adapter from the
-difference between a fine-tune and its base (reference §7).
+difference between a fine-tune and its base (docs/mergekit-reference.md §7).
 
 Module by module: read the two weights, take the truncated SVD of their difference in float32, spill
 the factors to a scratch file, and at the end copy them into `adapter_model.safetensors`. Memory holds

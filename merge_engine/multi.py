@@ -1,5 +1,5 @@
 """`mergekit-multi CONFIG --intermediate-dir DIR [--out-path OUT]`: several merges from one YAML
-stream (reference §4.9).
+stream (docs/mergekit-reference.md §4).
 
 Documents are separated by `---`. A document with `name: X` is a named merge written to DIR/X; any
 later (or earlier) recipe may use `X` as a model reference. At most one document has no name: the

@@ -1,4 +1,4 @@
-"""`mergekit-multi` (reference §4.9): a YAML stream of recipes, named intermediates written to
+"""`mergekit-multi` (docs/mergekit-reference.md §4): a YAML stream of recipes, named intermediates written to
 --intermediate-dir and used by name, one unnamed final recipe written to --out-path."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tokenizer merging (reference §5): the output tokenizer, embedding/LM-head rows re-indexed to it before
+"""Tokenizer merging (docs/mergekit-reference.md §5): the output tokenizer, embedding/LM-head rows re-indexed to it before
 the merge, padding, per-token sources, errors. Expected rows come from `reference_rows` below, a
 plain loop over tokens written from the rules of docs/mergekit-reference.md, independent of merge_engine.tokenizer."""
 
@@ -65,7 +65,7 @@ def out_tokens(out: Path) -> list[str]:
 
 
 def reference_rows(inputs, tensor, tokens, base="base", sources=None, forced=(), pad_to=None):
-    """Each model's matrix re-indexed to `tokens` (reference §5.3), one row at a time.
+    """Each model's matrix re-indexed to `tokens` (docs/mergekit-reference.md §5), one row at a time.
     sources: token -> ("zero",) or (model, row) for tokens configured with a source."""
     sources = sources or {}
 
