@@ -247,11 +247,17 @@ def _meta_model(cls, config: dict):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a config's validation notes are not the merge's business
     try:
-        cfg = cls.config_class.from_dict(copy.deepcopy(config))
+        cfg = _config(cls, config)
         with torch.device("meta"):
             return cls(cfg)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _config(cls, config: dict):
+    # config.json spells infinities as {"__float__": "Infinity"}; transformers' reader decodes them
+    decode = getattr(cls.config_class, "_decode_special_floats", lambda d: d)
+    return cls.config_class.from_dict(decode(copy.deepcopy(config)))
 
 
 def _stacks(model) -> list[tuple[str, int]]:
@@ -465,7 +471,7 @@ def _count_keys(cls, config: dict, stacks: list[tuple[str, int]]) -> dict[str, s
     """Stack path -> the config key that sets its length, found by building the model again with
     each candidate key changed and seeing which stack follows."""
     try:
-        full = cls.config_class.from_dict(copy.deepcopy(config)).to_dict()
+        full = _config(cls, config).to_dict()
     except Exception:
         full = config
     lengths = {length for _, length in stacks}
@@ -482,7 +488,7 @@ def _count_keys(cls, config: dict, stacks: list[tuple[str, int]]) -> dict[str, s
         if not isinstance(parent, dict):
             parent = get_config_value(probe, path.rsplit(".", 1)[0])
         for k, v in list(parent.items()):  # per-layer lists (layer_types) must keep the new length
-            if isinstance(v, list) and len(v) == value:
+            if isinstance(v, list) and len(v) == value and _COUNT_NAME.search(k):
                 parent[k] = v[:new] if new < value else v + v[-1:]
         try:
             probed = dict(_stacks(_meta_model(cls, probe)))
