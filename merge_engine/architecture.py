@@ -109,6 +109,30 @@ def set_config_value(config: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+# Lists of layer indices (not one entry per layer) that sit next to a layer count in a config.
+_LAYER_INDEX_LISTS = ("moe_layers", "mlp_only_layers")
+
+
+def remap_layer_lists(out: dict, count_key: str, count: int, origins: list[tuple[dict, int]]) -> None:
+    """After a frankenmerge, rewrite the per-layer lists next to `count_key` in the output config
+    (layer_types, Llama 4's no_rope_layers, and index lists such as moe_layers), so that output
+    layer i keeps the settings of the input layer it came from, `origins[i]` = (that model's
+    config, its layer index). transformers rejects, or silently misbuilds, a config whose lists do
+    not match its layer count."""
+    parent = count_key.rpartition(".")[0]
+    siblings = get_config_value(out, parent) if parent else out
+    for name, value in list((siblings or {}).items()):
+        if not isinstance(value, list) or "layer" not in name:
+            continue
+        key = f"{parent}.{name}" if parent else name
+        sources = [(get_config_value(cfg, key), idx) for cfg, idx in origins]
+        if name in _LAYER_INDEX_LISTS:
+            if all(isinstance(src, list) for src, _ in sources):
+                set_config_value(out, key, [i for i, (src, idx) in enumerate(sources) if idx in src])
+        elif len(value) == count:
+            set_config_value(out, key, [(src if isinstance(src, list) else value)[idx] for src, idx in sources])
+
+
 # ----------------------------------------------------------------------------------------------
 # Overrides: only what derivation cannot know
 

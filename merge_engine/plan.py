@@ -21,6 +21,7 @@ from .architecture import (
     count_layers,
     get_config_value,
     layer_prefix_of,
+    remap_layer_lists,
     resolve_architecture,
     set_config_value,
 )
@@ -429,15 +430,11 @@ def _output_config(
     if uses_slices:
         if arch.num_layers_key:
             set_config_value(out, arch.num_layers_key, out_layers)
-            # Per-layer attention kinds follow the layers they came from, or transformers rejects a
-            # config whose layer_types length differs from the layer count (next to the count key:
-            # text_config.layer_types in a VLM).
-            types_key = arch.num_layers_key.rpartition(".")[0] + "." * ("." in arch.num_layers_key) + "layer_types"
-            if isinstance(get_config_value(out, types_key), list):
-                set_config_value(out, types_key, [
-                    (get_config_value(models[ref].config, types_key) or get_config_value(out, types_key))[idx]
-                    for ref, idx in layer_origins
-                ])
+            # layer_types and the like follow the layers they came from
+            remap_layer_lists(
+                out, arch.num_layers_key, models[donor].num_layers,
+                [(models[ref].config, idx) for ref, idx in layer_origins],
+            )
         else:
             log.warning("cannot record the new layer count (%d) in config.json: no layer-count key known", out_layers)
     return out
