@@ -248,6 +248,9 @@ def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         return ()
     config = json.loads(config_text)
+    expected = getattr(cls.config_class, "model_type", "")
+    if config.get("model_type") and expected and config["model_type"] != expected:
+        return ()  # e.g. phi-msft remote code under transformers' PhiForCausalLM name
     try:
         model = _meta_model(cls, config)
     except Exception as err:  # a config this transformers rejects: inference takes over
@@ -320,7 +323,7 @@ def _main_stack(model, stacks: list[tuple[str, int]]) -> tuple[str, int]:
     return max(inside, key=lambda s: s[1])
 
 
-def _saved_names(model, state: dict) -> Optional[dict[str, list[str]]]:
+def _saved_names(model, state: dict, stacks: list[tuple[str, int]]) -> Optional[dict[str, list[str]]]:
     """In-memory state-dict name -> the names save_pretrained writes for it (transformers 5 reverts
     its load-time conversions on save: VLM prefixes, per-expert MoE weights, GPT-NeoX's embed_out).
     None when the mapping cannot be made one key at a time."""
@@ -328,15 +331,50 @@ def _saved_names(model, state: dict) -> Optional[dict[str, list[str]]]:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
         return None
+
+    def revert(part: dict) -> list[str]:
+        return list(revert_weight_conversion(model, part))
+
     try:
-        per_key = {k: list(revert_weight_conversion(model, {k: t})) for k, t in state.items()}
-        whole = set(revert_weight_conversion(model, dict(state)))
+        whole = set(revert(dict(state)))
+        # One call per key costs milliseconds (transformers walks the model each time): a block's
+        # weights are mapped once per stack and re-indexed for the other blocks; the comparison
+        # with the whole mapping below catches a conversion that depends on the index.
+        per_key: dict[str, list[str]] = {}
+        seen: dict[tuple[str, str], tuple[int, list[str]]] = {}
+        for k, t in state.items():
+            where = _in_stack(k, stacks)
+            if where is not None and (where[0], where[2]) in seen:
+                j, names = seen[(where[0], where[2])]
+                per_key[k] = [_reindex(n, j, where[1]) for n in names]
+                continue
+            per_key[k] = revert({k: t})
+            if where is not None:
+                seen[(where[0], where[2])] = (where[1], per_key[k])
+        if {n for names in per_key.values() for n in names} != whole:
+            per_key = {k: revert({k: t}) for k, t in state.items()}
     except Exception as err:
         log.debug("cannot map %s's names to saved names: %s", type(model).__name__, err)
         return None
     if {n for names in per_key.values() for n in names} != whole:
         return None  # a conversion that needs several tensors at once
     return per_key
+
+
+def _in_stack(key: str, stacks: list[tuple[str, int]]) -> Optional[tuple[str, int, str]]:
+    """(stack path, block index, rest of the name) of a key inside a stack, else None."""
+    for path, _ in stacks:
+        if key.startswith(path + "."):
+            index, _, rest = key[len(path) + 1 :].partition(".")
+            if index.isdigit():
+                return path, int(index), rest
+    return None
+
+
+def _reindex(name: str, old: int, new: int) -> str:
+    # the block index is the first `.N.` of a name (expert indices come after it)
+    at = name.find(f".{old}.")
+    return name if at < 0 else name[:at] + f".{new}." + name[at + len(str(old)) + 2 :]
 
 
 def _tied_targets(model) -> dict[str, str]:
@@ -389,7 +427,7 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
     base_prefix = getattr(cls, "base_model_prefix", "") or ""
 
     layouts: list[tuple[str, dict[str, list[str]]]] = []
-    saved = _saved_names(model, state)
+    saved = _saved_names(model, state, stacks)
     if saved is not None:
         layouts.append(("saved", saved))
     memory = {k: [k] for k in keys}

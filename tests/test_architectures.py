@@ -503,3 +503,9 @@ def test_class_alias_and_unknown_classes():
 def test_importing_the_module_imports_neither_torch_nor_transformers():
     code = "import sys, merge_engine.architecture; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_remote_code_config_under_a_transformers_class_name_is_not_derived():
+    config = tiny_config("llama", vocab=96).to_dict()
+    config.update(architectures=["PhiForCausalLM"], model_type="phi-msft")
+    assert known_architecture(config) is None
