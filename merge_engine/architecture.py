@@ -12,6 +12,7 @@ Importing this module imports neither torch nor transformers: derivation imports
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -269,22 +270,30 @@ class _NotDerivable(Exception):
 
 def _meta_model(cls, config: dict):
     import torch
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a config's validation notes are not the merge's business
-    try:
-        cfg = _config(cls, config)
-        with torch.device("meta"):
-            return cls(cfg)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    cfg = _config(cls, config)
+    with torch.device("meta"), _quiet():
+        return cls(cfg)
 
 
 def _config(cls, config: dict):
     # config.json spells infinities as {"__float__": "Infinity"}; transformers' reader decodes them
     decode = getattr(cls.config_class, "_decode_special_floats", lambda d: d)
-    return cls.config_class.from_dict(decode(copy.deepcopy(config)))
+    with _quiet():
+        return cls.config_class.from_dict(decode(copy.deepcopy(config)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    # a config's validation notes (rope ranges, token ids) are not the merge's business
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _stacks(model) -> list[tuple[str, int]]:
