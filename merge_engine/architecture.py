@@ -259,7 +259,7 @@ def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
         return ()
     try:
         return _describe(cls, model, config)
-    except _NotDerivable as err:
+    except Exception as err:  # _NotDerivable, or a module tree this code did not foresee
         log.info("cannot derive %s: %s", cls_name, err)
         return ()
 
