@@ -59,6 +59,31 @@ class StackInfo:
 
 
 @dataclass(frozen=True)
+class ModuleInfo:
+    """One module of a multi-module model (mergekit's `modules:`): a VLM's text decoder, vision tower
+    or projector, an encoder-decoder's encoder or decoder. A module has at most one sliceable stack
+    (`layer_templates`); weights of other stacks inside it are spelled out among its pre/post weights."""
+
+    name: str
+    pre_weights: tuple[WeightInfo, ...]
+    layer_templates: tuple[WeightInfo, ...]  # () for a module without a stack (a projector)
+    post_weights: tuple[WeightInfo, ...]
+    num_layers_key: Optional[str]
+    stack: Optional[str] = None  # module path of the stack, e.g. "model.visual.blocks"
+    aliases: tuple[str, ...] = ()  # other names recipes may use for it
+
+    def layer_weights(self, index: int) -> list[WeightInfo]:
+        return list(_layer_weights(self.layer_templates, index))
+
+    def all_weights(self, num_layers: int) -> list[WeightInfo]:
+        out = list(self.pre_weights)
+        for i in range(num_layers if self.layer_templates else 0):
+            out.extend(self.layer_weights(i))
+        out.extend(self.post_weights)
+        return out
+
+
+@dataclass(frozen=True)
 class ArchitectureInfo:
     name: str
     pre_weights: tuple[WeightInfo, ...]
@@ -72,6 +97,10 @@ class ArchitectureInfo:
     # Every repeated-block stack of a derived model, the main one included. Stacks other than the
     # main one are also spelled out, layer by layer, in pre_weights/post_weights.
     stacks: tuple[StackInfo, ...] = ()
+    # The modules of a multi-stack model, in checkpoint order, the text/decoder module among them;
+    # () for single-module models (the whole description is then the one module).
+    modules: tuple[ModuleInfo, ...] = ()
+    main_module: Optional[str] = None  # the module whose stack `layer_templates` describes
 
     def layer_weights(self, index: int) -> list[WeightInfo]:
         return list(_layer_weights(self.layer_templates, index))
@@ -440,6 +469,7 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
     if saved is not None:
         layouts.append(("saved", saved))
     memory = {k: [k] for k in keys}
+    split = _split_modules(model, keys, stacks, main_path, counts)
     if saved is None or saved != memory:
         layouts.append(("modules", memory))
 
@@ -460,9 +490,16 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
             stack_infos.append(StackInfo(path, templates_by_path[path], length, counts.get(path)))
         first = next(i for i, k in enumerate(keys) if k.startswith(main_path + "."))
         last = max(i for i, k in enumerate(keys) if k.startswith(main_path + "."))
+        pre_keys = [k for k in keys[:first] for _ in names_of[k]]
+        post_keys = [k for k in keys[last + 1 :] for _ in names_of[k]]
         pre = [weight(k, n) for k in keys[:first] for n in names_of[k]]
         post = [weight(k, n) for k in keys[last + 1 :] for n in names_of[k]]
         pre, main, post = _with_prefix_aliases(pre, templates_by_path[main_path], post, base_prefix)
+        modules = ()
+        if split is not None:
+            modules = _module_infos(
+                split, keys, list(zip(pre_keys, pre)) + list(zip(post_keys, post)), templates_by_path, main, counts
+            )
         out.append(
             ArchitectureInfo(
                 name=f"{cls.__name__} ({layout} names)",
@@ -473,8 +510,110 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
                 ignored_patterns=_LEGACY_BUFFERS,
                 origin="derived",
                 stacks=tuple(stack_infos),
+                modules=modules,
+                main_module=split.main if split is not None else None,
             )
         )
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules of multi-stack models (mergekit's `modules:`)
+
+
+@dataclass(frozen=True)
+class _Split:
+    main: str  # name of the text/decoder module
+    module_of: dict  # in-memory state-dict key -> module name
+    stack_of: dict  # module name -> the path of its sliceable stack (None: no stack)
+    aliases: dict  # module name -> other names recipes may use
+
+
+_VISION_GROUPS = ("visual", "vision_tower", "vision_model", "vision")
+
+
+def _split_modules(model, keys: list[str], stacks: list[tuple[str, int]], main_path: str, counts: dict[str, str]) -> Optional[_Split]:
+    """Which module every weight belongs to, for a model with several stacks. The module tree
+    below the deepest module holding every stack is cut into groups (its children: a VLM's
+    `visual`/`vision_tower` and `language_model`, T5's `shared`, `encoder` and `decoder`); the
+    group of the main stack, and every weight after that stack (final norm, LM head), is the text
+    (or decoder) module; a projector (a path part naming a projector, or Qwen's vision `merger`)
+    is a module of its own, as in mergekit's VLM definitions; every other group is a module."""
+    if len(stacks) < 2:
+        return None
+    paths = [p.split(".") for p, _ in stacks]
+    root: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        root.append(parts[0])
+
+    def group(key: str) -> str:
+        parts = key.split(".")
+        if parts[: len(root)] == root and len(parts) > len(root) + 1:
+            return ".".join(parts[: len(root) + 1])
+        return parts[0]
+
+    main_group = group(main_path)
+    last_main = max(i for i, k in enumerate(keys) if k.startswith(main_path + "."))
+    other = {group(p): [] for p, _ in stacks if p != main_path}
+    for p, length in stacks:
+        if p != main_path:
+            other[group(p)].append((p, length))
+    encdec = any("encoder" in g.rsplit(".", 1)[-1] for g in other)
+    main = "decoder" if encdec else "text_decoder"
+
+    def name_of_group(g: str) -> str:
+        short = g.rsplit(".", 1)[-1]
+        if encdec and "encoder" in short:
+            return "encoder"
+        if short in _VISION_GROUPS:
+            return "vision_model" if short == "vision_model" else "vision_tower"
+        return short
+
+    stack_paths = [p for p, _ in stacks]
+    module_of: dict[str, str] = {}
+    for i, k in enumerate(keys):
+        in_stack = any(k.startswith(p + ".") for p in stack_paths)
+        parts = k.split(".")
+        if k.startswith(main_path + ".") or group(k) == main_group or i > last_main:
+            module_of[k] = main
+        elif not in_stack and any("projector" in part or part == "merger" for part in parts[:-1]):
+            module_of[k] = "multi_modal_projector"
+        else:
+            module_of[k] = name_of_group(group(k))
+    stack_of: dict[str, Optional[str]] = {name: None for name in module_of.values()}
+    stack_of[main] = main_path
+    for g, members in other.items():
+        # the stack a layer-count key sets, the longest first (Qwen3-VL's deepstack mergers are
+        # spelled out as weights of the vision module)
+        keyed = [m for m in members if m[0] in counts] or members
+        stack_of[name_of_group(g)] = max(keyed, key=lambda m: m[1])[0]
+    if len(stack_of) < 2:
+        return None
+    aliases = {n: tuple(v for v in ("vision_tower", "vision_model") if v != n) if n in ("vision_tower", "vision_model") else () for n in stack_of}
+    return _Split(main, module_of, stack_of, aliases)
+
+
+def _module_infos(split: _Split, keys: list[str], weights, templates_by_path, main_templates, counts) -> tuple[ModuleInfo, ...]:
+    """ModuleInfos in checkpoint order from (in-memory key, WeightInfo) pairs of the weights outside
+    the main stack; weights in a module's own stack become its templates."""
+    order = {k: i for i, k in enumerate(keys)}
+    names: list[str] = []
+    for k in keys:
+        if split.module_of[k] not in names:
+            names.append(split.module_of[k])
+    out = []
+    for name in names:
+        path = split.stack_of[name]
+        start = min((order[k] for k in keys if path and k.startswith(path + ".")), default=None)
+        pre, post = [], []
+        for k, w in weights:
+            if split.module_of[k] != name or (path and k.startswith(path + ".")):
+                continue
+            (pre if start is None or order[k] < start else post).append(w)
+        templates = main_templates if name == split.main else (templates_by_path[path] if path else ())
+        out.append(ModuleInfo(name, tuple(pre), tuple(templates), tuple(post), counts.get(path) if path else None, path, split.aliases.get(name, ())))
     return tuple(out)
 
 

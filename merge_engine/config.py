@@ -279,10 +279,23 @@ class OutputSliceDefinition(_Schema):
     parameters: Parameters = None
 
 
+def _known_method(value: Optional[str]) -> Optional[str]:
+    from .methods import METHODS  # torch-free registry
+
+    if value is not None and value not in METHODS:
+        raise ValueError(f"unknown merge method {value!r} (available: {', '.join(sorted(METHODS))})")
+    return value
+
+
 class OutputModuleDefinition(_Schema):
     slices: Optional[list[OutputSliceDefinition]] = None
     models: Optional[list[InputModelDefinition]] = None
     parameters: Parameters = None
+    # evomerge extension: a module's own method (a VLM's vision tower with ties, its projector
+    # copied with passthrough); None = the recipe's merge_method
+    merge_method: Optional[str] = None
+
+    _method_name = field_validator("merge_method")(classmethod(lambda cls, v: _known_method(v)))
 
     @model_validator(mode="after")
     def _one_of(self) -> "OutputModuleDefinition":
@@ -325,11 +338,7 @@ class MergeConfig(_Schema):
     @field_validator("merge_method")
     @classmethod
     def _method_name(cls, value: str) -> str:
-        from .methods import METHODS  # torch-free registry
-
-        if value not in METHODS:
-            raise ValueError(f"unknown merge method {value!r} (available: {', '.join(sorted(METHODS))})")
-        return value
+        return _known_method(value)
 
     @model_validator(mode="after")
     def _check_shape(self) -> "MergeConfig":

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .architecture import (
+    LAYER,
     ArchitectureInfo,
+    ModuleInfo,
     WeightInfo,
     architecture_class,
     count_layers,
@@ -154,29 +157,110 @@ class _Slice:
     base: Optional[ModelReference]
 
 
-def _normalized_slices(config: MergeConfig, models: dict[ModelReference, InputModel]):
-    """(slices, module parameters): `models:` becomes one slice over every model's full layer
-    range, with base_model appended as an input when it is not listed (mergekit's rule)."""
-    module_params = None
-    model_defs, slice_defs, prefix = config.models, config.slices, ""
-    if config.modules:
-        if len(config.modules) != 1:
-            raise ConfigError("modules: only single-module (decoder-only) models are supported, give one module")
-        (name, module), = config.modules.items()
-        model_defs, slice_defs, module_params, prefix = module.models, module.slices, module.parameters, f"modules.{name}."
+@dataclass
+class _Module:
+    """One module to plan: its weights (a ModuleInfo, or the whole ArchitectureInfo for
+    single-module recipes), its slices, parameters and method, and each model's layer count."""
+
+    name: str
+    weights: Union[ArchitectureInfo, ModuleInfo]
+    slices: list[_Slice]
+    params: Optional[dict]
+    method: MethodSpec
+    layers: dict[ModelReference, int]
+    sliced: bool  # the recipe cut it into slices (its layer count is written to the config)
+
+
+def module_layers(module: ModuleInfo, model: InputModel) -> int:
+    """A model's layer count for one module: its config key, else the blocks its checkpoint has."""
+    if not module.layer_templates:
+        return 0
+    value = get_config_value(model.config, module.num_layers_key) if module.num_layers_key else None
+    if isinstance(value, int):
+        return value
+    tpl = module.layer_templates[0].name
+    return count_layers(model.checkpoint.tensors, tpl[: tpl.index(f".{LAYER}.")])
+
+
+def _slices_of(
+    config: MergeConfig, model_defs, slice_defs, prefix: str, layers: dict[ModelReference, int], method: MethodSpec
+) -> list[_Slice]:
+    """`models:` becomes one slice over every model's full layer range, with base_model appended as
+    an input when it is not listed (mergekit's rule; not for passthrough, which takes one input)."""
     if model_defs:
-        sources = [
-            InputSliceDefinition(model=m.model, layer_range=(0, models[m.model].num_layers), parameters=m.parameters)
-            for m in model_defs
-        ]
-        if config.base_model is not None and all(m.model != config.base_model for m in model_defs):
-            sources.append(
-                InputSliceDefinition(model=config.base_model, layer_range=(0, models[config.base_model].num_layers))
+        def source(model, parameters=None) -> InputSliceDefinition:
+            # a module without a stack (a projector) has no layer range: built unvalidated
+            return InputSliceDefinition.model_construct(model=model, layer_range=(0, layers[model]), parameters=parameters)
+
+        sources = [source(m.model, m.parameters) for m in model_defs]
+        if (
+            config.base_model is not None
+            and all(m.model != config.base_model for m in model_defs)
+            and method.name != "passthrough"
+        ):
+            sources.append(source(config.base_model))
+        return [_Slice(OutputSliceDefinition(sources=sources), f"{prefix}models", config.base_model)]
+    return [_Slice(s, f"{prefix}slices[{i}]", s.base_model or config.base_model) for i, s in enumerate(slice_defs)]
+
+
+def _normalized_modules(config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo) -> list[_Module]:
+    """The modules to plan, in checkpoint order. `models:` and `slices:` recipes are one module over
+    the whole description: on a multi-module model, `slices:` cut the text/decoder stack and every
+    other module comes from the first slice's models (stated in a log line). A `modules:` recipe on
+    a multi-module model names every module of the model (docs/architectures.md)."""
+    method = get_method_spec(config.merge_method)
+    whole_layers = {ref: m.num_layers for ref, m in models.items()}
+    if not config.modules or not arch.modules:
+        model_defs, slice_defs, params, prefix = config.models, config.slices, None, ""
+        if config.modules:
+            if len(config.modules) != 1:
+                raise ConfigError(
+                    f"modules: {architecture_class(models[next(iter(models))].config) or 'this model'} has one module; "
+                    f"give one module (mergekit calls it 'default'), got {', '.join(config.modules)}"
+                )
+            (name, module), = config.modules.items()
+            model_defs, slice_defs, params, prefix = module.models, module.slices, module.parameters, f"modules.{name}."
+            method = get_method_spec(module.merge_method or config.merge_method)
+        slices = _slices_of(config, model_defs, slice_defs, prefix, whole_layers, method)
+        if slice_defs and arch.modules:
+            others = [m.name for m in arch.modules if m.name != arch.main_module]
+            log.info(
+                "slices cut the %s module; %s come from the first slice's models (%s), merged as its pre-layer "
+                "weights; a `modules:` recipe chooses each module's source",
+                arch.main_module, ", ".join(others), ", ".join(str(s.model) for s in slices[0].definition.sources),
             )
-        return [_Slice(OutputSliceDefinition(sources=sources), f"{prefix}models", config.base_model)], module_params
-    return [
-        _Slice(s, f"{prefix}slices[{i}]", s.base_model or config.base_model) for i, s in enumerate(slice_defs)
-    ], module_params
+        return [_Module(arch.main_module or "default", arch, slices, params, method, whole_layers, bool(slice_defs))]
+
+    by_name = {}
+    for m in arch.modules:
+        for n in (m.name,) + m.aliases:
+            by_name[n] = m
+    names = ", ".join(m.name for m in arch.modules)
+    given: dict[str, tuple[str, object]] = {}
+    for name, definition in config.modules.items():
+        if name not in by_name:
+            raise ConfigError(f"modules.{name}: unknown module; this model's modules are {names}")
+        info = by_name[name]
+        if info.name in given:
+            raise ConfigError(f"modules.{name}: module {info.name} is already given as modules.{given[info.name][0]}")
+        given[info.name] = (name, definition)
+    missing = [m.name for m in arch.modules if m.name not in given]
+    if missing:
+        raise ConfigError(
+            f"modules: {', '.join(missing)} not given; every module of this model needs its source stated "
+            f"(e.g. `{missing[0]}: {{models: [{{model: <base>}}]}}`); its modules are {names}"
+        )
+    out = []
+    for info in arch.modules:
+        name, definition = given[info.name]
+        prefix = f"modules.{name}."
+        if definition.slices and not info.layer_templates:
+            raise ConfigError(f"{prefix}slices: module {info.name} has no stack of layers to slice; give it `models:`")
+        mod_method = get_method_spec(definition.merge_method or config.merge_method)
+        layers = whole_layers if info.name == arch.main_module else {ref: module_layers(info, m) for ref, m in models.items()}
+        slices = _slices_of(config, definition.models, definition.slices, prefix, layers, mod_method)
+        out.append(_Module(info.name, info, slices, definition.parameters, mod_method, layers, bool(definition.slices)))
+    return out
 
 
 class Planner:
@@ -196,40 +280,61 @@ class Planner:
         self.dtype = torch_dtype(seed_dtype)
         self.out_dtype = torch_dtype(config.out_dtype)
         self.tasks: list[TensorTask] = []
-        # (model, input layer index) that each output layer comes from (its slice's first source)
+        # (model, input layer index) that each output layer of the main stack comes from (its
+        # slice's first source)
         self.layer_origins: list[tuple[ModelReference, int]] = []
+        # per module with a layer-count key: (key, output layers, origins, the donor's count, sliced)
+        self.module_layers: list[tuple[str, int, list[tuple[ModelReference, int]], int, bool]] = []
         # The output config (the donor's) says the LM head is a separate tensor: it must be written.
         donor = config.base_model or config.referenced_models()[0]
+        self.donor = donor
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
 
     def plan(self) -> tuple[list[TensorTask], int]:
-        slices, module_params = _normalized_slices(self.config, self.models)
-        for slc in slices:
-            self._check_slice(slc)
-        out_layer = 0
-        first, last = slices[0], slices[-1]
-        for w in self.arch.pre_weights:
-            self._plan_tensor(w, [(s, w) for s in first.definition.sources], first, module_params, 0.0)
-        for slc in slices:
-            sources = slc.definition.sources
-            n = sources[0].layer_range[1] - sources[0].layer_range[0]
-            for i in range(n):
-                t = i / (n - 1) if n > 1 else 1.0
-                out_weights = self.arch.layer_weights(out_layer)
-                in_weights = [self.arch.layer_weights(s.layer_range[0] + i) for s in sources]
-                for j, w in enumerate(out_weights):
-                    self._plan_tensor(w, [(s, iw[j]) for s, iw in zip(sources, in_weights)], slc, module_params, t)
-                self.layer_origins.append((sources[0].model, sources[0].layer_range[0] + i))
-                out_layer += 1
-        for w in self.arch.post_weights:
-            self._plan_tensor(w, [(s, w) for s in last.definition.sources], last, module_params, 0.0)
-        return self.tasks, out_layer
+        modules = _normalized_modules(self.config, self.models, self.arch)
+        for mod in modules:
+            for slc in mod.slices:
+                self._check_slice(slc, mod.layers)
+        main_layers = 0
+        for mod in modules:
+            origins: list[tuple[ModelReference, int]] = []
+            count = self._plan_module(mod, origins)
+            if mod.weights is self.arch or mod.name == self.arch.main_module:
+                main_layers, self.layer_origins = count, origins
+            if mod.weights.num_layers_key:
+                self.module_layers.append((mod.weights.num_layers_key, count, origins, mod.layers[self.donor], mod.sliced))
+        return self.tasks, main_layers
 
-    def _check_slice(self, slc: _Slice) -> None:
+    def _plan_module(self, mod: _Module, origins: list) -> int:
+        """Mergekit's order: pre weights from the first slice's sources (t = 0), the layers slice by
+        slice (input layer = layer_range start + i, a running output index), post weights from the
+        last slice's sources (t = 0). Returns the module's output layer count."""
+        out_layer = 0
+        first, last = mod.slices[0], mod.slices[-1]
+        plan = functools.partial(self._plan_tensor, module_params=mod.params, method=mod.method)
+        for w in mod.weights.pre_weights:
+            plan(w, [(s, w) for s in first.definition.sources], first, t=0.0)
+        if mod.weights.layer_templates:
+            for slc in mod.slices:
+                sources = slc.definition.sources
+                n = sources[0].layer_range[1] - sources[0].layer_range[0]
+                for i in range(n):
+                    t = i / (n - 1) if n > 1 else 1.0
+                    out_weights = mod.weights.layer_weights(out_layer)
+                    in_weights = [mod.weights.layer_weights(s.layer_range[0] + i) for s in sources]
+                    for j, w in enumerate(out_weights):
+                        plan(w, [(s, iw[j]) for s, iw in zip(sources, in_weights)], slc, t=t)
+                    origins.append((sources[0].model, sources[0].layer_range[0] + i))
+                    out_layer += 1
+        for w in mod.weights.post_weights:
+            plan(w, [(s, w) for s in last.definition.sources], last, t=0.0)
+        return out_layer
+
+    def _check_slice(self, slc: _Slice, layers: dict[ModelReference, int]) -> None:
         lengths = set()
         for j, src in enumerate(slc.definition.sources):
             start, end = src.layer_range
-            have = self.models[src.model].num_layers
+            have = layers[src.model]
             if end > have:
                 raise ConfigError(
                     f"{slc.path}.sources[{j}].layer_range: [{start}, {end}] is beyond model "
@@ -239,7 +344,10 @@ class Planner:
         if len(lengths) > 1:
             raise ConfigError(f"{slc.path}: all sources of a slice must span the same number of layers, got {sorted(lengths)}")
 
-    def _plan_tensor(self, out_w: WeightInfo, sources, slc: _Slice, module_params, t: float) -> None:
+    def _plan_tensor(
+        self, out_w: WeightInfo, sources, slc: _Slice, module_params, t: float, method: Optional[MethodSpec] = None
+    ) -> None:
+        method = method or self.method
         # An optional tensor (e.g. an untied lm_head) is written only if some input really has it,
         # or, for a tied head, if the output config is untied (slices whose last inputs are tied
         # models after an untied donor): then the inputs' embeddings stand in for it.
@@ -265,12 +373,12 @@ class Planner:
         scope = ParameterScope(slc.definition, module_params, self.config.parameters)
 
         params = {}
-        for name, default in self.method.global_params.items():
+        for name, default in method.global_params.items():
             value = lookup_parameter(scope, name, out_w.name, t)
             if value is None:
                 if default is REQUIRED:
                     raise ConfigError(
-                        f"missing required parameter '{name}' for {self.method.name} (tensor {out_w.name}); "
+                        f"missing required parameter '{name}' for {method.name} (tensor {out_w.name}); "
                         f"set it under 'parameters'"
                     )
                 value = default
@@ -278,7 +386,7 @@ class Planner:
         model_params = []
         for i, (inp, source) in enumerate(zip(inputs, input_sources)):
             values = {}
-            for name, default in self.method.model_params.items():
+            for name, default in method.model_params.items():
                 value = lookup_parameter(scope, name, inp.tensor_name, t, source=source)
                 if value is None:
                     if default is REQUIRED and i != base_index:
@@ -289,7 +397,7 @@ class Planner:
                     value = None if default is REQUIRED else default
                 values[name] = value
             model_params.append(values)
-        if self.method.name == "linear" and base_index is not None and model_params[base_index].get("weight") is None:
+        if method.name == "linear" and base_index is not None and model_params[base_index].get("weight") is None:
             raise ConfigError(
                 f"linear: base_model {slc.base} is an input of the merge but has no 'weight' "
                 "(mergekit adds base_model to the inputs; give it a weight or drop base_model)"
@@ -303,14 +411,14 @@ class Planner:
             vocab, aux = self.vocab, self._vocab_inputs(out_w, inputs)
             shape = self._vocab_shape(out_w, list(inputs) + list(aux))
         else:
-            shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
+            shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index, method)
         self.tasks.append(
             TensorTask(
                 out=OutputTensorSpec(out_w.name, shape, self.out_dtype or math_dtype),
                 is_embed=out_w.is_embed,
                 inputs=inputs,
                 base_index=base_index,
-                method=self.method,
+                method=method,
                 params=params,
                 model_params=model_params,
                 math_dtype=math_dtype,
@@ -352,16 +460,16 @@ class Planner:
                 )
         return (vocab.padded_size, shapes[0][1])
 
-    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[int, ...]:
+    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index, method: MethodSpec) -> tuple[int, ...]:
         def mismatch(i: int, j: int) -> ModelError:
             return ModelError(
                 f"shape mismatch for tensor {out_w.name}: model {inputs[i].model} has {list(shapes[i])}, "
                 f"model {inputs[j].model} has {list(shapes[j])}"
             )
 
-        ref = base_index if (self.method.embed_shape == "base" and base_index is not None) else 0
+        ref = base_index if (method.embed_shape == "base" and base_index is not None) else 0
         if out_w.is_embed and all(len(s) == 2 for s in shapes):
-            if self.method.embed_shape == "base" and base_index is not None:
+            if method.embed_shape == "base" and base_index is not None:
                 for i, s in enumerate(shapes):
                     if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
                         raise mismatch(ref, i)
@@ -401,21 +509,33 @@ def build_plan(
         arch = choose_architecture(models, donor, allow_crimes)
         for m in models.values():
             m.num_layers = _layers_from_config(arch, m)
-        if method.requires_base and config.base_model is None and not any(
-            s.base_model for s in (config.slices or [])
-        ):
-            raise ConfigError(f"merge_method {method.name} needs base_model")
+        _check_base(config)
         tokenizers = TokenizerCache(models)
         vocab = build_vocab(config, models, tokenizers)
         chat_template = resolve_chat_template(config, tokenizers, config.referenced_models())
         planner = Planner(config, models, arch, config.dtype, vocab)
         tasks, out_layers = planner.plan()
-        out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
+        out_config = _output_config(
+            config, models, donor, arch, out_layers, planner.layer_origins, vocab, module_layers=planner.module_layers
+        )
         return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template)
     except BaseException:
         for m in models.values():
             m.checkpoint.close()
         raise
+
+
+def _check_base(config: MergeConfig) -> None:
+    """A method that needs a base model has one: the recipe's, or a slice's own."""
+    if config.base_model is not None:
+        return
+    if config.modules:
+        items = [(f"modules.{n}.", m.merge_method or config.merge_method, m.slices) for n, m in config.modules.items()]
+    else:
+        items = [("", config.merge_method, config.slices)]
+    for path, name, slices in items:
+        if get_method_spec(name).requires_base and not any(s.base_model for s in slices or []):
+            raise ConfigError(f"{path}merge_method {name} needs base_model")
 
 
 def _output_config(
@@ -426,6 +546,7 @@ def _output_config(
     out_layers: int,
     layer_origins: list[tuple[ModelReference, int]],
     vocab: Optional[VocabPlan] = None,
+    module_layers: Optional[list] = None,
 ) -> dict:
     out = copy.deepcopy(models[donor].config)  # nested keys (text_config.*) may be rewritten
     if vocab is not None:
@@ -435,6 +556,17 @@ def _output_config(
         keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]
         for k in keys:
             out[k] = dtype
+    if module_layers is not None and arch.modules and config.modules:
+        # a modules: recipe: each module's count under its own key. A key the donor's config lacks
+        # (T5's num_decoder_layers, which then follows num_layers) is written too, so that cutting
+        # one stack leaves the other as it was.
+        for key, count, origins, donor_count, sliced in module_layers:
+            if sliced:
+                set_config_value(out, key, count)
+                remap_layer_lists(out, key, donor_count, [(models[ref].config, idx) for ref, idx in origins])
+            elif get_config_value(out, key) is None:
+                set_config_value(out, key, count)
+        return out
     uses_slices = bool(config.slices) or any(m.slices for m in (config.modules or {}).values())
     if uses_slices:
         if arch.num_layers_key:
