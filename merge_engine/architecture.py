@@ -300,16 +300,18 @@ class _NotDerivable(Exception):
 def _meta_model(cls, config: dict):
     import torch
 
-    cfg = _config(cls, config)
+    cfg = config_object(cls, config)
     with torch.device("meta"), _quiet():
         return cls(cfg)
 
 
-def _config(cls, config: dict):
+def config_object(cls, config: dict):
+    """The transformers config of `cls` for a config.json dict (nested text/vision configs too)."""
     # config.json spells infinities as {"__float__": "Infinity"}; transformers' reader decodes them
     decode = getattr(cls.config_class, "_decode_special_floats", lambda d: d)
     with _quiet():
         return cls.config_class.from_dict(decode(copy.deepcopy(config)))
+
 
 
 @contextlib.contextmanager
@@ -681,7 +683,7 @@ def _count_keys(cls, config: dict, stacks: list[tuple[str, int]]) -> dict[str, s
     """Stack path -> the config key that sets its length, found by building the model again with
     each candidate key changed and seeing which stack follows."""
     try:
-        full = _config(cls, config).to_dict()
+        full = config_object(cls, config).to_dict()
     except Exception:
         full = config
     lengths = {length for _, length in stacks}

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .architecture import config_object
 from .config import MergeConfig
 from .errors import ModelError
 from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
@@ -58,6 +59,24 @@ def _vocab_context(task: TensorTask) -> tuple:
     return (task.vocab.key, tuple(str(i.model) for i in task.inputs), tuple((str(i.model), i.tensor_name) for i in task.aux_inputs))
 
 
+def model_class(out_config: dict):
+    """The transformers class of the merged model, as derivation built it (a VLM's
+    ...ForConditionalGeneration, T5, an encoder); None where transformers lacks it (remote code):
+    AutoModelForCausalLM then."""
+    import transformers
+
+    from .architecture import CLASS_ALIASES, architecture_class
+
+    name = architecture_class(out_config)
+    cls = getattr(transformers, CLASS_ALIASES.get(name, name), None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return None
+    expected = getattr(cls.config_class, "model_type", "")
+    if out_config.get("model_type") and expected and out_config["model_type"] != expected:
+        return None  # remote code under a transformers class name (see architecture._derive)
+    return cls
+
+
 class ResidentMerger:
     """Holds the inputs of a family of recipes (same models) and materialises candidates."""
 
@@ -87,7 +106,9 @@ class ResidentMerger:
         vocab = self.vocab(config)
         planner = Planner(config, self.models, self.arch, config.dtype, vocab)
         tasks, layers = planner.plan()
-        out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab)
+        out_config = _output_config(
+            config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab, module_layers=planner.module_layers
+        )
         return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers, vocab)
 
     def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
@@ -126,12 +147,15 @@ class ResidentMerger:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         plan = self.plan(config)
-        cfg = dict(plan.out_config)
-        model_type = cfg.pop("model_type")
-        hf_config = AutoConfig.for_model(model_type, **cfg)
+        cls = model_class(plan.out_config)
         dtype = dtype or plan.tasks[0].out.dtype
         with torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            if cls is None:
+                cfg = dict(plan.out_config)
+                hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+            else:
+                model = cls._from_config(config_object(cls, plan.out_config), dtype=dtype)
         model.eval()
         self.attach(model)
         return model
@@ -151,9 +175,16 @@ class ResidentMerger:
             if not self._state:
                 self._state = dict(self.model.named_parameters())
                 self._state.update(dict(self.model.named_buffers()))
-                for w in list(self.arch.pre_weights) + list(self.arch.post_weights):
+                # saved names -> the module names the live model has (a VLM's language model is
+                # `model.language_model.layers.N` in memory, `model.layers.N` in checkpoints)
+                depth = max((len(m) for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)), default=0)
+                weights = list(self.arch.all_weights(depth))
+                for module in self.arch.modules:
+                    weights.extend(module.all_weights(depth))
+                for w in weights:
                     for alias in w.aliases:
-                        self._aliases[w.name] = self._aliases.get(w.name, ()) + (alias,)
+                        if alias not in self._aliases.get(w.name, ()):
+                            self._aliases[w.name] = self._aliases.get(w.name, ()) + (alias,)
             found = next((self._state[n] for n in (name,) + self._aliases.get(name, ()) if n in self._state), None)
             if found is None and not task.is_embed:
                 raise ModelError(f"resident model has no parameter for tensor {name}")
