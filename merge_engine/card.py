@@ -28,6 +28,15 @@ def card_header(refs, library: str, tags: list[str], out_dir: Path) -> list[str]
     return ["---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", f"# {out_dir.name}", ""]
 
 
+def _module_methods(config: MergeConfig) -> list[str]:
+    """A line for the modules of a `modules:` recipe that set a method of their own."""
+    own = [(name, m.merge_method) for name, m in (config.modules or {}).items() if m.merge_method]
+    if not own:
+        return []
+    names = [f"`{name}`: {get_method_spec(method).pretty_name or method}" for name, method in own]
+    return ["", "Modules with a method of their own: " + ", ".join(names) + "."]
+
+
 def render_card(config: MergeConfig, config_text: str, out_dir: Path, extra_sections: Optional[str] = None) -> str:
     refs = config.referenced_models()
     spec = get_method_spec(config.merge_method)
@@ -47,6 +56,7 @@ def render_card(config: MergeConfig, config_text: str, out_dir: Path, extra_sect
         "### Merge Method",
         "",
         f"This model was merged using the {method} merge method{base_clause}.",
+        *_module_methods(config),
         "",
         "### Models Merged",
         "",

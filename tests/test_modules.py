@@ -126,6 +126,8 @@ def test_vlm_modules_recipe(qwen2_vl):
     assert cfg["text_config"]["num_hidden_layers"] == 3
     assert cfg["vision_config"]["depth"] == 3  # the vision tower was not cut
     assert len(cfg["text_config"]["layer_types"]) == 3
+    card = (out / "README.md").read_text()
+    assert "Modules with a method of their own: `vision_tower`: TIES, `multi_modal_projector`: Passthrough." in card
     merged, expected = read_model(out), _vlm_expected(f)
     assert set(merged) == set(expected)
     for k, t in merged.items():
@@ -404,3 +406,65 @@ slices:
     )
     assert {sources[k] for k in sources if k.startswith("visual.")} == {str(f["b"])}
     assert sources["model.layers.2.mlp.up_proj.weight"] == sources["model.norm.weight"] == str(f["a"])
+
+
+# Every VLM family: (the vision module's name, its stack in the loaded model, projector prefixes),
+# written out here by hand from the transformers module trees, independently of the engine's split.
+VLMS = {
+    "gemma3vl": ("vision_tower", "model.vision_tower.encoder.layers", ("model.multi_modal_projector.",)),
+    "llama4": ("vision_model", "vision_model.model.layers", ("multi_modal_projector.",)),
+    "mistral3": ("vision_tower", "model.vision_tower.transformer.layers", ("model.multi_modal_projector.",)),
+    "qwen2_vl": ("vision_tower", "model.visual.blocks", ("model.visual.merger.",)),
+    "qwen2_5_vl": ("vision_tower", "model.visual.blocks", ("model.visual.merger.",)),
+    "qwen3_vl": ("vision_tower", "model.visual.blocks", ("model.visual.merger.",)),
+    "qwen3_vl_moe": ("vision_tower", "model.visual.blocks", ("model.visual.merger.",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VLMS))
+def test_vision_tower_cut(name, tmp_path):
+    """Every VLM family: the vision tower cut from two models (3 + 2 blocks), the text decoder
+    merged linearly, the projector copied; loads, and every tensor is what it should be."""
+    vision, stack, projector = VLMS[name]
+    f = _family(tmp_path, name)
+    out = _merge(f, f"""\
+merge_method: linear
+dtype: float32
+modules:
+  {vision}:
+    merge_method: passthrough
+    slices:
+      - sources: [{{model: {f['a']}, layer_range: [0, 3]}}]
+      - sources: [{{model: {f['b']}, layer_range: [1, 3]}}]
+  multi_modal_projector:
+    merge_method: passthrough
+    models: [{{model: {f['b']}}}]
+  text_decoder:
+    models:
+      - {{model: {f['a']}, parameters: {{weight: 0.3}}}}
+      - {{model: {f['b']}, parameters: {{weight: 0.7}}}}
+""", "vision_cut")
+    model = _load(f["cls"], out)
+    merged = model.state_dict()
+    sa, sb = _load(f["cls"], f["a"]).state_dict(), _load(f["cls"], f["b"]).state_dict()
+    vision_root = stack.split(".")[0] if not stack.startswith("model.") else ".".join(stack.split(".")[:2])
+    keys = list(sa)
+    first = next(i for i, k in enumerate(keys) if k.startswith(stack + "."))
+    expected = {}
+    for k in merged:
+        if k.startswith(stack + "."):
+            j, rest = k[len(stack) + 1 :].split(".", 1)
+            j = int(j)
+            expected[k] = sa[k] if j < 3 else sb[f"{stack}.{j - 2}.{rest}"]
+        elif k.startswith(projector):
+            expected[k] = sb[k]
+        elif k.startswith(vision_root + "."):
+            expected[k] = sa[k] if keys.index(k) < first else sb[k]
+        else:
+            expected[k] = (0.3 * sa[k].double() + 0.7 * sb[k].double()).float()
+    for k, t in merged.items():
+        if k.startswith(vision_root + ".") or k.startswith(projector):
+            assert torch.equal(t, expected[k]), k
+        else:
+            torch.testing.assert_close(t, expected[k], rtol=2e-6, atol=1e-7, msg=k)
+    assert len(model.get_submodule(stack)) == 5
