@@ -97,16 +97,16 @@ def extract_lora(
     from tqdm import tqdm
 
     from .config import ModelReference
-    from .io import AtomicOutputDir, Checkpoint, OutputTensorSpec, ShardedWriter, read_json, resolve_model_dir
+    from .io import AtomicOutputDir, OutputTensorSpec, ShardedWriter
+    from .sources import open_model
 
     ft_ref, base_ref = ModelReference.parse(model), ModelReference.parse(base_model)
-    ft_dir = resolve_model_dir(ft_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-    base_dir = resolve_model_dir(base_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-    ft_config = read_json(ft_dir / "config.json", f"model {ft_ref}")
-    if ft_config.get("model_type") == "gpt2":  # Conv1D stores weights transposed (fan_in_fan_out)
+    opening = dict(lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype)
+    ft_model = open_model(ft_ref, **opening)
+    if ft_model.config.get("model_type") == "gpt2":  # Conv1D stores weights transposed (fan_in_fan_out)
         raise ModelError(f"model {ft_ref}: GPT-2 (Conv1D layers) is not supported yet by mergekit-extract-lora")
-    ft = Checkpoint(ft_dir, str(ft_ref), lazy_unpickle)
-    base = Checkpoint(base_dir, str(base_ref), lazy_unpickle)
+    ft = ft_model.checkpoint
+    base = open_model(base_ref, **opening).checkpoint
     dev = torch.device(device)
 
     modules = _modules(ft.tensors)

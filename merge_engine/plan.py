@@ -1,4 +1,11 @@
-"""MergeConfig + architecture -> an ordered list of output-tensor tasks.
+"""The planner both executors use: MergeConfig + opened inputs -> an ordered list of output-tensor
+tasks.
+
+Two steps, the same for `mergekit-yaml` (streaming) and the search's resident executor:
+`open_inputs` opens the recipe's models once (sources) and checks their architectures;
+`plan_merge` turns one recipe into a `MergePlan` against them. The resident executor keeps one
+`MergeInputs` for every candidate; what depends only on the inputs (architecture, layer counts,
+tokenizers, the built vocabulary, the chat template) is computed once there and reused.
 
 Everything that can be checked without reading tensor data is checked here, before any work:
 model directories, architectures, layer ranges, missing tensors, shapes, required parameters.
@@ -9,8 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -25,6 +31,7 @@ from .architecture import (
     layer_prefix_of,
     set_config_value,
 )
+from .chat_templates import template_for
 from .config import (
     InputSliceDefinition,
     MergeConfig,
@@ -34,24 +41,12 @@ from .config import (
     lookup_parameter,
 )
 from .errors import ConfigError, ModelError
-from .io import Checkpoint, OutputTensorSpec, read_json, resolve_model_dir, torch_dtype
+from .io import OutputTensorSpec, torch_dtype
 from .methods import REQUIRED, MethodSpec, get_method_spec
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size
+from .sources import InputModel, close_models, open_models
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size, vocab_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InputModel:
-    ref: ModelReference
-    directory: Path
-    config: dict
-    checkpoint: Checkpoint
-    num_layers: int = 0
-
-    @property
-    def label(self) -> str:
-        return str(self.ref)
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,7 @@ class TensorTask:
 class MergePlan:
     config: MergeConfig
     method: MethodSpec
-    models: dict[ModelReference, InputModel]
+    models: dict[ModelReference, InputModel]  # the recipe's models, in first-mention order
     architecture: ArchitectureInfo
     tasks: list[TensorTask]
     out_config: dict
@@ -91,31 +86,117 @@ class MergePlan:
     out_num_layers: int
     vocab: Optional[VocabPlan] = None  # the tokenizer to write, when one is built
     chat_template: Optional[str] = None  # Jinja text to store with the written tokenizer
+    inputs: Optional["MergeInputs"] = None
 
     def close(self) -> None:
-        for m in self.models.values():
-            m.checkpoint.close()
+        """Close the inputs (a plan made by build_plan owns them)."""
+        if self.inputs is not None:
+            self.inputs.close()
 
 
 # ----------------------------------------------------------------------------------------------
+# Step 1: the inputs
 
 
-def open_models(
-    config: MergeConfig, lazy_unpickle: bool, lora_merge_cache: Optional[str] = None, lora_merge_dtype: Optional[str] = None
-) -> dict[ModelReference, InputModel]:
-    models: dict[ModelReference, InputModel] = {}
+def check_recipe(config: MergeConfig) -> MethodSpec:
+    """What the recipe alone can get wrong, raised before any model is opened: an unknown method,
+    an invalid chat template, a method that needs base_model without one."""
+    method = get_method_spec(config.merge_method)
+    if config.chat_template not in (None, "auto"):
+        template_for(config.chat_template)
+    if method.requires_base and config.base_model is None and not any(s.base_model for s in (config.slices or [])):
+        raise ConfigError(f"merge_method {method.name} needs base_model")
+    return method
+
+
+def donor_of(config: MergeConfig) -> ModelReference:
+    """The model whose config.json (and tokenizer) the output starts from."""
+    return config.base_model or config.referenced_models()[0]
+
+
+class MergeInputs:
+    """Opened input models, and what is derived from them alone, computed once: the architecture
+    and layer counts (per donor and model set), tokenizers, built vocabularies and chat templates
+    (per tokenizer setting). One recipe uses it once (streaming); the resident executor plans
+    every candidate of a search against the same one."""
+
+    def __init__(
+        self,
+        *,
+        allow_crimes: bool = False,
+        lazy_unpickle: bool = False,
+        lora_merge_cache: Optional[str] = None,
+        lora_merge_dtype: Optional[str] = None,
+    ):
+        self.allow_crimes = allow_crimes
+        self._open_options = dict(lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype)
+        self.models: dict[ModelReference, InputModel] = {}
+        self.tokenizers = TokenizerCache(self.models)
+        self._architectures: dict[tuple, tuple[ArchitectureInfo, dict[ModelReference, int]]] = {}
+        self._vocabs: dict[tuple, Optional[VocabPlan]] = {}
+        self._chat_templates: dict[tuple, Optional[str]] = {}
+
+    def open(self, refs: Iterable[ModelReference]) -> None:
+        """Open the references not open yet (a search's candidates may use models the first
+        recipe did not)."""
+        missing = [r for r in refs if r not in self.models]
+        if missing:
+            self.models.update(open_models(missing, **self._open_options))
+
+    def architecture(self, refs: list[ModelReference], donor: ModelReference) -> tuple[ArchitectureInfo, dict[ModelReference, int]]:
+        """The architecture of a merge of `refs` described by `donor`, and each model's layer count."""
+        key = (donor, tuple(refs))
+        if key not in self._architectures:
+            models = {r: self.models[r] for r in refs}
+            arch = choose_architecture(models, donor, self.allow_crimes)
+            self._architectures[key] = (arch, {r: layer_count(arch, m) for r, m in models.items()})
+        return self._architectures[key]
+
+    def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
+        """The recipe's built tokenizer and permutations (None: the donor's tokenizer is kept).
+        `.tokenizer` is what the merged model must be run with."""
+        key = vocab_key(config)
+        if key not in self._vocabs:
+            self._vocabs[key] = build_vocab(config, self._recipe_models(config), self.tokenizers)
+        return self._vocabs[key]
+
+    def chat_template(self, config: MergeConfig) -> Optional[str]:
+        refs = config.referenced_models()
+        key = (config.chat_template, tuple(refs))
+        if key not in self._chat_templates:
+            self._chat_templates[key] = resolve_chat_template(config, self.tokenizers, refs)
+        return self._chat_templates[key]
+
+    def _recipe_models(self, config: MergeConfig) -> dict[ModelReference, InputModel]:
+        """The recipe's models only, in its order (the same dict a merge of it alone would see)."""
+        return {r: self.models[r] for r in config.referenced_models()}
+
+    def close(self) -> None:
+        close_models(self.models)
+
+
+def open_inputs(
+    config: MergeConfig,
+    *,
+    allow_crimes: bool = False,
+    lazy_unpickle: bool = False,
+    lora_merge_cache: Optional[str] = None,
+    lora_merge_dtype: Optional[str] = None,
+) -> MergeInputs:
+    """Open the recipe's models and check that they can be merged (architectures, layer counts);
+    the recipe's own mistakes are raised first, before a model is opened."""
+    check_recipe(config)
+    inputs = MergeInputs(
+        allow_crimes=allow_crimes, lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype
+    )
     try:
-        for ref in config.referenced_models():
-            directory = resolve_model_dir(ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-            model_config = read_json(directory / "config.json", f"model {ref}")
-            if ref.override_architecture:
-                model_config["architectures"] = [ref.override_architecture]
-            models[ref] = InputModel(ref, directory, model_config, Checkpoint(directory, str(ref), lazy_unpickle))
+        refs = config.referenced_models()
+        inputs.open(refs)
+        inputs.architecture(refs, donor_of(config))
     except BaseException:
-        for m in models.values():
-            m.checkpoint.close()
+        inputs.close()
         raise
-    return models
+    return inputs
 
 
 def choose_architecture(
@@ -131,8 +212,7 @@ def choose_architecture(
     names = [set(m.checkpoint.tensors) for m in models.values()]
     if arch is not None:
         covered = set()
-        layers = _layers_from_config(arch, ref_model)
-        for w in arch.all_weights(layers):
+        for w in arch.all_weights(layer_count(arch, ref_model)):
             covered.update(w.all_names)
         uncovered = [n for n in ref_model.checkpoint.tensors if n not in covered and not arch.is_ignored(n)]
         if not uncovered:
@@ -153,7 +233,7 @@ def choose_architecture(
         raise ModelError(f"model {reference}: cannot describe its architecture: {err}") from None
 
 
-def _layers_from_config(arch: ArchitectureInfo, model: InputModel) -> int:
+def layer_count(arch: ArchitectureInfo, model: InputModel) -> int:
     if arch.num_layers_key:
         value = get_config_value(model.config, arch.num_layers_key)
         if isinstance(value, int):
@@ -164,6 +244,7 @@ def _layers_from_config(arch: ArchitectureInfo, model: InputModel) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Step 2: the tensors
 
 
 @dataclass
@@ -173,7 +254,7 @@ class _Slice:
     base: Optional[ModelReference]
 
 
-def _normalized_slices(config: MergeConfig, models: dict[ModelReference, InputModel]):
+def _normalized_slices(config: MergeConfig, layers: dict[ModelReference, int]):
     """(slices, module parameters): `models:` becomes one slice over every model's full layer
     range, with base_model appended as an input when it is not listed (mergekit's rule)."""
     module_params = None
@@ -185,12 +266,12 @@ def _normalized_slices(config: MergeConfig, models: dict[ModelReference, InputMo
         model_defs, slice_defs, module_params, prefix = module.models, module.slices, module.parameters, f"modules.{name}."
     if model_defs:
         sources = [
-            InputSliceDefinition(model=m.model, layer_range=(0, models[m.model].num_layers), parameters=m.parameters)
+            InputSliceDefinition(model=m.model, layer_range=(0, layers[m.model]), parameters=m.parameters)
             for m in model_defs
         ]
         if config.base_model is not None and all(m.model != config.base_model for m in model_defs):
             sources.append(
-                InputSliceDefinition(model=config.base_model, layer_range=(0, models[config.base_model].num_layers))
+                InputSliceDefinition(model=config.base_model, layer_range=(0, layers[config.base_model]))
             )
         return [_Slice(OutputSliceDefinition(sources=sources), f"{prefix}models", config.base_model)], module_params
     return [
@@ -204,6 +285,7 @@ class Planner:
         config: MergeConfig,
         models: dict[ModelReference, InputModel],
         arch: ArchitectureInfo,
+        layers: dict[ModelReference, int],
         seed_dtype: Optional[str],
         vocab: Optional[VocabPlan] = None,
     ):
@@ -211,6 +293,7 @@ class Planner:
         self.vocab = vocab
         self.models = models
         self.arch = arch
+        self.layers = layers
         self.method = get_method_spec(config.merge_method)
         self.dtype = torch_dtype(seed_dtype)
         self.out_dtype = torch_dtype(config.out_dtype)
@@ -218,11 +301,11 @@ class Planner:
         # (model, input layer index) that each output layer comes from (its slice's first source)
         self.layer_origins: list[tuple[ModelReference, int]] = []
         # The output config (the donor's) says the LM head is a separate tensor: it must be written.
-        donor = config.base_model or config.referenced_models()[0]
+        donor = donor_of(config)
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
 
     def plan(self) -> tuple[list[TensorTask], int]:
-        slices, module_params = _normalized_slices(self.config, self.models)
+        slices, module_params = _normalized_slices(self.config, self.layers)
         for slc in slices:
             self._check_slice(slc)
         out_layer = 0
@@ -248,7 +331,7 @@ class Planner:
         lengths = set()
         for j, src in enumerate(slc.definition.sources):
             start, end = src.layer_range
-            have = self.models[src.model].num_layers
+            have = self.layers[src.model]
             if end > have:
                 raise ConfigError(
                     f"{slc.path}.sources[{j}].layer_range: [{start}, {end}] is beyond model "
@@ -392,6 +475,23 @@ class Planner:
         return tuple(shapes[ref])
 
 
+def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
+    """One recipe's plan against opened inputs (models it names that are not open yet are opened).
+    Reads no tensor data; every mistake the recipe can make with these models is raised here."""
+    method = check_recipe(config)
+    refs = config.referenced_models()
+    inputs.open(refs)
+    donor = donor_of(config)
+    arch, layers = inputs.architecture(refs, donor)
+    models = inputs._recipe_models(config)
+    vocab = inputs.vocab(config)
+    chat_template = inputs.chat_template(config)
+    planner = Planner(config, models, arch, layers, config.dtype, vocab)
+    tasks, out_layers = planner.plan()
+    out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
+    return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template, inputs)
+
+
 def build_plan(
     config: MergeConfig,
     *,
@@ -400,31 +500,14 @@ def build_plan(
     lora_merge_cache: Optional[str] = None,
     lora_merge_dtype: Optional[str] = None,
 ) -> MergePlan:
-    method = get_method_spec(config.merge_method)
-    if config.chat_template not in (None, "auto"):
-        from .chat_templates import template_for
-
-        template_for(config.chat_template)  # an invalid template fails before models are opened
-    models = open_models(config, lazy_unpickle, lora_merge_cache, lora_merge_dtype)
+    """Open the recipe's inputs and plan it: the plan owns the inputs (`plan.close()`)."""
+    inputs = open_inputs(
+        config, allow_crimes=allow_crimes, lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype
+    )
     try:
-        donor = config.base_model or config.referenced_models()[0]
-        arch = choose_architecture(models, donor, allow_crimes)
-        for m in models.values():
-            m.num_layers = _layers_from_config(arch, m)
-        if method.requires_base and config.base_model is None and not any(
-            s.base_model for s in (config.slices or [])
-        ):
-            raise ConfigError(f"merge_method {method.name} needs base_model")
-        tokenizers = TokenizerCache(models)
-        vocab = build_vocab(config, models, tokenizers)
-        chat_template = resolve_chat_template(config, tokenizers, config.referenced_models())
-        planner = Planner(config, models, arch, config.dtype, vocab)
-        tasks, out_layers = planner.plan()
-        out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
-        return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template)
+        return plan_merge(config, inputs)
     except BaseException:
-        for m in models.values():
-            m.checkpoint.close()
+        inputs.close()
         raise
 
 

@@ -17,13 +17,14 @@ from typing import Optional
 
 import torch
 
+from .architecture import ArchitectureInfo
 from .config import MergeConfig
 from .errors import ModelError
 from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
-from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
+from .plan import MergePlan, TensorTask, donor_of, open_inputs, plan_merge
 from .streaming import task_context
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, permute_embeddings, vocab_key
+from .tokenizer import VocabPlan, permute_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -65,59 +66,36 @@ class ResidentMerger:
         self.options = options or MergeOptions(quiet=True)
         self.device = torch.device(self.options.resolved_device())
         self.template = template
-        self.models = open_models(template, self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
-        donor = template.base_model or template.referenced_models()[0]
-        self.donor = donor
-        self.arch = choose_architecture(self.models, donor, self.options.allow_crimes)
-        from .plan import _layers_from_config
-
-        for m in self.models.values():
-            m.num_layers = _layers_from_config(self.arch, m)
+        # the planner's own first step, kept for every candidate (see plan.MergeInputs)
+        self.inputs = open_inputs(
+            template,
+            allow_crimes=self.options.allow_crimes,
+            lazy_unpickle=self.options.lazy_unpickle,
+            lora_merge_cache=self.options.lora_merge_cache,
+            lora_merge_dtype=self.options.lora_merge_dtype,
+        )
+        self.donor = donor_of(template)
         self._inputs: dict[tuple, torch.Tensor] = {}
         self._deltas: dict[tuple, tuple] = {}
         self._last: dict[str, tuple] = {}
         self.model: Optional[torch.nn.Module] = None
         self._targets: dict[str, Optional[torch.Tensor]] = {}
-        self._vocabs: dict[tuple, Optional[VocabPlan]] = {}
+
+    @property
+    def models(self):
+        return self.inputs.models
 
     # -- planning -------------------------------------------------------------------------------
 
     def plan(self, config: MergeConfig) -> MergePlan:
-        self._open_missing(config)
-        vocab = self.vocab(config)
-        planner = Planner(config, self.models, self.arch, config.dtype, vocab)
-        tasks, layers = planner.plan()
-        out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab)
-        return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers, vocab)
+        """The candidate's plan, from the same planner as `mergekit-yaml`'s (models it names that
+        are not open yet are opened, with the same checks)."""
+        return plan_merge(config, self.inputs)
 
     def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
         """The recipe's built tokenizer and permutations (None: the donor's tokenizer), built once
         per distinct tokenizer setting; `.tokenizer` is what the merged model must be run with."""
-        key = vocab_key(config)
-        if key not in self._vocabs:
-            self._vocabs[key] = build_vocab(config, self.models, TokenizerCache(self.models))
-        return self._vocabs[key]
-
-    def _open_missing(self, config: MergeConfig) -> None:
-        """Candidates may use models the first recipe did not (a slerp search picks its pair per
-        layer group): open them on first use, with the same architecture checks."""
-        missing = [r for r in config.referenced_models() if r not in self.models]
-        if not missing:
-            return
-        from .config import parse_config
-
-        opened = open_models(parse_config({"merge_method": "passthrough", "models": [{"model": r.to_plain()} for r in missing]}), self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
-        self.models.update(opened)
-        try:
-            choose_architecture(self.models, self.donor, self.options.allow_crimes)
-        except ModelError:
-            for ref in missing:
-                self.models.pop(ref).checkpoint.close()
-            raise
-        from .plan import _layers_from_config
-
-        for m in opened.values():
-            m.num_layers = _layers_from_config(self.arch, m)
+        return self.inputs.vocab(config)
 
     # -- the live model -------------------------------------------------------------------------
 
@@ -143,7 +121,7 @@ class ResidentMerger:
         self._aliases: dict[str, tuple[str, ...]] = {}
         self._last = {}
 
-    def _target(self, task: TensorTask) -> Optional[torch.Tensor]:
+    def _target(self, task: TensorTask, arch: ArchitectureInfo) -> Optional[torch.Tensor]:
         """The model parameter an output tensor goes to; None for an LM head tied to the
         embedding (named_parameters lists a shared tensor once, under the embedding's name)."""
         name = task.out.name
@@ -151,7 +129,7 @@ class ResidentMerger:
             if not self._state:
                 self._state = dict(self.model.named_parameters())
                 self._state.update(dict(self.model.named_buffers()))
-                for w in list(self.arch.pre_weights) + list(self.arch.post_weights):
+                for w in list(arch.pre_weights) + list(arch.post_weights):
                     for alias in w.aliases:
                         self._aliases[w.name] = self._aliases.get(w.name, ()) + (alias,)
             found = next((self._state[n] for n in (name,) + self._aliases.get(name, ()) if n in self._state), None)
@@ -234,12 +212,13 @@ class ResidentMerger:
             raise RuntimeError("no model attached: call build_model() or attach() first")
         start = time.perf_counter()
         stats = ApplyStats()
-        for task in self.plan(config).tasks:
+        plan = self.plan(config)
+        for task in plan.tasks:
             key = _task_key(task)
             if self._last.get(task.out.name) == key:
                 stats.unchanged += 1
                 continue
-            target = self._target(task)
+            target = self._target(task, plan.architecture)
             if target is not None:
                 result = self.compute(task, out=target)
                 if check_finite and not torch.isfinite(result).all():
@@ -264,5 +243,4 @@ class ResidentMerger:
         return {task.out.name: self.compute(task) for task in self.plan(config).tasks}
 
     def close(self) -> None:
-        for m in self.models.values():
-            m.checkpoint.close()
+        self.inputs.close()
