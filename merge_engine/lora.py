@@ -1,6 +1,6 @@
 """Merging a PEFT LoRA adapter into its base model (transformers + peft), for `model+lora` inputs
-(reference §1.3). `sources` finds the folders, checks the adapter and owns the merge cache; this
-module only loads the base, applies the adapter and saves the merged weights into a folder.
+(docs/mergekit-reference.md §1). `sources` finds the folders, checks the adapter and owns the merge
+cache; this module only loads the base, applies the adapter and saves the merged weights into a folder.
 """
 
 from __future__ import annotations

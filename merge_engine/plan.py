@@ -468,7 +468,16 @@ class Planner:
                     if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
                         raise mismatch(ref, i)
                 return tuple(shapes[ref])
-            return (min(s[0] for s in shapes), min(s[1] for s in shapes))
+            rows = [s[0] for s in shapes]
+            no_tokenizer_rule = self.config.tokenizer_source is None and self.config.tokenizer is None
+            if min(rows) != max(rows) and no_tokenizer_rule:  # as mergekit: refuse rather than guess
+                small, large = rows.index(min(rows)), rows.index(max(rows))
+                raise ConfigError(
+                    f"tensor {out_w.name}: vocabulary sizes differ (model {inputs[small].model} has {rows[small]} rows, "
+                    f"model {inputs[large].model} has {rows[large]}), so the common rows could mix unrelated tokens; "
+                    "align the vocabularies with `tokenizer_source: base` or `tokenizer_source: union`"
+                )
+            return (min(rows), min(s[1] for s in shapes))
         for i, s in enumerate(shapes):
             if tuple(s) != tuple(shapes[ref]):
                 raise mismatch(ref, i)

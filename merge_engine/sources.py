@@ -1,6 +1,6 @@
 """Model sources: from a model reference in a recipe to an opened checkpoint.
 
-A reference (reference §1.3) resolves to a local folder:
+A reference (docs/mergekit-reference.md §1) resolves to a local folder:
 - a local path: that folder;
 - `org/name[@revision]` that is not a local path: a Hugging Face hub snapshot, downloaded or found
   in the local cache (HF_HUB_OFFLINE is honoured);
