@@ -120,14 +120,17 @@ def test_low_layers_import_only_below_them(module):
     assert not extra, f"{module} imports {sorted(extra)}"
 
 
-def test_merge_engine_imports_none_of_the_search_packages():
+# DESIGN's direction: evolve -> evaluators, search_spaces -> merge_engine
+PACKAGE_RANK = {"merge_engine": 0, "search_spaces": 1, "evaluators": 1, "evolve": 2}
+
+
+def test_packages_import_only_downwards():
     graph = import_graph()
-    upward = {
+    wrong = sorted(
         (name, target)
         for name, targets in graph.items()
-        if name.split(".")[0] == "merge_engine"
         for target in targets
-        if target.split(".")[0] != "merge_engine"
-    }
-    assert not upward, f"merge_engine imports upward: {sorted(upward)}"
-    assert not any(t.startswith(("evolve", "evaluators")) for n, ts in graph.items() if n.startswith("search_spaces") for t in ts)
+        if name.split(".")[0] != target.split(".")[0]
+        and PACKAGE_RANK[target.split(".")[0]] >= PACKAGE_RANK[name.split(".")[0]]
+    )
+    assert not wrong, f"imports against the package order: {wrong}"
