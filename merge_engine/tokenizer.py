@@ -48,7 +48,8 @@ def load_tokenizer(directory: Path, label: str, required: bool = False):
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
     except Exception as err:  # transformers raises many types for a missing/broken tokenizer
         if required:
-            raise ModelError(f"model {label}: cannot load its tokenizer from {directory}: {err}") from None
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelError(f"model {label}: cannot load its tokenizer from {directory}: {first}") from None
         log.warning("model %s: cannot load its tokenizer (%s)", label, err)
         return None
 

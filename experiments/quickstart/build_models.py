@@ -23,8 +23,9 @@ SIZES = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_att
 BUILD_VERSION = 1  # bump when the recipe below changes, so cached models are rebuilt
 
 
-def train_tokenizer(out: Path, lines: list[str], vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained on `lines`, saved as a transformers fast tokenizer."""
+def train_tokenizer(out: Path, lines: list[str], vocab_size: int = 400, extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on `lines`, saved as a transformers fast tokenizer.
+    `extra_special` tokens come right after <s> </s> <pad> (they shift every other id)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +33,7 @@ def train_tokenizer(out: Path, lines: list[str], vocab_size: int = 400):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>", *extra_special], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(lines, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
