@@ -1,13 +1,21 @@
 """Which tensors a model has: pre-layer weights, per-layer templates, post-layer weights.
 
-Known decoder families come from a table written against transformers 5.x state-dict names; any
-other decoder-only model is described by inference from its tensor names (`.layers.N.` patterns).
-Nothing here imports torch.
+A checkpoint is described, in this order, by
+1. `OVERRIDES`: the few things derivation cannot know (a class name transformers spells otherwise);
+2. derivation: the model class transformers would build for config.json, instantiated on the meta
+   device (no memory, no weights); its module tree gives the repeated block stacks, the weights
+   before and after the main one, the embeddings and the tied weights, and transformers' own
+   save-time renaming gives the names checkpoints really hold (`derive_architectures`);
+3. inference from tensor names (the most frequent `.N.` stack), for classes transformers lacks.
+Importing this module imports neither torch nor transformers: derivation imports them when it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -41,6 +49,16 @@ class WeightInfo:
 
 
 @dataclass(frozen=True)
+class StackInfo:
+    """One stack of repeated blocks (decoder layers, a vision tower, an encoder)."""
+
+    path: str  # module path in the transformers model, e.g. "model.vision_tower.encoder.layers"
+    templates: tuple[WeightInfo, ...]
+    num_layers: int  # in the config it was derived from
+    num_layers_key: Optional[str]  # dotted config key that sets it, when one was found
+
+
+@dataclass(frozen=True)
 class ArchitectureInfo:
     name: str
     pre_weights: tuple[WeightInfo, ...]
@@ -50,6 +68,10 @@ class ArchitectureInfo:
     inferred: bool = False
     # Non-weight buffers some old checkpoints carry; never merged, never reported as unknown.
     ignored_patterns: tuple[str, ...] = field(default=())
+    origin: str = "override"  # "override", "derived" or "inferred": how the description was found
+    # Every repeated-block stack of a derived model, the main one included. Stacks other than the
+    # main one are also spelled out, layer by layer, in pre_weights/post_weights.
+    stacks: tuple[StackInfo, ...] = ()
 
     def layer_weights(self, index: int) -> list[WeightInfo]:
         return list(_layer_weights(self.layer_templates, index))
@@ -88,130 +110,45 @@ def set_config_value(config: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+# Lists of layer indices (not one entry per layer) that sit next to a layer count in a config.
+_LAYER_INDEX_LISTS = ("moe_layers", "mlp_only_layers")
+
+
+def remap_layer_lists(out: dict, count_key: str, count: int, origins: list[tuple[dict, int]]) -> None:
+    """After a frankenmerge, rewrite the per-layer lists next to `count_key` in the output config
+    (layer_types, Llama 4's no_rope_layers, and index lists such as moe_layers), so that output
+    layer i keeps the settings of the input layer it came from, `origins[i]` = (that model's
+    config, its layer index). transformers rejects, or silently misbuilds, a config whose lists do
+    not match its layer count."""
+    parent = count_key.rpartition(".")[0]
+    siblings = get_config_value(out, parent) if parent else out
+    for name, value in list((siblings or {}).items()):
+        if not isinstance(value, list) or "layer" not in name:
+            continue
+        key = f"{parent}.{name}" if parent else name
+        sources = [(get_config_value(cfg, key), idx) for cfg, idx in origins]
+        if name in _LAYER_INDEX_LISTS:
+            if all(isinstance(src, list) for src, _ in sources):
+                set_config_value(out, key, [i for i, (src, idx) in enumerate(sources) if idx in src])
+        elif len(value) == count:
+            set_config_value(out, key, [(src if isinstance(src, list) else value)[idx] for src, idx in sources])
+
+
 # ----------------------------------------------------------------------------------------------
-# Known families
+# Overrides: only what derivation cannot know
 
-_COMMON_IGNORED = (r"rotary_emb\.inv_freq$",)
+# Buffers that older transformers versions saved into checkpoints (rotary tables, GPT-2's causal
+# masks); today's classes keep them out of the state dict, so derivation never sees them.
+_LEGACY_BUFFERS = (r"rotary_emb\.inv_freq$", r"\.attn\.bias$", r"\.attn\.masked_bias$", r"\.attention\.bias$", r"\.attention\.masked_bias$")
 
-
-def _lm_head(tied_to: str, aliases: tuple[str, ...] = ()) -> WeightInfo:
-    # Optional everywhere: a checkpoint saved with tied embeddings has no lm_head, and then the
-    # embedding matrix stands in for it (docs/mergekit-reference.md §3).
-    return WeightInfo("lm_head.weight", is_embed=True, optional=True, aliases=aliases, tied_names=(tied_to,))
-
-
-def _decoder(
-    name: str,
-    layer_suffixes: Iterable[str],
-    *,
-    optional_suffixes: Iterable[str] = (),
-    final_norm: Iterable[str] = ("model.norm.weight",),
-) -> ArchitectureInfo:
-    layers = [WeightInfo(f"model.layers.{LAYER}.{s}") for s in layer_suffixes]
-    layers += [WeightInfo(f"model.layers.{LAYER}.{s}", optional=True) for s in optional_suffixes]
-    return ArchitectureInfo(
-        name=name,
-        pre_weights=(WeightInfo("model.embed_tokens.weight", is_embed=True),),
-        layer_templates=tuple(layers),
-        post_weights=tuple(WeightInfo(n) for n in final_norm) + (_lm_head("model.embed_tokens.weight"),),
-        num_layers_key="num_hidden_layers",
-        ignored_patterns=_COMMON_IGNORED,
-    )
-
-
-_ATTN = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight"]
-_QKV_BIAS = ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]
-_MLP = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
-_NORMS = ["input_layernorm.weight", "post_attention_layernorm.weight"]
-_QK_NORM = ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-_FF_NORMS = ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"]
-
-_LLAMA_LIKE = _ATTN + _MLP + _NORMS
-
-_GPT2_LAYER = [
-    "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-    "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-    "mlp.c_proj.weight", "mlp.c_proj.bias",
-]
-_NEOX_LAYER = [
-    "input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight",
-    "post_attention_layernorm.bias", "attention.query_key_value.weight",
-    "attention.query_key_value.bias", "attention.dense.weight", "attention.dense.bias",
-    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias", "mlp.dense_4h_to_h.weight",
-    "mlp.dense_4h_to_h.bias",
-]
-
-
-def _gpt2() -> ArchitectureInfo:
-    # Older GPT-2 checkpoints store names without the "transformer." prefix.
-    def w(n: str, **kw) -> WeightInfo:
-        return WeightInfo(f"transformer.{n}", aliases=(n,), **kw)
-
-    return ArchitectureInfo(
-        name="gpt2",
-        pre_weights=(w("wte.weight", is_embed=True), w("wpe.weight")),
-        layer_templates=tuple(w(f"h.{LAYER}.{s}") for s in _GPT2_LAYER),
-        post_weights=(w("ln_f.weight"), w("ln_f.bias"), _lm_head("transformer.wte.weight", aliases=())),
-        num_layers_key="n_layer",
-        ignored_patterns=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
-    )
-
-
-def _gpt_neox() -> ArchitectureInfo:
-    return ArchitectureInfo(
-        name="gpt_neox",
-        pre_weights=(WeightInfo("gpt_neox.embed_in.weight", is_embed=True),),
-        layer_templates=tuple(WeightInfo(f"gpt_neox.layers.{LAYER}.{s}") for s in _NEOX_LAYER),
-        post_weights=(
-            WeightInfo("gpt_neox.final_layer_norm.weight"),
-            WeightInfo("gpt_neox.final_layer_norm.bias"),
-            # transformers 5 keeps the checkpoint name embed_out (lm_head in memory)
-            WeightInfo("embed_out.weight", is_embed=True, optional=True, aliases=("lm_head.weight",), tied_names=("gpt_neox.embed_in.weight",)),
-        ),
-        num_layers_key="num_hidden_layers",
-        ignored_patterns=_COMMON_IGNORED + (r"\.attention\.bias$", r"\.attention\.masked_bias$"),
-    )
-
-
-_STABLELM_NORMS = ["input_layernorm.weight", "input_layernorm.bias", "post_attention_layernorm.weight", "post_attention_layernorm.bias"]
-_STARCODER2_LAYER = (
-    _ATTN + _QKV_BIAS + ["self_attn.o_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
-    + _STABLELM_NORMS
-)
-
-# Keyed by the class name in config.json "architectures".
-KNOWN_ARCHITECTURES: dict[str, ArchitectureInfo] = {
-    "LlamaForCausalLM": _decoder("llama", _LLAMA_LIKE),
-    "MistralForCausalLM": _decoder("mistral", _LLAMA_LIKE),
-    "Qwen2ForCausalLM": _decoder("qwen2", _ATTN + _QKV_BIAS + _MLP + _NORMS),
-    "Qwen3ForCausalLM": _decoder("qwen3", _ATTN + _QK_NORM + _MLP + _NORMS),
-    "GemmaForCausalLM": _decoder("gemma", _LLAMA_LIKE),
-    "Gemma2ForCausalLM": _decoder("gemma2", _LLAMA_LIKE + _FF_NORMS),
-    "Gemma3ForCausalLM": _decoder("gemma3_text", _ATTN + _QK_NORM + _MLP + _NORMS + _FF_NORMS),
-    "Phi3ForCausalLM": _decoder(
-        "phi3",
-        ["self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight", "mlp.down_proj.weight"] + _NORMS,
-    ),
-    "GPT2LMHeadModel": _gpt2(),
-    "GPTNeoXForCausalLM": _gpt_neox(),
-    "StableLmForCausalLM": _decoder(
-        "stablelm",
-        _ATTN + _MLP + _STABLELM_NORMS,
-        optional_suffixes=_QKV_BIAS,
-        final_norm=("model.norm.weight", "model.norm.bias"),
-    ),
-    "Starcoder2ForCausalLM": _decoder(
-        "starcoder2", _STARCODER2_LAYER, final_norm=("model.norm.weight", "model.norm.bias")
-    ),
-    "Olmo2ForCausalLM": _decoder(
-        "olmo2", _ATTN + _QK_NORM + _MLP + ["post_attention_layernorm.weight", "post_feedforward_layernorm.weight"]
-    ),
-    "GraniteForCausalLM": _decoder("granite", _LLAMA_LIKE),
-    "CohereForCausalLM": _decoder(
-        "cohere", _ATTN + _MLP + ["input_layernorm.weight"], optional_suffixes=_QK_NORM
-    ),
+# config.json class names transformers does not spell that way -> the class that reads them.
+CLASS_ALIASES: dict[str, str] = {
+    "LLaMaForCausalLM": "LlamaForCausalLM",  # early LLaMA conversions wrote this spelling
 }
-KNOWN_ARCHITECTURES["LLaMaForCausalLM"] = KNOWN_ARCHITECTURES["LlamaForCausalLM"]
+
+# Hand-written descriptions that win over derivation, keyed by config.json class name. Empty: every
+# family the old hand table held is derived identically (tests/test_architectures.py checks it).
+OVERRIDES: dict[str, ArchitectureInfo] = {}
 
 
 def architecture_class(config: dict) -> Optional[str]:
@@ -219,9 +156,430 @@ def architecture_class(config: dict) -> Optional[str]:
     return archs[0] if len(archs) == 1 else None
 
 
-def known_architecture(config: dict) -> Optional[ArchitectureInfo]:
+def architecture_candidates(config: dict) -> tuple[ArchitectureInfo, ...]:
+    """Descriptions of a config's class, most trusted first: the override, else the derived layouts
+    (names as transformers saves them, then as its modules name them). Empty when neither applies."""
     cls = architecture_class(config)
-    return KNOWN_ARCHITECTURES.get(cls) if cls else None
+    if not cls:
+        return ()
+    if cls in OVERRIDES:
+        return (OVERRIDES[cls],)
+    return derive_architectures(config)
+
+
+def known_architecture(config: dict) -> Optional[ArchitectureInfo]:
+    candidates = architecture_candidates(config)
+    return candidates[0] if candidates else None
+
+
+def resolve_architecture(
+    config: dict, reference_names: Iterable[str], all_model_names: list[set[str]], label: str = "model"
+) -> ArchitectureInfo:
+    """The description of a checkpoint: the first candidate that describes every tensor of the
+    reference checkpoint and finds every required one, else inference from tensor names (ValueError
+    when that fails too)."""
+    names = list(reference_names)
+    present = set(names)
+    candidates = architecture_candidates(config)
+    problems = [_misfit(arch, config, present) for arch in candidates]
+    for arch, (uncovered, missing) in zip(candidates, problems):
+        if not uncovered and not missing:
+            return arch
+    for arch, (uncovered, missing) in zip(candidates, problems):
+        if not uncovered:
+            return arch  # the planner names the missing tensor; inference would drop it silently
+    cls = architecture_class(config)
+    if candidates:
+        uncovered = problems[0][0]
+        log.warning(
+            "model %s has tensors the %s description lacks (%s%s); describing the model from its tensor names instead",
+            label, candidates[0].name, ", ".join(uncovered[:3]), "..." if len(uncovered) > 3 else "",
+        )
+    elif cls:
+        log.info("architecture %s cannot be derived; inferring it from tensor names", cls)
+    return infer_architecture(names, all_model_names, config)
+
+
+def _misfit(arch: ArchitectureInfo, config: dict, present: set[str]) -> tuple[list[str], list[str]]:
+    """(checkpoint tensors the description lacks, required weights the checkpoint lacks)"""
+    layers = get_config_value(config, arch.num_layers_key) if arch.num_layers_key else None
+    if not isinstance(layers, int):
+        layers = count_layers(present, layer_prefix_of(arch))
+    covered: set[str] = set()
+    missing = []
+    for w in arch.all_weights(layers):
+        covered.update(w.all_names)
+        if not w.optional and not any(n in present for n in w.all_names):
+            missing.append(w.name)
+    uncovered = sorted(n for n in present if n not in covered and not arch.is_ignored(n))
+    return uncovered, missing
+
+
+# ----------------------------------------------------------------------------------------------
+# Derivation from the transformers model class
+
+# config.json keys that do not change which tensors a model has: left out of the cache key
+_VOLATILE_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "auto_map")
+_COUNT_NAME = re.compile(r"layer|depth", re.IGNORECASE)
+
+
+def derive_architectures(config: dict) -> tuple[ArchitectureInfo, ...]:
+    """The derived layouts for a config (see `_derive`); () when transformers lacks the class or
+    cannot build it from this config."""
+    cls = architecture_class(config)
+    if not cls:
+        return ()
+    cls = CLASS_ALIASES.get(cls, cls)
+    key = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS}
+    try:
+        text = json.dumps(key, sort_keys=True)
+    except (TypeError, ValueError):
+        return ()
+    return _derive(cls, text)
+
+
+@functools.lru_cache(maxsize=64)
+def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
+    # Cached per (class, config): planning runs once per search candidate and must stay cheap.
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - a dependency of the package
+        return ()
+    cls = getattr(transformers, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return ()
+    config = json.loads(config_text)
+    expected = getattr(cls.config_class, "model_type", "")
+    if config.get("model_type") and expected and config["model_type"] != expected:
+        return ()  # e.g. phi-msft remote code under transformers' PhiForCausalLM name
+    try:
+        model = _meta_model(cls, config)
+    except Exception as err:  # a config this transformers rejects: inference takes over
+        log.info("cannot build %s on the meta device (%s: %s)", cls_name, type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return ()
+    try:
+        return _describe(cls, model, config)
+    except Exception as err:  # _NotDerivable, or a module tree this code did not foresee
+        log.info("cannot derive %s: %s", cls_name, err)
+        return ()
+
+
+class _NotDerivable(Exception):
+    pass
+
+
+def _meta_model(cls, config: dict):
+    import torch
+
+    cfg = _config(cls, config)
+    with torch.device("meta"), _quiet():
+        return cls(cfg)
+
+
+def _config(cls, config: dict):
+    # config.json spells infinities as {"__float__": "Infinity"}; transformers' reader decodes them
+    decode = getattr(cls.config_class, "_decode_special_floats", lambda d: d)
+    with _quiet():
+        return cls.config_class.from_dict(decode(copy.deepcopy(config)))
+
+
+@contextlib.contextmanager
+def _quiet():
+    # a config's validation notes (rope ranges, token ids) are not the merge's business
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _stacks(model) -> list[tuple[str, int]]:
+    """(module path, length) of every outermost nn.ModuleList that holds parameters."""
+    from torch import nn
+
+    found: list[tuple[str, int]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(p + ".") for p, _ in found):
+            continue  # a list inside a block (experts) belongs to the block's template
+        if next(module.parameters(), None) is None:
+            continue
+        found.append((path, len(module)))
+    return found
+
+
+def _main_stack(model, stacks: list[tuple[str, int]]) -> tuple[str, int]:
+    """The stack of text decoder blocks: inside the module transformers calls the decoder (the
+    language model of a VLM, the decoder of an encoder-decoder), with the text config's length."""
+    names = {id(m): p for p, m in model.named_modules()}
+    decoder = ""
+    try:
+        decoder = names.get(id(model.get_decoder()), "")
+    except Exception:
+        pass
+    inside = [s for s in stacks if not decoder or s[0].startswith(decoder + ".")] or stacks
+    try:
+        wanted = model.config.get_text_config(decoder=True).num_hidden_layers
+    except Exception:
+        wanted = None
+    for s in inside:
+        if s[1] == wanted:
+            return s
+    return max(inside, key=lambda s: s[1])
+
+
+def _saved_names(model, state: dict, stacks: list[tuple[str, int]]) -> Optional[dict[str, list[str]]]:
+    """In-memory state-dict name -> the names save_pretrained writes for it (transformers 5 reverts
+    its load-time conversions on save: VLM prefixes, per-expert MoE weights, GPT-NeoX's embed_out).
+    None when the mapping cannot be made one key at a time."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+
+    def revert(part: dict) -> list[str]:
+        return list(revert_weight_conversion(model, part))
+
+    try:
+        whole = set(revert(dict(state)))
+        # One call per key costs milliseconds (transformers walks the model each time): a block's
+        # weights are mapped once per stack and re-indexed for the other blocks; the comparison
+        # with the whole mapping below catches a conversion that depends on the index.
+        per_key: dict[str, list[str]] = {}
+        seen: dict[tuple[str, str], tuple[int, list[str]]] = {}
+        for k, t in state.items():
+            where = _in_stack(k, stacks)
+            if where is not None and (where[0], where[2]) in seen:
+                j, names = seen[(where[0], where[2])]
+                per_key[k] = [_reindex(n, j, where[1]) for n in names]
+                continue
+            per_key[k] = revert({k: t})
+            if where is not None:
+                seen[(where[0], where[2])] = (where[1], per_key[k])
+        if {n for names in per_key.values() for n in names} != whole:
+            per_key = {k: revert({k: t}) for k, t in state.items()}
+    except Exception as err:
+        log.debug("cannot map %s's names to saved names: %s", type(model).__name__, err)
+        return None
+    if {n for names in per_key.values() for n in names} != whole:
+        return None  # a conversion that needs several tensors at once
+    return per_key
+
+
+def _in_stack(key: str, stacks: list[tuple[str, int]]) -> Optional[tuple[str, int, str]]:
+    """(stack path, block index, rest of the name) of a key inside a stack, else None."""
+    for path, _ in stacks:
+        if key.startswith(path + "."):
+            index, _, rest = key[len(path) + 1 :].partition(".")
+            if index.isdigit():
+                return path, int(index), rest
+    return None
+
+
+def _reindex(name: str, old: int, new: int) -> str:
+    # the block index is the first `.N.` of a name (expert indices come after it)
+    at = name.find(f".{old}.")
+    return name if at < 0 else name[:at] + f".{new}." + name[at + len(str(old)) + 2 :]
+
+
+def _tied_targets(model) -> dict[str, str]:
+    """Tied parameter -> the parameter it shares, whether or not this config ties them: merged
+    models may differ in tie_word_embeddings, and an absent head is read from its source."""
+    from transformers import PreTrainedModel
+
+    tied: dict[str, str] = {}
+    plain = re.compile(r"^[A-Za-z0-9_.]+$")
+    for prefix, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        mapping = getattr(type(sub), "_tied_weights_keys", None) or {}
+        if isinstance(mapping, dict):
+            for target, source in mapping.items():
+                if plain.match(target) and plain.match(source):  # regex patterns: expanded below
+                    p = f"{prefix}." if prefix else ""
+                    tied.setdefault(p + target, p + source)
+    tied.update(getattr(model, "all_tied_weights_keys", None) or {})
+    return tied
+
+
+def _embedding_names(model, tied: dict[str, str]) -> set[str]:
+    names = {id(m): p for p, m in model.named_modules()}
+    out: set[str] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except Exception:
+            module = None
+        if module is not None and id(module) in names and getattr(module, "weight", None) is not None:
+            if module.weight.dim() == 2:
+                out.add(f"{names[id(module)]}.weight" if names[id(module)] else "weight")
+    for target, source in tied.items():  # T5's encoder/decoder embed_tokens tied to `shared`
+        if source in out or target in out:
+            out.update((target, source))
+    return out
+
+
+def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
+    state = model.state_dict()
+    keys = list(state)
+    stacks = _stacks(model)
+    if not stacks:
+        raise _NotDerivable("no stack of repeated blocks")
+    main_path, main_len = _main_stack(model, stacks)
+    counts = _count_keys(cls, config, stacks)
+    tied = _tied_targets(model)
+    embeds = _embedding_names(model, tied)
+    base_prefix = getattr(cls, "base_model_prefix", "") or ""
+
+    layouts: list[tuple[str, dict[str, list[str]]]] = []
+    saved = _saved_names(model, state, stacks)
+    if saved is not None:
+        layouts.append(("saved", saved))
+    memory = {k: [k] for k in keys}
+    if saved is None or saved != memory:
+        layouts.append(("modules", memory))
+
+    out = []
+    for layout, names_of in layouts:
+        def weight(k: str, name: str, optional: bool = False) -> WeightInfo:
+            aliases = []
+            if len(names_of[k]) == 1 and name != k:
+                aliases.append(k)  # the module name, as checkpoints written by other versions hold it
+            tied_to = tied.get(k)
+            tied_names = tuple(names_of.get(tied_to, [tied_to])) if tied_to else ()
+            return WeightInfo(name, k in embeds, optional or bool(tied_to), tuple(aliases), tied_names)
+
+        stack_infos = []
+        templates_by_path = {}
+        for path, length in stacks:
+            templates_by_path[path] = _templates(path, length, keys, names_of, weight)
+            stack_infos.append(StackInfo(path, templates_by_path[path], length, counts.get(path)))
+        first = next(i for i, k in enumerate(keys) if k.startswith(main_path + "."))
+        last = max(i for i, k in enumerate(keys) if k.startswith(main_path + "."))
+        pre = [weight(k, n) for k in keys[:first] for n in names_of[k]]
+        post = [weight(k, n) for k in keys[last + 1 :] for n in names_of[k]]
+        pre, main, post = _with_prefix_aliases(pre, templates_by_path[main_path], post, base_prefix)
+        out.append(
+            ArchitectureInfo(
+                name=f"{cls.__name__} ({layout} names)",
+                pre_weights=tuple(pre),
+                layer_templates=main,
+                post_weights=tuple(post),
+                num_layers_key=counts.get(main_path),
+                ignored_patterns=_LEGACY_BUFFERS,
+                origin="derived",
+                stacks=tuple(stack_infos),
+            )
+        )
+    return tuple(out)
+
+
+def _templates(path: str, length: int, keys: list[str], names_of, weight) -> tuple[WeightInfo, ...]:
+    """The union of the stack's per-layer names with the index replaced; a template some layer
+    lacks (hybrid stacks: attention in some layers, convolutions in others) is optional."""
+    per_layer: list[dict[str, tuple[str, str]]] = []
+    for i in range(length):
+        prefix = f"{path}.{i}."
+        layer: dict[str, tuple[str, str]] = {}
+        for k in keys:
+            if not k.startswith(prefix):
+                continue
+            for n in names_of[k]:
+                at = n.find(f".{i}.")
+                if at < 0:
+                    raise _NotDerivable(f"saved name {n} of {k} has no layer index")
+                layer[n[:at] + f".{LAYER}." + n[at + len(str(i)) + 2 :]] = (k, n)
+        for tpl in layer:
+            if tpl.replace(LAYER, str(i)) != layer[tpl][1]:
+                raise _NotDerivable(f"layer {i} of {path}: names do not follow one template")
+        per_layer.append(layer)
+    order: dict[str, tuple[str, str]] = {}
+    for layer in per_layer:
+        for tpl, kn in layer.items():
+            order.setdefault(tpl, kn)
+    out = []
+    for tpl, (k, n) in order.items():
+        w = weight(k, n, optional=not all(tpl in layer for layer in per_layer))
+        at = k.find(f"{path}.") + len(path) + 1
+        index = k[at:].split(".", 1)[0]
+        out.append(
+            WeightInfo(
+                tpl, w.is_embed, w.optional,
+                tuple(_to_template(a, path, index) for a in w.aliases),
+                tuple(_to_template(t, path, index) for t in w.tied_names),
+            )
+        )
+    return tuple(out)
+
+
+def _to_template(name: str, path: str, index: str) -> str:
+    prefix = f"{path}.{index}."
+    return f"{path}.{LAYER}." + name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _with_prefix_aliases(pre, templates, post, base_prefix: str):
+    """Checkpoints of the bare base model (GPT-2's `h.0...` instead of `transformer.h.0...`) lack
+    the base-model prefix: that spelling is an alias, unless it is another weight's name."""
+    if not base_prefix:
+        return pre, templates, post
+    head = base_prefix + "."
+    taken = {w.name for w in (*pre, *post, *templates)}
+
+    def add(w: WeightInfo) -> WeightInfo:
+        short = w.name[len(head):] if w.name.startswith(head) else None
+        if short is None or short in taken or short in w.aliases:
+            return w
+        return WeightInfo(w.name, w.is_embed, w.optional, w.aliases + (short,), w.tied_names)
+
+    return [add(w) for w in pre], tuple(add(w) for w in templates), [add(w) for w in post]
+
+
+def _count_keys(cls, config: dict, stacks: list[tuple[str, int]]) -> dict[str, str]:
+    """Stack path -> the config key that sets its length, found by building the model again with
+    each candidate key changed and seeing which stack follows."""
+    try:
+        full = _config(cls, config).to_dict()
+    except Exception:
+        full = config
+    lengths = {length for _, length in stacks}
+    candidates = [
+        (path, value) for path, value in _int_leaves(full)
+        if value in lengths and _COUNT_NAME.search(path.rsplit(".", 1)[-1])
+    ]
+    found: dict[str, tuple[int, str]] = {}  # stack -> (how many stacks the key moves, key)
+    for path, value in candidates:
+        new = value - 1 if value > 1 else value + 1
+        probe = copy.deepcopy(config)
+        parent = get_config_value(probe, path.rsplit(".", 1)[0]) if "." in path else probe
+        set_config_value(probe, path, new)
+        if not isinstance(parent, dict):
+            parent = get_config_value(probe, path.rsplit(".", 1)[0])
+        for k, v in list(parent.items()):  # per-layer lists (layer_types) must keep the new length
+            if isinstance(v, list) and len(v) == value and _COUNT_NAME.search(k):
+                parent[k] = v[:new] if new < value else v + v[-1:]
+        try:
+            probed = dict(_stacks(_meta_model(cls, probe)))
+        except Exception:
+            continue
+        moved = [p for p, length in stacks if probed.get(p, 0) != length]
+        for p, length in stacks:
+            if probed.get(p) == new and length == value:
+                if p not in found or len(moved) < found[p][0]:
+                    found[p] = (len(moved), path)
+    return {p: key for p, (_, key) in found.items()}
+
+
+def _int_leaves(node: dict, prefix: str = ""):
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _int_leaves(v, path + ".")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            yield path, v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +640,8 @@ def infer_architecture(
         post_weights=tuple(post),
         num_layers_key=key,
         inferred=True,
-        ignored_patterns=_COMMON_IGNORED,
+        ignored_patterns=_LEGACY_BUFFERS[:1],
+        origin="inferred",
     )
 
 

@@ -26,9 +26,9 @@ from .architecture import (
     architecture_class,
     count_layers,
     get_config_value,
-    infer_architecture,
-    known_architecture,
     layer_prefix_of,
+    remap_layer_lists,
+    resolve_architecture,
     set_config_value,
 )
 from .chat_templates import template_for
@@ -208,27 +208,9 @@ def choose_architecture(
         detail = ", ".join(f"{c} in {ref}" for ref, c in classes.items())
         raise ModelError(f"models have different architectures ({detail}); pass --allow-crimes to merge them anyway")
     ref_model = models[reference]
-    arch = known_architecture(ref_model.config)
     names = [set(m.checkpoint.tensors) for m in models.values()]
-    if arch is not None:
-        covered = set()
-        for w in arch.all_weights(layer_count(arch, ref_model)):
-            covered.update(w.all_names)
-        uncovered = [n for n in ref_model.checkpoint.tensors if n not in covered and not arch.is_ignored(n)]
-        if not uncovered:
-            return arch
-        log.warning(
-            "model %s has tensors the %s table does not describe (%s%s); describing the model from "
-            "its tensor names instead",
-            reference,
-            arch.name,
-            ", ".join(uncovered[:3]),
-            "..." if len(uncovered) > 3 else "",
-        )
-    elif architecture_class(ref_model.config):
-        log.info("architecture %s is not in the table; inferring it from tensor names", architecture_class(ref_model.config))
     try:
-        return infer_architecture(ref_model.checkpoint.tensors, names, ref_model.config)
+        return resolve_architecture(ref_model.config, ref_model.checkpoint.tensors, names, str(reference))
     except ValueError as err:
         raise ModelError(f"model {reference}: cannot describe its architecture: {err}") from None
 
@@ -238,7 +220,7 @@ def layer_count(arch: ArchitectureInfo, model: InputModel) -> int:
         value = get_config_value(model.config, arch.num_layers_key)
         if isinstance(value, int):
             return value
-    if arch.inferred:
+    if arch.origin != "override":  # e.g. T5's num_decoder_layers, absent when it equals num_layers
         return count_layers(model.checkpoint.tensors, layer_prefix_of(arch))
     raise ModelError(f"model {model.label}: config.json has no integer '{arch.num_layers_key}'")
 
@@ -497,7 +479,7 @@ def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     chat_template = inputs.chat_template(config)
     planner = Planner(config, models, arch, layers, config.dtype, vocab)
     tasks, out_layers = planner.plan()
-    out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
+    out_config = _output_config(config, models, donor, arch, layers[donor], out_layers, planner.layer_origins, vocab)
     return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template, inputs)
 
 
@@ -525,6 +507,7 @@ def _output_config(
     models: dict[ModelReference, InputModel],
     donor: ModelReference,
     arch: ArchitectureInfo,
+    donor_layers: int,
     out_layers: int,
     layer_origins: list[tuple[ModelReference, int]],
     vocab: Optional[VocabPlan] = None,
@@ -541,12 +524,11 @@ def _output_config(
     if uses_slices:
         if arch.num_layers_key:
             set_config_value(out, arch.num_layers_key, out_layers)
-            if isinstance(out.get("layer_types"), list):
-                # Per-layer attention kinds follow the layers they came from, or transformers
-                # rejects a config whose layer_types length differs from the layer count.
-                out["layer_types"] = [
-                    (models[ref].config.get("layer_types") or out["layer_types"])[idx] for ref, idx in layer_origins
-                ]
+            # layer_types and the like follow the layers they came from
+            remap_layer_lists(
+                out, arch.num_layers_key, donor_layers,
+                [(models[ref].config, idx) for ref, idx in layer_origins],
+            )
         else:
             log.warning("cannot record the new layer count (%d) in config.json: no layer-count key known", out_layers)
     return out

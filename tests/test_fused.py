@@ -115,15 +115,41 @@ def test_cached_task_vectors_take_the_kernel_with_the_same_result(monkeypatch, d
     assert torch.equal(bits(resident()), bits(result))
 
 
-def test_tie_cutoff_is_the_quota_th_equal_entry():
-    base = torch.zeros(40000, dtype=torch.bfloat16)
-    delta = torch.full((40000,), 0.25, dtype=torch.bfloat16)
-    delta[::3] = -0.25  # same magnitude, other sign
-    threshold = int(delta[:1].abs().view(torch.int16))
-    assert fused.tie_cutoff(base, [delta], True, 0, threshold, 1) == 0
-    assert fused.tie_cutoff(base, [delta], True, 0, threshold, 12345) == 12344
-    assert fused.tie_cutoff(base, [delta], True, 0, threshold, 40000) == 39999
-    assert fused.tie_cutoff(base, [delta], True, 0, threshold, 0) == -1
+def test_tie_cutoffs_are_the_quota_th_equal_entries():
+    base = torch.zeros(140000, dtype=torch.bfloat16)  # several counting blocks
+    first = torch.full((140000,), 0.25, dtype=torch.bfloat16)
+    first[::3] = -0.25  # same magnitude, other sign
+    second = torch.full((140000,), 0.5, dtype=torch.bfloat16)
+    second[::2] = 0.125  # equal to its threshold only at odd indices
+    t1 = int(first[:1].abs().view(torch.int16))
+    t2 = int(second[1:2].abs().view(torch.int16))
+    for q1, q2 in [(1, 1), (12345, 5), (140000, 70000), (0, 70001), (99999, 0)]:
+        want1 = -1 if q1 == 0 else q1 - 1
+        want2 = -1 if q2 == 0 else min(2 * q2 - 1, 139999)  # the q-th odd index; past the last: the end
+        assert fused.tie_cutoffs(base, [first, second], True, [t1, t2], [q1, q2]) == [want1, want2], (q1, q2)
+    # fine-tuned tensors instead of task vectors: the same deltas formed on the fly
+    assert fused.tie_cutoffs(base, [first, second], False, [t1, t2], [7, 7]) == [6, 13]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("are_deltas", [True, False])
+def test_magnitude_histograms_equal_bincount(dtype, are_deltas):
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(300_000, generator=gen).to(dtype)
+    xs = [(base.float() + 0.01 * torch.randn(300_000, generator=gen)).to(dtype) for _ in range(3)]
+    deltas = [(x - base) for x in xs]  # in the dtype, rounded as the kernel rounds
+    sources = deltas if are_deltas else xs
+    wide = dtype == torch.float32
+    bits = [d.abs().view(torch.int32 if wide else torch.int16).to(torch.int64) for d in deltas]
+    got = fused.magnitude_histograms(base, sources, are_deltas, [-1, -1, -1])
+    for k in range(3):
+        want = torch.bincount(bits[k] >> 16 if wide else bits[k], minlength=got.shape[1])
+        assert torch.equal(got[k], want), k
+    if wide:  # the low level: low 16 bits of the entries in one high-bits bucket
+        bucket = int(torch.mode(bits[1] >> 16).values)
+        got = fused.magnitude_histograms(base, sources[1:2], are_deltas, [bucket])
+        want = torch.bincount(bits[1][(bits[1] >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        assert torch.equal(got[0], want) and int(want.sum()) > 1000
 
 
 def test_writes_into_the_given_output_buffer():

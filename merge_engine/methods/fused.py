@@ -120,20 +120,56 @@ if numba is not None:
         return _round(_load(src, i, wide) - _load(base, i, wide), wide)
 
     @njit(parallel=True, cache=True, error_model="numpy")
-    def _tie_counts(base, src, are_deltas, threshold, blocks, wide):
-        """How many entries of a task vector have magnitude == threshold, per block."""
+    def _tie_counts(base, sources, are_deltas, thresholds, blocks, wide):
+        """How many entries of each task vector have magnitude == its threshold, per block (one
+        pass over base and every source; threshold -1 counts nothing)."""
         n = base.shape[0]
+        m = len(sources)
         size = (n + blocks - 1) // blocks
-        counts = np.zeros(blocks, dtype=np.int64)
+        counts = np.zeros((m, blocks), dtype=np.int64)
         for blk in prange(blocks):
             start = blk * size
             stop = min(n, start + size)
-            b, x = base[start:stop], src[start:stop]
-            c = 0
-            for i in range(stop - start):
-                c += np.int64(_magnitude(_delta_at(b, x, i, are_deltas, wide), wide) == threshold)
-            counts[blk] = c
+            for k in range(m):
+                if thresholds[k] < 0:
+                    continue
+                b, x, threshold = base[start:stop], sources[k][start:stop], thresholds[k]
+                c = 0
+                for i in range(stop - start):
+                    c += np.int64(_magnitude(_delta_at(b, x, i, are_deltas, wide), wide) == threshold)
+                counts[k, blk] = c
         return counts
+
+    @njit(parallel=True, cache=True, error_model="numpy")
+    def _magnitude_histograms(base, sources, are_deltas, buckets, bins, blocks, wide):
+        """Per task vector, a histogram of its magnitude bits: 16-bit dtypes all 15 bits; 32-bit
+        the high 16 bits (bucket -1), or the low 16 bits of the entries whose high bits equal the
+        bucket. One pass over base and every source; each thread counts into its own rows."""
+        n = base.shape[0]
+        m = len(sources)
+        size = (n + blocks - 1) // blocks
+        counts = np.zeros((blocks, m, bins), dtype=np.int64)
+        for blk in prange(blocks):
+            start = blk * size
+            stop = min(n, start + size)
+            for k in range(m):
+                b, x, h = base[start:stop], sources[k][start:stop], counts[blk, k]
+                bucket = buckets[k]
+                for i in range(stop - start):
+                    mag = _magnitude(_delta_at(b, x, i, are_deltas, wide), wide)
+                    if not wide:
+                        h[mag] += 1
+                    elif bucket < 0:
+                        h[mag >> 16] += 1
+                    elif (mag >> 16) == bucket:
+                        h[mag & 0xFFFF] += 1
+        total = np.zeros((m, bins), dtype=np.int64)
+        for k in prange(m * bins):
+            acc = 0
+            for blk in range(blocks):
+                acc += counts[blk, k // bins, k % bins]
+            total[k // bins, k % bins] = acc
+        return total
 
     @njit(cache=True, error_model="numpy")
     def _tie_scan(base, src, are_deltas, threshold, start, stop, remaining, wide):
@@ -397,24 +433,43 @@ def _set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def tie_cutoff(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, m: int, threshold: int, quota: int) -> int:
-    """Flat index of the last entry, equal to the threshold, that the exact top-k keeps (the
-    first `quota` such entries in flat order, as a stable sort keeps them); -1 for none."""
-    if quota <= 0:
-        return -1
+def tie_cutoffs(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, thresholds: Sequence[int], quotas: Sequence[int]) -> list[int]:
+    """Per task vector, the flat index of the last entry equal to its threshold that the exact
+    top-k keeps (the first `quota` such entries in flat order, as a stable sort keeps them); -1
+    where the quota is 0. The entries equal to each threshold are counted in one pass."""
     _set_threads()
     wide = base.element_size() == 4
     raw_base = _raw(base)
-    raw_source = _raw(sources[m])
-    blocks = max(1, min(256, base.numel() // 65536))
-    counts = _tie_counts(raw_base, raw_source, are_deltas, threshold, blocks, wide)
-    size = (base.numel() + blocks - 1) // blocks
-    remaining = quota
-    for blk, c in enumerate(counts.tolist()):
-        if remaining <= c:
-            return int(_tie_scan(raw_base, raw_source, are_deltas, threshold, blk * size, min(base.numel(), (blk + 1) * size), remaining, wide))
-        remaining -= c
-    return base.numel() - 1
+    raw_sources = tuple(_raw(s) for s in sources)
+    n = base.numel()
+    blocks = max(1, min(256, n // 65536))
+    size = (n + blocks - 1) // blocks
+    wanted = [t if q > 0 else -1 for t, q in zip(thresholds, quotas)]
+    counts = _tie_counts(raw_base, raw_sources, are_deltas, np.asarray(wanted, dtype=np.int64), blocks, wide)
+    cutoffs = []
+    for k, (threshold, remaining) in enumerate(zip(wanted, quotas)):
+        cutoff = -1 if threshold < 0 else n - 1
+        for blk, c in enumerate(counts[k].tolist() if threshold >= 0 else ()):
+            if remaining <= c:
+                start, stop = blk * size, min(n, (blk + 1) * size)
+                cutoff = int(_tie_scan(raw_base, raw_sources[k], are_deltas, threshold, start, stop, remaining, wide))
+                break
+            remaining -= c
+        cutoffs.append(cutoff)
+    return cutoffs
+
+
+def magnitude_histograms(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, buckets: Sequence[int]) -> torch.Tensor:
+    """[len(sources), bins] int64 histograms of the task vectors' magnitude bits, as the eager
+    `bincount` of `_magnitude_bits` gives them (see `_magnitude_histograms`)."""
+    _set_threads()
+    wide = base.element_size() == 4
+    blocks = max(1, min(2 * numba.get_num_threads(), base.numel() // BLOCK))  # one histogram per block
+    counts = _magnitude_histograms(
+        _raw(base), tuple(_raw(s) for s in sources), are_deltas, np.asarray(buckets, dtype=np.int64),
+        1 << 16 if wide else 1 << 15, blocks, wide,
+    )
+    return torch.from_numpy(counts)
 
 
 def random_l1(base: torch.Tensor, sources: Sequence[torch.Tensor], are_deltas: bool, m: int, key: int, p: float) -> tuple[float, float]:
@@ -509,9 +564,12 @@ def warm_up(max_sources: int = 3) -> int:
         for random in (None, ([1, 2], [0.5, 0.5], [1.0, 1.0])):
             merge(base, sources[:2], True, [0.5, 0.5], [-1, -1], [-1, -1], True, True, 1.0, True, random=random)
             count += 1
-        tie_cutoff(base, sources, True, 0, 0, 1)
         random_l1(base, sources, True, 0, 1, 0.5)
-        count += 2
+        count += 1
+        for n in range(1, max_sources + 1):
+            magnitude_histograms(base, sources[:n], True, [-1] * n)
+            tie_cutoffs(base, sources[:n], True, [0] * n, [1] * n)
+            count += 2
     row_ranks(torch.zeros(2, MIN_FUSED_NUMEL, dtype=torch.int16))
     return count + 1
 

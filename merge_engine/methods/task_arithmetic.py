@@ -141,27 +141,46 @@ def _top_k_threshold(vectors: _TaskVectors, i: int, k: int, cache: Optional[dict
     wide = probe.element_size() == 4
     above = cache.get(("high", i))
     if above is None:
-        hist = torch.zeros(1 << 16 if wide else 1 << 15, dtype=torch.int64, device=probe.device)
-        for _, _, delta in vectors.chunks(i):
-            bits = _magnitude_bits(delta)
-            hist += _bincount(bits >> 16 if wide else bits, hist.numel())
-        above = cache[("high", i)] = hist.flip(0).cumsum(0).flip(0)  # above[v] = count(bins >= v)
+        for j, hist in _histograms(vectors, i, -1, cache):
+            cache[("high", j)] = hist.flip(0).cumsum(0).flip(0)  # above[v] = count(bins >= v)
+        above = cache[("high", i)]
     top = int((above >= k).nonzero().max())
     greater = int(above[top + 1]) if top + 1 < above.numel() else 0
     if not wide:
         return top, k - greater
     above_low = cache.get(("low", i, top))
     if above_low is None:
-        low = torch.zeros(1 << 16, dtype=torch.int64, device=probe.device)
-        for _, _, delta in vectors.chunks(i):
-            bits = _magnitude_bits(delta)
-            in_bucket = bits[(bits >> 16) == top]
-            low += _bincount(in_bucket & 0xFFFF, 1 << 16)
+        [(_, low)] = _histograms(vectors, i, top, cache)
         above_low = cache[("low", i, top)] = low.flip(0).cumsum(0).flip(0)
     need = k - greater
     bottom = int((above_low >= need).nonzero().max())
-    greater_low = int(above_low[bottom + 1]) if bottom + 1 < low.numel() else 0
+    greater_low = int(above_low[bottom + 1]) if bottom + 1 < above_low.numel() else 0
     return (top << 16) | bottom, need - greater_low
+
+
+def _histograms(vectors: _TaskVectors, i: int, bucket: int, cache: dict) -> list[tuple[int, torch.Tensor]]:
+    """[(model index, histogram of its magnitude bits)]: the 15 bits of a 16-bit float, or the high
+    16 bits of a 32-bit one (bucket -1), or the low 16 bits within the high-bits bucket. Through
+    the fused kernel, one pass gives the high-level histograms of every task vector still missing
+    from `cache` (they all need one); eagerly, model i's alone."""
+    sources = vectors.deltas if vectors.deltas is not None else vectors.inputs
+    wide = sources[i].element_size() == 4
+    if fused.usable([vectors.base_flat, *sources]):
+        todo = [j for j in range(vectors.count) if ("high", j) not in cache] if bucket < 0 else [i]
+        hists = fused.magnitude_histograms(
+            vectors.base_flat, [sources[j] for j in todo], vectors.deltas is not None, [bucket] * len(todo)
+        )
+        return list(zip(todo, hists))
+    hist = torch.zeros(1 << 15 if not wide else 1 << 16, dtype=torch.int64, device=vectors.base_flat.device)
+    for _, _, delta in vectors.chunks(i):
+        bits = _magnitude_bits(delta)
+        if not wide:
+            hist += _bincount(bits, hist.numel())
+        elif bucket < 0:
+            hist += _bincount(bits >> 16, hist.numel())
+        else:
+            hist += _bincount(bits[(bits >> 16) == bucket] & 0xFFFF, hist.numel())
+    return [(i, hist)]
 
 
 def _magnitude_threshold(vectors: _TaskVectors, i: int, density: float, ctx: TensorContext, cache: Optional[dict]) -> tuple[int, int]:
@@ -538,11 +557,16 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
             cutoffs.append(-1)
             continue
         threshold, quota = _magnitude_threshold(vectors, i, density, ctx, cache)
-        key = ("cutoff", i, threshold, quota)
-        if key not in cache:
-            cache[key] = fused.tie_cutoff(vectors.base_flat, sources, vectors.deltas is not None, i, threshold, quota)
         thresholds.append(threshold)
-        cutoffs.append(cache[key])
+        cutoffs.append(("cutoff", i, threshold, quota))  # a cache key until all are known
+    missing = [key for key in cutoffs if isinstance(key, tuple) and key not in cache]
+    if missing:  # one pass over the inputs for every task vector's tie cutoff
+        found = fused.tie_cutoffs(
+            vectors.base_flat, [sources[key[1]] for key in missing], vectors.deltas is not None,
+            [key[2] for key in missing], [key[3] for key in missing],
+        )
+        cache.update(zip(missing, found))
+    cutoffs = [cache[key] if isinstance(key, tuple) else key for key in cutoffs]
     quantised = [float(_scalar(float(w), base.dtype, "cpu")) for w in weights]
     out = ctx.output_buffer(base)
     result = fused.merge(
