@@ -43,24 +43,14 @@ class Module:
 
 def conv1d_modules(config: dict) -> set[str]:
     """Names of the modules that are transformers' `Conv1D` (GPT-2 family): a linear layer whose weight
-    is stored transposed, [in, out]. Found on the model class built on the meta device (no memory, no
-    model code beyond transformers' own); empty when transformers has no class for the config."""
-    import torch
-    import transformers
+    is stored transposed, [in, out]. Found on the model class built on the meta device; empty when
+    transformers cannot build it (every 2-D weight is then read as [out, in])."""
     from transformers.pytorch_utils import Conv1D
 
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None
-    if cls is None or "model_type" not in config:
-        return set()
-    try:
-        hf_config = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = cls(hf_config)
-    except Exception as err:  # a config transformers cannot build: treat every 2-D weight as [out, in]
-        log.debug("no meta model for %s: %s", archs[0], err)
-        return set()
-    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+    from .architecture import meta_model
+
+    model = meta_model(config)
+    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)} if model is not None else set()
 
 
 def _modules(names: dict, conv1d: set[str] = frozenset()) -> list[Module]:
