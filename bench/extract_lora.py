@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from merge_throughput import ensure_models, llama_spec, measured, model_files, read_all, remove  # noqa: E402  (shared checkpoints)
+from merge_throughput import ensure_models, llama_spec, measured, model_files, open_checkpoint, read_all, remove  # noqa: E402  (shared checkpoints)
 
 CLI = Path(sys.executable).parent / "mergekit-extract-lora"
 RSS_LIMIT = 1.5e9
@@ -40,25 +40,16 @@ ERROR_LIMIT = 1.01  # randomized error / exact rank-r optimum
 def error_vs_optimum(dirs: dict, layers: list[int], rank: int) -> list[tuple[str, float, float]]:
     """(tensor, randomized error, exact optimum) for the linear modules of `layers`."""
     import torch
-    from safetensors import safe_open
 
     from merge_engine.extract_lora import top_singular_triplets
 
-    def opened(directory):  # tensor name -> shard file
-        files = {}
-        for path in model_files(directory):
-            with safe_open(str(path), "pt") as f:
-                files.update(dict.fromkeys(f.keys(), path))
-        return files
-
-    ft_files, base_files = opened(dirs["ft_a"]), opened(dirs["base"])
+    ft, base = open_checkpoint(dirs["ft_a"]), open_checkpoint(dirs["base"])
     out = []
-    for name in sorted(ft_files):
+    for name in sorted(ft.tensors):
         parts = name.split(".")
         if not (name.endswith("proj.weight") and len(parts) > 2 and parts[2].isdigit() and int(parts[2]) in layers):
             continue
-        with safe_open(str(ft_files[name]), "pt") as f, safe_open(str(base_files[name]), "pt") as g:
-            delta = f.get_tensor(name).float() - g.get_tensor(name).float()
+        delta = ft.read(name).float() - base.read(name).float()
         u, s, vh = top_singular_triplets(delta, rank)
         err = float(torch.linalg.matrix_norm(delta - (u * s) @ vh))
         sv = torch.linalg.svdvals(delta).double()

@@ -8,8 +8,10 @@ What it does, in order:
 1. Generates (once; cached in --work-dir, reused while the safetensors headers match) three
    Llama-shaped random bf16 checkpoints of ~1.1B parameters (TinyLlama shape: hidden 2048,
    intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, untied lm_head): a base and
-   two fine-tunes (base + small noise). Tensors are generated one at a time and written with
-   `safetensors.torch.save_file` into ~1 GB shards; no model is ever instantiated.
+   two fine-tunes (base + small noise). Tensors are generated one at a time and streamed into
+   ~1 GB shards by the engine's own writer (`merge_engine.io.ShardedWriter`); no model is ever
+   instantiated. Checkpoints are validated and outputs compared through the engine's reader
+   (`merge_engine.io.Checkpoint`); only the plain-loop baseline uses `safetensors` directly.
 2. Reads every input file once so all measurements see a warm page cache (dropping the page
    cache needs root, which is not assumed). Before every measurement `os.sync()` flushes the dirty
    pages of the previous one, untimed. No measurement fsyncs its own output (fsync EXCLUDED
@@ -45,7 +47,6 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's engine (readers and writers below)
 CHUNK = 64 << 20  # 64 MiB: chunk size of the I/O floor's plain reads and writes
 GB = 1e9
 INPUT_SHARD_BYTES = 1_000_000_000  # generated checkpoints: ~1 GB shards
@@ -140,74 +142,30 @@ def numel(shape) -> int:
     return n
 
 
-def shard_plan(tensors, limit: int) -> list[list[tuple[str, tuple[int, ...]]]]:
-    shards, size = [[]], 0
-    for name, shape in tensors:
-        nbytes = numel(shape) * 2
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
-    return shards
-
-
-def shard_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 # ----------------------------------------------------------------------------------------------
 # Generation (cached)
 
 MODEL_NAMES = ("base", "ft_a", "ft_b")
 
 
-def read_st_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError("short file")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError("implausible header")
-        header = json.loads(f.read(n))
-    return header, 8 + n
-
-
 def model_is_valid(directory: Path, spec: dict) -> bool:
-    """True when `directory` holds exactly the expected tensors (names, shapes, BF16) and config."""
+    """True when `directory` holds exactly the expected tensors (names, shapes, BF16) and config,
+    as the engine's checkpoint reader sees it (shards from the index, none truncated)."""
+    import torch
+
+    from merge_engine.errors import ModelError
+    from merge_engine.io import Checkpoint
+
     try:
         cfg = json.loads((directory / "config.json").read_text())
-        for k, v in spec.items():
-            if cfg.get(k) != v:
-                return False
-        if cfg.get("architectures") != ["LlamaForCausalLM"]:
+        if any(cfg.get(k) != v for k, v in spec.items()) or cfg.get("architectures") != ["LlamaForCausalLM"]:
             return False
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            return False
-        if len(files) > 1:
-            index = json.loads((directory / "model.safetensors.index.json").read_text())
-            if sorted(set(index["weight_map"].values())) != [f.name for f in files]:
-                return False
-        seen = {}
-        for f in files:
-            header, start = read_st_header(f)
-            end = 0
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                if entry["dtype"] != "BF16":
-                    return False
-                seen[name] = tuple(entry["shape"])
-                end = max(end, entry["data_offsets"][1])
-            if f.stat().st_size != start + end:
-                return False
-        return seen == dict(tensor_list(spec))
-    except (OSError, ValueError, KeyError, TypeError):
+        ckpt = Checkpoint(directory, str(directory))
+    except (OSError, ValueError, ModelError):
         return False
+    if any(loc.dtype != torch.bfloat16 for loc in ckpt.tensors.values()):
+        return False
+    return {name: loc.shape for name, loc in ckpt.tensors.items()} == dict(tensor_list(spec))
 
 
 def tensor_seed(name: str) -> int:
@@ -217,23 +175,21 @@ def tensor_seed(name: str) -> int:
 
 
 def generate_models(models_dir: Path, spec: dict) -> None:
-    """Write base + two fine-tunes tensor by tensor (three shard dicts of <= ~1 GB in memory)."""
-    import torch
-    from safetensors.torch import save_file
+    """Write base + two fine-tunes tensor by tensor, through the engine's atomic sharded writer
+    (each model's folder appears only when complete)."""
+    import contextlib
 
-    tmp = {m: models_dir / f".{m}.incomplete" for m in MODEL_NAMES}
-    for d in tmp.values():
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    shards = shard_plan(tensor_list(spec), INPUT_SHARD_BYTES)
-    names = shard_names(len(shards))
-    weight_map = {}
-    total = 0
+    import torch
+
+    from merge_engine import __version__
+    from merge_engine.io import OutputTensorSpec, atomic_model_output
+
+    specs = [OutputTensorSpec(name, shape, torch.bfloat16) for name, shape in tensor_list(spec)]
     gen = torch.Generator()
     t0 = time.perf_counter()
-    for si, shard in enumerate(shards):
-        dicts = {m: {} for m in MODEL_NAMES}
-        for name, shape in shard:
+    with contextlib.ExitStack() as stack:
+        out = {m: stack.enter_context(atomic_model_output(models_dir / m, True, specs, INPUT_SHARD_BYTES, True)) for m in MODEL_NAMES}
+        for i, (name, shape) in enumerate(tensor_list(spec)):
             gen.manual_seed(tensor_seed(name))
             if name.endswith("norm.weight"):
                 base = torch.ones(shape, dtype=torch.float32)
@@ -241,26 +197,17 @@ def generate_models(models_dir: Path, spec: dict) -> None:
             else:
                 base = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(BASE_STD)
                 noise_std = FT_NOISE_STD
-            dicts["base"][name] = base.to(torch.bfloat16)
+            out["base"][1].write(name, base.to(torch.bfloat16))
             for m in MODEL_NAMES[1:]:
                 ft = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(noise_std).add_(base)
-                dicts[m][name] = ft.to(torch.bfloat16)
+                out[m][1].write(name, ft.to(torch.bfloat16))
                 del ft
             del base
-            weight_map[name] = names[si]
-            total += numel(shape) * 2
-        for m in MODEL_NAMES:
-            save_file(dicts[m], str(tmp[m] / names[si]), metadata={"format": "pt"})
-        del dicts
-        print(f"  generated shard {si + 1}/{len(shards)} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    for m in MODEL_NAMES:
-        (tmp[m] / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
-        if len(names) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp[m] / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        final = models_dir / m
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp[m], final)
+            if name.endswith("mlp.down_proj.weight"):
+                print(f"  generated {i + 1}/{len(specs)} tensors ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for folder, writer in out.values():
+            writer.finish(__version__)
+            (folder / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
 
 
 def ensure_models(work: Path, spec: dict) -> dict[str, Path]:
@@ -424,6 +371,8 @@ def cmd_iofloor(args) -> None:
 
 
 class PlainModel:
+    """The plain loop's reader (the baseline, as mergekit reads): one `safe_open` handle per file."""
+
     def __init__(self, directory: Path):
         from safetensors import safe_open
 
@@ -710,16 +659,23 @@ def cmd_stages(args) -> None:
 # Verification: CLI output vs plain-loop output
 
 
+def open_checkpoint(directory: Path):
+    """A model folder through the engine's reader (`read(name)`, `tensors`): for checks, untimed."""
+    from merge_engine.io import Checkpoint
+
+    return Checkpoint(Path(directory), str(directory))
+
+
 def compare_outputs(a: Path, b: Path, names) -> dict:
     import torch
 
-    ma, mb = PlainModel(a), PlainModel(b)
+    ma, mb = open_checkpoint(a), open_checkpoint(b)
     mismatched = 0
     total = 0
     max_abs = 0.0
     worst = None
     for name in names:
-        x, y = ma.get(name), mb.get(name)
+        x, y = ma.read(name), mb.read(name)
         if x.shape != y.shape or x.dtype != y.dtype:
             return {"error": f"{name}: {x.shape}/{x.dtype} vs {y.shape}/{y.dtype}"}
         ne = int((x.view(torch.int16) != y.view(torch.int16)).sum())
@@ -738,14 +694,14 @@ def stable_sort_check(cli_out: Path, dirs: dict[str, Path], names) -> dict:
     plain loop's differences are only tie-breaking among equal |delta| values at the threshold."""
     import torch
 
-    out = PlainModel(cli_out)
-    base, fa, fb = (PlainModel(dirs[m]) for m in ("base", "ft_a", "ft_b"))
+    out = open_checkpoint(cli_out)
+    base, fa, fb = (open_checkpoint(dirs[m]) for m in ("base", "ft_a", "ft_b"))
     picks = [n for n in names if n.endswith(("layers.0.input_layernorm.weight", "layers.0.self_attn.k_proj.weight",
                                               "layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight"))]
     result = {}
     for n in picks:
-        ref = plain_ties(base.get(n), [fa.get(n), fb.get(n)], stable=True).to(torch.bfloat16)
-        result[n] = int((ref.view(torch.int16) != out.get(n).view(torch.int16)).sum())
+        ref = plain_ties(base.read(n), [fa.read(n), fb.read(n)], stable=True).to(torch.bfloat16)
+        result[n] = int((ref.view(torch.int16) != out.read(n).view(torch.int16)).sum())
     return result
 
 

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from merge_throughput import PlainModel, compare_outputs, ensure_models, llama_spec, measured, model_files, read_all, remove  # noqa: E402
+from merge_throughput import compare_outputs, ensure_models, llama_spec, measured, model_files, open_checkpoint, read_all, remove  # noqa: E402
 
 OURS = Path(sys.executable).parent / "mergekit-yaml"
 RANDOM = {"dare_ties", "della"}
@@ -124,8 +124,8 @@ def compare_union(ours: Path, theirs: Path, names: list[str]) -> str:
     cmp = compare_outputs(ours, theirs, [n for n in names if n not in embeddings])
     if "error" in cmp:
         return cmp["error"]
-    mo, mt = PlainModel(ours), PlainModel(theirs)
-    rows_differ = sum(int((mo.get(n).view(torch.int16) != mt.get(n)[perm].view(torch.int16)).any(1).sum()) for n in embeddings)
+    mo, mt = open_checkpoint(ours), open_checkpoint(theirs)
+    rows_differ = sum(int((mo.read(n).view(torch.int16) != mt.read(n)[perm].view(torch.int16)).any(1).sum()) for n in embeddings)
     return (f"{len(va)} tokens, same token set ({'same ids' if same_ids else 'added tokens in another order'}); "
             f"embedding rows differing by token: {rows_differ}; other tensors: "
             f"{'bit-identical' if not cmp['mismatched'] else str(cmp['mismatched']) + ' elements differ'}")
@@ -147,13 +147,13 @@ def statistics(out: Path, base: Path) -> tuple[float, float]:
     """(share of entries that differ from the base, norm of out - base) over the layer tensors."""
     import torch
 
-    o, b = PlainModel(out), PlainModel(base)
+    o, b = open_checkpoint(out), open_checkpoint(base)
     changed = total = 0
     norm2 = 0.0
-    for name in o.where:
+    for name in o.tensors:
         if ".layers." not in name:
             continue
-        delta = o.get(name).float() - b.get(name).float()
+        delta = o.read(name).float() - b.read(name).float()
         changed += int((delta != 0).sum())
         total += delta.numel()
         norm2 += float(delta.double().square().sum())
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 if tool not in best or report["wall_s"] < best[tool]["wall_s"]:
                     best[tool] = report
         ours, theirs_out = work / "vs-out-evomerge", work / "vs-out-mergekit"
-        names = list(PlainModel(theirs_out).where)
+        names = list(open_checkpoint(theirs_out).tensors)
         if method in RANDOM:
             (ka, na), (kb, nb) = statistics(ours, dirs["base"]), statistics(theirs_out, dirs["base"])
             agree = abs(ka / kb - 1) < 0.01 and abs(na / nb - 1) < 0.01

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from merge_engine.config import ModelPath, ModelReference
 from merge_engine.errors import ConfigError, MergeError
-from merge_engine.hub import looks_like_repo_id
+from merge_engine.sources import lora_cache_dir, looks_like_repo_id, resolve_adapter_dir, resolve_model_dir
 
 
 def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dtype: Optional[str]) -> None:
@@ -21,8 +21,6 @@ def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dty
     and base_model, and for a `model+lora` reference its base and its adapter. Raises a one-line
     ConfigError naming the key (`genome.models[1]`, `genome.base_model`) of the first that does
     not resolve."""
-    from merge_engine.io import resolve_model_dir  # imports torch: only when a search really starts
-
     g = genome_definition
     refs = [(f"genome.models[{i}]", ref) for i, ref in enumerate(g.models)]
     if g.base_model is not None:
@@ -36,27 +34,13 @@ def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dty
         if ref.lora is None:
             _resolve(what, ref.model, lambda: resolve_model_dir(ref), f"model {ref}")
             continue
-        merged = _merged_lora_dir(ref, lora_merge_cache)
-        if merged is not None and merged.is_dir():
+        if lora_merge_cache and lora_cache_dir(ref, lora_merge_cache).is_dir():
             continue  # merged by an earlier run: resolve_model_dir reads only that folder
         base = ModelReference(ref.model, None, ref.override_architecture)
         _resolve(f"{what}: base model {ref.model}", ref.model, lambda: resolve_model_dir(base), f"model {ref.model}")
-        _resolve(f"{what}: LoRA adapter {ref.lora}", ref.lora, lambda: _adapter_dir(ref), f"LoRA adapter {ref.lora}")
+        _resolve(f"{what}: LoRA adapter {ref.lora}", ref.lora, lambda: resolve_adapter_dir(ref), f"LoRA adapter {ref.lora}")
         # the merge of the adapter into its base, built once into the LoRA merge cache
         _resolve(what, None, lambda: resolve_model_dir(ref, lora_merge_cache, lora_merge_dtype), f"model {ref}")
-
-
-def _merged_lora_dir(ref: ModelReference, lora_merge_cache: Optional[str]) -> Optional[Path]:
-    from merge_engine.lora import cache_entry_name
-
-    return Path(lora_merge_cache).expanduser() / cache_entry_name(ref) if lora_merge_cache else None
-
-
-def _adapter_dir(ref: ModelReference) -> Path:
-    """The adapter's folder: local, or its files from the hub (cached), as materialize_lora finds it."""
-    from merge_engine.lora import _adapter_dir as adapter_dir
-
-    return adapter_dir(ref, lazy_unpickle=False)
 
 
 def _resolve(what: str, part: Optional[ModelPath], resolve: Callable[[], Path], named: str) -> None:

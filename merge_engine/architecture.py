@@ -270,17 +270,10 @@ def derive_architectures(config: dict) -> tuple[ArchitectureInfo, ...]:
 @functools.lru_cache(maxsize=64)
 def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
     # Cached per (class, config): planning runs once per search candidate and must stay cheap.
-    try:
-        import transformers
-    except ImportError:  # pragma: no cover - a dependency of the package
-        return ()
-    cls = getattr(transformers, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        return ()
     config = json.loads(config_text)
-    expected = getattr(cls.config_class, "model_type", "")
-    if config.get("model_type") and expected and config["model_type"] != expected:
-        return ()  # e.g. phi-msft remote code under transformers' PhiForCausalLM name
+    cls = _transformers_class(cls_name, config)
+    if cls is None:
+        return ()
     try:
         model = _meta_model(cls, config)
     except Exception as err:  # a config this transformers rejects: inference takes over
@@ -297,6 +290,42 @@ class _NotDerivable(Exception):
     pass
 
 
+def _transformers_class(cls_name: str, config: dict):
+    """transformers' own class of that name for this config, or None (absent, or the config's
+    model_type belongs to remote code borrowing the name, e.g. phi-msft under PhiForCausalLM)."""
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - a dependency of the package
+        return None
+    cls = getattr(transformers, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return None
+    expected = getattr(cls.config_class, "model_type", "")
+    if config.get("model_type") and expected and config["model_type"] != expected:
+        return None
+    return cls
+
+
+def transformers_class(config: dict):
+    """transformers' class for config.json's `architectures` (no remote code), or None."""
+    cls_name = architecture_class(config)
+    return _transformers_class(CLASS_ALIASES.get(cls_name, cls_name), config) if cls_name else None
+
+
+def meta_model(config: dict):
+    """The model transformers would build for config.json, on the meta device (no memory, no model
+    code beyond transformers' own); None when transformers lacks the class or rejects the config."""
+    cls_name = architecture_class(config)
+    cls = transformers_class(config)
+    if cls is None:
+        return None
+    try:
+        return _meta_model(cls, config)
+    except Exception as err:
+        log.info("cannot build %s on the meta device: %s", cls_name, err)
+        return None
+
+
 def _meta_model(cls, config: dict):
     import torch
 
@@ -311,7 +340,6 @@ def config_object(cls, config: dict):
     decode = getattr(cls.config_class, "_decode_special_floats", lambda d: d)
     with _quiet():
         return cls.config_class.from_dict(decode(copy.deepcopy(config)))
-
 
 
 @contextlib.contextmanager

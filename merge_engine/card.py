@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,20 +9,17 @@ import yaml
 
 from .config import MergeConfig, ModelReference
 from .methods import get_method_spec
-
-
-def is_hub_id(path: str) -> bool:
-    return not path.startswith(("/", "~", ".")) and path.count("/") == 1 and not os.path.exists(path)
+from .sources import looks_like_repo_id
 
 
 def render_model(ref: ModelReference) -> str:
-    text = f"[{ref.model.path}](https://huggingface.co/{ref.model.path})" if is_hub_id(ref.model.path) else ref.model.path
+    text = f"[{ref.model.path}](https://huggingface.co/{ref.model.path})" if looks_like_repo_id(ref.model.path) else ref.model.path
     return text + (f" + {ref.lora}" if ref.lora is not None else "")
 
 
 def card_header(refs, library: str, tags: list[str], out_dir: Path) -> list[str]:
     """The card's YAML front matter (hub models as `base_model`) and its title, as lines."""
-    hub = sorted({r.model.path for r in refs if is_hub_id(r.model.path)})
+    hub = sorted({r.model.path for r in refs if looks_like_repo_id(r.model.path)})
     front = {"base_model": hub, "library_name": library, "tags": tags}
     return ["---", yaml.safe_dump(front, sort_keys=True).rstrip(), "---", f"# {out_dir.name}", ""]
 

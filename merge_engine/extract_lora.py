@@ -43,24 +43,14 @@ class Module:
 
 def conv1d_modules(config: dict) -> set[str]:
     """Names of the modules that are transformers' `Conv1D` (GPT-2 family): a linear layer whose weight
-    is stored transposed, [in, out]. Found on the model class built on the meta device (no memory, no
-    model code beyond transformers' own); empty when transformers has no class for the config."""
-    import torch
-    import transformers
+    is stored transposed, [in, out]. Found on the model class built on the meta device; empty when
+    transformers cannot build it (every 2-D weight is then read as [out, in])."""
     from transformers.pytorch_utils import Conv1D
 
-    archs = config.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None
-    if cls is None or "model_type" not in config:
-        return set()
-    try:
-        hf_config = transformers.AutoConfig.for_model(**config)
-        with torch.device("meta"):
-            model = cls(hf_config)
-    except Exception as err:  # a config transformers cannot build: treat every 2-D weight as [out, in]
-        log.debug("no meta model for %s: %s", archs[0], err)
-        return set()
-    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+    from .architecture import meta_model
+
+    model = meta_model(config)
+    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)} if model is not None else set()
 
 
 def _modules(names: dict, conv1d: set[str] = frozenset()) -> list[Module]:
@@ -119,14 +109,15 @@ def extract_lora(
     from tqdm import tqdm
 
     from .config import ModelReference
-    from .io import AtomicOutputDir, Checkpoint, OutputTensorSpec, ShardedWriter, read_json, resolve_model_dir
+    from .io import AtomicOutputDir, OutputTensorSpec, ShardedWriter
+    from .sources import open_model
 
     ft_ref, base_ref = ModelReference.parse(model), ModelReference.parse(base_model)
-    ft_dir = resolve_model_dir(ft_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-    base_dir = resolve_model_dir(base_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-    ft_config = read_json(ft_dir / "config.json", f"model {ft_ref}")
-    ft = Checkpoint(ft_dir, str(ft_ref), lazy_unpickle)
-    base = Checkpoint(base_dir, str(base_ref), lazy_unpickle)
+    opening = dict(lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype)
+    ft_model = open_model(ft_ref, **opening)
+    ft_config = ft_model.config
+    ft = ft_model.checkpoint
+    base = open_model(base_ref, **opening).checkpoint
     dev = torch.device(device)
 
     modules = _modules(ft.tensors, conv1d_modules(ft_config))

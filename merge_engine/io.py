@@ -1,4 +1,5 @@
-"""Checkpoint I/O: lazy per-tensor reading, sharded safetensors writing, atomic output folders.
+"""Checkpoint I/O, bytes only: lazy per-tensor reading, sharded safetensors writing, atomic output
+folders. Which folder a model reference means is `sources`' business; this module knows files.
 
 Tensors are read one at a time, either mapped copy-on-write from the file for as long as they are
 in use (`Checkpoint.map`, no copy) or with positioned reads into a tensor's memory
@@ -28,9 +29,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .config import ModelReference
 from .errors import ModelError
-from .hub import looks_like_repo_id  # noqa: F401  (imported from here by other modules)
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +56,7 @@ def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding a model's files
-
-
-def resolve_model_dir(
-    ref: ModelReference,
-    lora_merge_cache: Optional[str] = None,
-    lora_merge_dtype: Optional[str] = None,
-    lazy_unpickle: bool = False,
-) -> Path:
-    """Local directory of a model reference. A path that does not exist locally is fetched from
-    the Hugging Face hub only if it looks like a repo id (`org/name`); offline mode is honoured.
-    A `model+lora` reference resolves to the cached merge of the adapter into its base."""
-    if ref.lora is not None:
-        from .lora import materialize_lora  # loads transformers and peft: only when needed
-
-        return materialize_lora(ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-    path = Path(ref.model.path).expanduser()
-    if path.is_dir():
-        return path
-    if not looks_like_repo_id(ref.model.path):
-        raise ModelError(f"model {ref}: directory not found: {path}")
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    return hub_snapshot(ref.model.path, ref.model.revision, patterns, f"model {ref}")
-
-
-def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str], what: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as err:  # offline, not found, no permission: one clear line
-        raise ModelError(
-            f"{what}: no local directory of that name, and it could not be fetched from the "
-            f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
+# Files
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -146,7 +146,7 @@ def load_recipes(path: Path) -> list[Recipe]:
 
 
 def _exists_or_hub_id(text: str) -> bool:
-    from .hub import looks_like_repo_id  # torch-free
+    from .sources import looks_like_repo_id  # torch-free
 
     return Path(text).expanduser().exists() or looks_like_repo_id(text)
 

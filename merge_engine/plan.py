@@ -1,4 +1,11 @@
-"""MergeConfig + architecture -> an ordered list of output-tensor tasks.
+"""The planner both executors use: MergeConfig + opened inputs -> an ordered list of output-tensor
+tasks.
+
+Two steps, the same for `mergekit-yaml` (streaming) and the search's resident executor:
+`open_inputs` opens the recipe's models once (sources) and checks their architectures;
+`plan_merge` turns one recipe into a `MergePlan` against them. The resident executor keeps one
+`MergeInputs` for every candidate; what depends only on the inputs (architecture, layer counts,
+tokenizers, the built vocabulary, the chat template) is computed once there and reused.
 
 Everything that can be checked without reading tensor data is checked here, before any work:
 model directories, architectures, layer ranges, missing tensors, shapes, required parameters.
@@ -7,11 +14,10 @@ model directories, architectures, layer ranges, missing tensors, shapes, require
 from __future__ import annotations
 
 import copy
-import logging
 import functools
+import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 
@@ -28,6 +34,7 @@ from .architecture import (
     resolve_architecture,
     set_config_value,
 )
+from .chat_templates import template_for
 from .config import (
     InputSliceDefinition,
     MergeConfig,
@@ -37,24 +44,12 @@ from .config import (
     lookup_parameter,
 )
 from .errors import ConfigError, ModelError
-from .io import Checkpoint, OutputTensorSpec, read_json, resolve_model_dir, torch_dtype
+from .io import OutputTensorSpec, torch_dtype
 from .methods import REQUIRED, MethodSpec, get_method_spec
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size
+from .sources import InputModel, close_models, open_models
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size, vocab_key
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InputModel:
-    ref: ModelReference
-    directory: Path
-    config: dict
-    checkpoint: Checkpoint
-    num_layers: int = 0
-
-    @property
-    def label(self) -> str:
-        return str(self.ref)
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ class TensorTask:
 class MergePlan:
     config: MergeConfig
     method: MethodSpec
-    models: dict[ModelReference, InputModel]
+    models: dict[ModelReference, InputModel]  # the recipe's models, in first-mention order
     architecture: ArchitectureInfo
     tasks: list[TensorTask]
     out_config: dict
@@ -94,31 +89,130 @@ class MergePlan:
     out_num_layers: int
     vocab: Optional[VocabPlan] = None  # the tokenizer to write, when one is built
     chat_template: Optional[str] = None  # Jinja text to store with the written tokenizer
+    inputs: Optional["MergeInputs"] = None
 
     def close(self) -> None:
-        for m in self.models.values():
-            m.checkpoint.close()
+        """Close the inputs (a plan made by build_plan owns them)."""
+        if self.inputs is not None:
+            self.inputs.close()
 
 
 # ----------------------------------------------------------------------------------------------
+# Step 1: the inputs
 
 
-def open_models(
-    config: MergeConfig, lazy_unpickle: bool, lora_merge_cache: Optional[str] = None, lora_merge_dtype: Optional[str] = None
-) -> dict[ModelReference, InputModel]:
-    models: dict[ModelReference, InputModel] = {}
+def check_recipe(config: MergeConfig) -> MethodSpec:
+    """What the recipe alone can get wrong, raised before any model is opened: an unknown method,
+    an invalid chat template, a method that needs base_model without one."""
+    method = get_method_spec(config.merge_method)
+    if config.chat_template not in (None, "auto"):
+        template_for(config.chat_template)
+    _check_base(config)
+    return method
+
+
+def _check_base(config: MergeConfig) -> None:
+    """A method that needs a base model has one: the recipe's, or a slice's own (a module's own
+    method counts for that module)."""
+    if config.base_model is not None:
+        return
+    if config.modules:
+        items = [(f"modules.{n}.", m.merge_method or config.merge_method, m.slices) for n, m in config.modules.items()]
+    else:
+        items = [("", config.merge_method, config.slices)]
+    for path, name, slices in items:
+        if get_method_spec(name).requires_base and not any(s.base_model for s in slices or []):
+            raise ConfigError(f"{path}merge_method {name} needs base_model")
+
+
+def donor_of(config: MergeConfig) -> ModelReference:
+    """The model whose config.json (and tokenizer) the output starts from."""
+    return config.base_model or config.referenced_models()[0]
+
+
+class MergeInputs:
+    """Opened input models, and what is derived from them alone, computed once: the architecture
+    and layer counts (per donor and model set), tokenizers, built vocabularies and chat templates
+    (per tokenizer setting). One recipe uses it once (streaming); the resident executor plans
+    every candidate of a search against the same one."""
+
+    def __init__(
+        self,
+        *,
+        allow_crimes: bool = False,
+        lazy_unpickle: bool = False,
+        lora_merge_cache: Optional[str] = None,
+        lora_merge_dtype: Optional[str] = None,
+    ):
+        self.allow_crimes = allow_crimes
+        self._open_options = dict(lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype)
+        self.models: dict[ModelReference, InputModel] = {}
+        self.tokenizers = TokenizerCache(self.models)
+        self._architectures: dict[tuple, tuple[ArchitectureInfo, dict[ModelReference, int]]] = {}
+        self._vocabs: dict[tuple, Optional[VocabPlan]] = {}
+        self._chat_templates: dict[tuple, Optional[str]] = {}
+
+    def open(self, refs: Iterable[ModelReference]) -> None:
+        """Open the references not open yet (a search's candidates may use models the first
+        recipe did not)."""
+        missing = [r for r in refs if r not in self.models]
+        if missing:
+            self.models.update(open_models(missing, **self._open_options))
+
+    def architecture(self, refs: list[ModelReference], donor: ModelReference) -> tuple[ArchitectureInfo, dict[ModelReference, int]]:
+        """The architecture of a merge of `refs` described by `donor`, and each model's layer count."""
+        key = (donor, tuple(refs))
+        if key not in self._architectures:
+            models = {r: self.models[r] for r in refs}
+            arch = choose_architecture(models, donor, self.allow_crimes)
+            self._architectures[key] = (arch, {r: layer_count(arch, m) for r, m in models.items()})
+        return self._architectures[key]
+
+    def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
+        """The recipe's built tokenizer and permutations (None: the donor's tokenizer is kept).
+        `.tokenizer` is what the merged model must be run with."""
+        key = vocab_key(config)
+        if key not in self._vocabs:
+            self._vocabs[key] = build_vocab(config, self._recipe_models(config), self.tokenizers)
+        return self._vocabs[key]
+
+    def chat_template(self, config: MergeConfig) -> Optional[str]:
+        refs = config.referenced_models()
+        key = (config.chat_template, tuple(refs))
+        if key not in self._chat_templates:
+            self._chat_templates[key] = resolve_chat_template(config, self.tokenizers, refs)
+        return self._chat_templates[key]
+
+    def _recipe_models(self, config: MergeConfig) -> dict[ModelReference, InputModel]:
+        """The recipe's models only, in its order (the same dict a merge of it alone would see)."""
+        return {r: self.models[r] for r in config.referenced_models()}
+
+    def close(self) -> None:
+        close_models(self.models)
+
+
+def open_inputs(
+    config: MergeConfig,
+    *,
+    allow_crimes: bool = False,
+    lazy_unpickle: bool = False,
+    lora_merge_cache: Optional[str] = None,
+    lora_merge_dtype: Optional[str] = None,
+) -> MergeInputs:
+    """Open the recipe's models and check that they can be merged (architectures, layer counts);
+    the recipe's own mistakes are raised first, before a model is opened."""
+    check_recipe(config)
+    inputs = MergeInputs(
+        allow_crimes=allow_crimes, lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype
+    )
     try:
-        for ref in config.referenced_models():
-            directory = resolve_model_dir(ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
-            model_config = read_json(directory / "config.json", f"model {ref}")
-            if ref.override_architecture:
-                model_config["architectures"] = [ref.override_architecture]
-            models[ref] = InputModel(ref, directory, model_config, Checkpoint(directory, str(ref), lazy_unpickle))
+        refs = config.referenced_models()
+        inputs.open(refs)
+        inputs.architecture(refs, donor_of(config))
     except BaseException:
-        for m in models.values():
-            m.checkpoint.close()
+        inputs.close()
         raise
-    return models
+    return inputs
 
 
 def choose_architecture(
@@ -137,7 +231,7 @@ def choose_architecture(
         raise ModelError(f"model {reference}: cannot describe its architecture: {err}") from None
 
 
-def _layers_from_config(arch: ArchitectureInfo, model: InputModel) -> int:
+def layer_count(arch: ArchitectureInfo, model: InputModel) -> int:
     if arch.num_layers_key:
         value = get_config_value(model.config, arch.num_layers_key)
         if isinstance(value, int):
@@ -148,6 +242,7 @@ def _layers_from_config(arch: ArchitectureInfo, model: InputModel) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# Step 2: the tensors
 
 
 @dataclass
@@ -203,13 +298,14 @@ def _slices_of(
     return [_Slice(s, f"{prefix}slices[{i}]", s.base_model or config.base_model) for i, s in enumerate(slice_defs)]
 
 
-def _normalized_modules(config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo) -> list[_Module]:
+def _normalized_modules(
+    config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo, whole_layers: dict[ModelReference, int]
+) -> list[_Module]:
     """The modules to plan, in checkpoint order. `models:` and `slices:` recipes are one module over
     the whole description: on a multi-module model, `slices:` cut the text/decoder stack and every
     other module comes from the first slice's models (stated in a log line). A `modules:` recipe on
     a multi-module model names every module of the model (docs/architectures.md)."""
     method = get_method_spec(config.merge_method)
-    whole_layers = {ref: m.num_layers for ref, m in models.items()}
     if not config.modules or not arch.modules:
         model_defs, slice_defs, params, prefix = config.models, config.slices, None, ""
         if config.modules:
@@ -269,6 +365,7 @@ class Planner:
         config: MergeConfig,
         models: dict[ModelReference, InputModel],
         arch: ArchitectureInfo,
+        layers: dict[ModelReference, int],
         seed_dtype: Optional[str],
         vocab: Optional[VocabPlan] = None,
     ):
@@ -276,6 +373,7 @@ class Planner:
         self.vocab = vocab
         self.models = models
         self.arch = arch
+        self.layers = layers
         self.method = get_method_spec(config.merge_method)
         self.dtype = torch_dtype(seed_dtype)
         self.out_dtype = torch_dtype(config.out_dtype)
@@ -286,12 +384,12 @@ class Planner:
         # per module with a layer-count key: (key, output layers, origins, the donor's count, sliced)
         self.module_layers: list[tuple[str, int, list[tuple[ModelReference, int]], int, bool]] = []
         # The output config (the donor's) says the LM head is a separate tensor: it must be written.
-        donor = config.base_model or config.referenced_models()[0]
+        donor = donor_of(config)
         self.donor = donor
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
 
     def plan(self) -> tuple[list[TensorTask], int]:
-        modules = _normalized_modules(self.config, self.models, self.arch)
+        modules = _normalized_modules(self.config, self.models, self.arch, self.layers)
         for mod in modules:
             for slc in mod.slices:
                 self._check_slice(slc, mod.layers)
@@ -490,6 +588,25 @@ class Planner:
         return tuple(shapes[ref])
 
 
+def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
+    """One recipe's plan against opened inputs (models it names that are not open yet are opened).
+    Reads no tensor data; every mistake the recipe can make with these models is raised here."""
+    method = check_recipe(config)
+    refs = config.referenced_models()
+    inputs.open(refs)
+    donor = donor_of(config)
+    arch, layers = inputs.architecture(refs, donor)
+    models = inputs._recipe_models(config)
+    vocab = inputs.vocab(config)
+    chat_template = inputs.chat_template(config)
+    planner = Planner(config, models, arch, layers, config.dtype, vocab)
+    tasks, out_layers = planner.plan()
+    out_config = _output_config(
+        config, models, donor, arch, layers[donor], out_layers, planner.layer_origins, vocab, module_layers=planner.module_layers
+    )
+    return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template, inputs)
+
+
 def build_plan(
     config: MergeConfig,
     *,
@@ -498,44 +615,15 @@ def build_plan(
     lora_merge_cache: Optional[str] = None,
     lora_merge_dtype: Optional[str] = None,
 ) -> MergePlan:
-    method = get_method_spec(config.merge_method)
-    if config.chat_template not in (None, "auto"):
-        from .chat_templates import template_for
-
-        template_for(config.chat_template)  # an invalid template fails before models are opened
-    models = open_models(config, lazy_unpickle, lora_merge_cache, lora_merge_dtype)
+    """Open the recipe's inputs and plan it: the plan owns the inputs (`plan.close()`)."""
+    inputs = open_inputs(
+        config, allow_crimes=allow_crimes, lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype
+    )
     try:
-        donor = config.base_model or config.referenced_models()[0]
-        arch = choose_architecture(models, donor, allow_crimes)
-        for m in models.values():
-            m.num_layers = _layers_from_config(arch, m)
-        _check_base(config)
-        tokenizers = TokenizerCache(models)
-        vocab = build_vocab(config, models, tokenizers)
-        chat_template = resolve_chat_template(config, tokenizers, config.referenced_models())
-        planner = Planner(config, models, arch, config.dtype, vocab)
-        tasks, out_layers = planner.plan()
-        out_config = _output_config(
-            config, models, donor, arch, out_layers, planner.layer_origins, vocab, module_layers=planner.module_layers
-        )
-        return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template)
+        return plan_merge(config, inputs)
     except BaseException:
-        for m in models.values():
-            m.checkpoint.close()
+        inputs.close()
         raise
-
-
-def _check_base(config: MergeConfig) -> None:
-    """A method that needs a base model has one: the recipe's, or a slice's own."""
-    if config.base_model is not None:
-        return
-    if config.modules:
-        items = [(f"modules.{n}.", m.merge_method or config.merge_method, m.slices) for n, m in config.modules.items()]
-    else:
-        items = [("", config.merge_method, config.slices)]
-    for path, name, slices in items:
-        if get_method_spec(name).requires_base and not any(s.base_model for s in slices or []):
-            raise ConfigError(f"{path}merge_method {name} needs base_model")
 
 
 def _output_config(
@@ -543,6 +631,7 @@ def _output_config(
     models: dict[ModelReference, InputModel],
     donor: ModelReference,
     arch: ArchitectureInfo,
+    donor_layers: int,
     out_layers: int,
     layer_origins: list[tuple[ModelReference, int]],
     vocab: Optional[VocabPlan] = None,
@@ -573,7 +662,7 @@ def _output_config(
             set_config_value(out, arch.num_layers_key, out_layers)
             # layer_types and the like follow the layers they came from
             remap_layer_lists(
-                out, arch.num_layers_key, models[donor].num_layers,
+                out, arch.num_layers_key, donor_layers,
                 [(models[ref].config, idx) for ref, idx in layer_origins],
             )
         else:

@@ -17,14 +17,14 @@ from typing import Optional
 
 import torch
 
-from .architecture import config_object
+from .architecture import ArchitectureInfo, config_object, transformers_class
 from .config import MergeConfig
 from .errors import ModelError
 from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
-from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
+from .plan import MergePlan, TensorTask, donor_of, open_inputs, plan_merge
 from .streaming import task_context
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, permute_embeddings, vocab_key
+from .tokenizer import VocabPlan, permute_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,6 @@ def _vocab_context(task: TensorTask) -> tuple:
     return (task.vocab.key, tuple(str(i.model) for i in task.inputs), tuple((str(i.model), i.tensor_name) for i in task.aux_inputs))
 
 
-def model_class(out_config: dict):
-    """The transformers class of the merged model, as derivation built it (a VLM's
-    ...ForConditionalGeneration, T5, an encoder); None where transformers lacks it (remote code):
-    AutoModelForCausalLM then."""
-    import transformers
-
-    from .architecture import CLASS_ALIASES, architecture_class
-
-    name = architecture_class(out_config)
-    cls = getattr(transformers, CLASS_ALIASES.get(name, name), None) if name else None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        return None
-    expected = getattr(cls.config_class, "model_type", "")
-    if out_config.get("model_type") and expected and out_config["model_type"] != expected:
-        return None  # remote code under a transformers class name (see architecture._derive)
-    return cls
-
-
 class ResidentMerger:
     """Holds the inputs of a family of recipes (same models) and materialises candidates."""
 
@@ -84,61 +66,36 @@ class ResidentMerger:
         self.options = options or MergeOptions(quiet=True)
         self.device = torch.device(self.options.resolved_device())
         self.template = template
-        self.models = open_models(template, self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
-        donor = template.base_model or template.referenced_models()[0]
-        self.donor = donor
-        self.arch = choose_architecture(self.models, donor, self.options.allow_crimes)
-        from .plan import _layers_from_config
-
-        for m in self.models.values():
-            m.num_layers = _layers_from_config(self.arch, m)
+        # the planner's own first step, kept for every candidate (see plan.MergeInputs)
+        self.inputs = open_inputs(
+            template,
+            allow_crimes=self.options.allow_crimes,
+            lazy_unpickle=self.options.lazy_unpickle,
+            lora_merge_cache=self.options.lora_merge_cache,
+            lora_merge_dtype=self.options.lora_merge_dtype,
+        )
+        self.donor = donor_of(template)
         self._inputs: dict[tuple, torch.Tensor] = {}
         self._deltas: dict[tuple, tuple] = {}
         self._last: dict[str, tuple] = {}
         self.model: Optional[torch.nn.Module] = None
         self._targets: dict[str, Optional[torch.Tensor]] = {}
-        self._vocabs: dict[tuple, Optional[VocabPlan]] = {}
+
+    @property
+    def models(self):
+        return self.inputs.models
 
     # -- planning -------------------------------------------------------------------------------
 
     def plan(self, config: MergeConfig) -> MergePlan:
-        self._open_missing(config)
-        vocab = self.vocab(config)
-        planner = Planner(config, self.models, self.arch, config.dtype, vocab)
-        tasks, layers = planner.plan()
-        out_config = _output_config(
-            config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab, module_layers=planner.module_layers
-        )
-        return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers, vocab)
+        """The candidate's plan, from the same planner as `mergekit-yaml`'s (models it names that
+        are not open yet are opened, with the same checks)."""
+        return plan_merge(config, self.inputs)
 
     def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
         """The recipe's built tokenizer and permutations (None: the donor's tokenizer), built once
         per distinct tokenizer setting; `.tokenizer` is what the merged model must be run with."""
-        key = vocab_key(config)
-        if key not in self._vocabs:
-            self._vocabs[key] = build_vocab(config, self.models, TokenizerCache(self.models))
-        return self._vocabs[key]
-
-    def _open_missing(self, config: MergeConfig) -> None:
-        """Candidates may use models the first recipe did not (a slerp search picks its pair per
-        layer group): open them on first use, with the same architecture checks."""
-        missing = [r for r in config.referenced_models() if r not in self.models]
-        if not missing:
-            return
-        from .config import parse_config
-
-        opened = open_models(parse_config({"merge_method": "passthrough", "models": [{"model": r.to_plain()} for r in missing]}), self.options.lazy_unpickle, self.options.lora_merge_cache, self.options.lora_merge_dtype)
-        self.models.update(opened)
-        try:
-            choose_architecture(self.models, self.donor, self.options.allow_crimes)
-        except ModelError:
-            for ref in missing:
-                self.models.pop(ref).checkpoint.close()
-            raise
-        from .plan import _layers_from_config
-
-        for m in opened.values():
-            m.num_layers = _layers_from_config(self.arch, m)
+        return self.inputs.vocab(config)
 
     # -- the live model -------------------------------------------------------------------------
 
@@ -147,7 +104,7 @@ class ResidentMerger:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         plan = self.plan(config)
-        cls = model_class(plan.out_config)
+        cls = transformers_class(plan.out_config)  # a VLM, T5, an encoder; None: remote code
         dtype = dtype or plan.tasks[0].out.dtype
         with torch.device(self.device):
             if cls is None:
@@ -167,7 +124,7 @@ class ResidentMerger:
         self._aliases: dict[str, tuple[str, ...]] = {}
         self._last = {}
 
-    def _target(self, task: TensorTask) -> Optional[torch.Tensor]:
+    def _target(self, task: TensorTask, arch: ArchitectureInfo) -> Optional[torch.Tensor]:
         """The model parameter an output tensor goes to; None for an LM head tied to the
         embedding (named_parameters lists a shared tensor once, under the embedding's name)."""
         name = task.out.name
@@ -178,8 +135,8 @@ class ResidentMerger:
                 # saved names -> the module names the live model has (a VLM's language model is
                 # `model.language_model.layers.N` in memory, `model.layers.N` in checkpoints)
                 depth = max((len(m) for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)), default=0)
-                weights = list(self.arch.all_weights(depth))
-                for module in self.arch.modules:
+                weights = list(arch.all_weights(depth))
+                for module in arch.modules:
                     weights.extend(module.all_weights(depth))
                 for w in weights:
                     for alias in w.aliases:
@@ -265,12 +222,13 @@ class ResidentMerger:
             raise RuntimeError("no model attached: call build_model() or attach() first")
         start = time.perf_counter()
         stats = ApplyStats()
-        for task in self.plan(config).tasks:
+        plan = self.plan(config)
+        for task in plan.tasks:
             key = _task_key(task)
             if self._last.get(task.out.name) == key:
                 stats.unchanged += 1
                 continue
-            target = self._target(task)
+            target = self._target(task, plan.architecture)
             if target is not None:
                 result = self.compute(task, out=target)
                 if check_finite and not torch.isfinite(result).all():
@@ -295,5 +253,4 @@ class ResidentMerger:
         return {task.out.name: self.compute(task) for task in self.plan(config).tasks}
 
     def close(self) -> None:
-        for m in self.models.values():
-            m.checkpoint.close()
+        self.inputs.close()

@@ -22,24 +22,11 @@ from .io import atomic_model_output, copy_files
 from .methods.common import TensorContext
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, build_plan
+from .sources import TOKENIZER_FILES
 from .threads import set_num_threads
 from .tokenizer import load_tokenizer, permute_embeddings
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-
 
 def load_task_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
     def load(inp) -> torch.Tensor:

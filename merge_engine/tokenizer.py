@@ -24,7 +24,7 @@ from .config import MergeConfig, ModelReference, TokenEmbeddingSource
 from .errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
-    from .plan import InputModel
+    from .sources import InputModel
 
 log = logging.getLogger(__name__)
 

@@ -473,7 +473,8 @@ class _Model:
 
 def _open(reference: str, what: str, options, required_weights: bool = True) -> tuple[Path, Optional[_Model]]:
     from .config import ModelReference
-    from .io import Checkpoint, read_json, resolve_model_dir
+    from .io import Checkpoint, read_json
+    from .sources import resolve_model_dir
 
     try:
         ref = ModelReference.parse(reference)
@@ -517,7 +518,7 @@ def transplant(model: str, donor: str, out_path: Path, options, surgery: Surgery
     from tqdm import tqdm
 
     from .io import OutputTensorSpec, atomic_model_output, copy_files
-    from .streaming import TOKENIZER_FILES
+    from .sources import TOKENIZER_FILES
     from .tokenizer import load_tokenizer, set_vocab_size
 
     if surgery.method in UNSUPPORTED_METHODS:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from merge_engine.architecture import get_config_value, known_architecture
 from merge_engine.config import Conditional, MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
 from merge_engine.errors import ConfigError
-from merge_engine.hub import looks_like_repo_id
+from merge_engine.sources import looks_like_repo_id
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 

@@ -199,13 +199,13 @@ def test_check_genome_models_missing_local_folder(offline_cache, tmp_path):
 def test_check_genome_models_lora_of_a_hub_base_is_merged_into_the_cache(offline_cache, tmp_path):
     """`org/name+adapter`: the hub base (from the cache) and a local adapter are merged once into
     the LoRA merge cache, which the workers then read."""
-    from merge_engine.lora import cache_entry_name
+    from merge_engine.sources import lora_cache_entry_name
 
     adapter = _tiny_adapter(offline_cache["local"]["base"], tmp_path / "adapter")
     text = f"org/tiny-base+{adapter}"
     lora_cache = tmp_path / "lora_cache"
     check_genome_models(genome(["org/tiny-ft-a", text], base_model="org/tiny-base"), str(lora_cache), "float32")
-    merged = lora_cache / cache_entry_name(ref(text))
+    merged = lora_cache / lora_cache_entry_name(ref(text))
     assert (merged / "config.json").is_file() and (merged / "model.safetensors").is_file()
     assert read_num_layers(ref(text)) == 4
     # the merged folder is reused: the check passes even with the adapter gone

@@ -355,3 +355,84 @@ def test_non_finite_candidate_fails_and_the_next_one_repairs_the_model(llama_mod
     stats = merger.apply(good, check_finite=True)
     assert stats.recomputed >= 1
     assert_same(live_tensors(model), merger_factory(good).merged_tensors(good))
+
+
+# ----------------------------------------------------------------------------------------------
+# one planner: the resident executor plans with the streaming executor's planner and its checks
+
+
+def linear_recipe(llama_models, weights=(0.5, 0.5), **extra):
+    return parse_config({
+        "merge_method": "linear",
+        "models": [{"model": str(llama_models[k]), "parameters": {"weight": w}} for k, w in zip("ab", weights)],
+        **extra,
+    })
+
+
+def test_resident_plan_is_the_streaming_plan(llama_models, merger_factory):
+    """Same tasks (inputs, parameters, shapes, dtypes), output config and chat template as
+    build_plan, the planner of mergekit-yaml."""
+    from merge_engine.chat_templates import BUNDLED
+    from merge_engine.plan import build_plan
+    from merge_engine.resident import _task_key
+
+    config = linear_recipe(llama_models, chat_template="chatml", dtype="bfloat16")
+    resident = merger_factory(config).plan(config)
+    streamed = build_plan(config)
+    try:
+        assert [_task_key(t) for t in resident.tasks] == [_task_key(t) for t in streamed.tasks]
+        assert [t.out for t in resident.tasks] == [t.out for t in streamed.tasks]
+        assert resident.out_config == streamed.out_config
+        assert resident.chat_template == streamed.chat_template == BUNDLED["chatml"]
+        assert resident.donor == streamed.donor and resident.architecture.name == streamed.architecture.name
+    finally:
+        streamed.close()
+
+
+def test_resident_checks_the_base_model_of_every_candidate(llama_models, merger_factory):
+    from merge_engine.errors import ConfigError
+
+    merger = merger_factory(linear_recipe(llama_models))
+    candidate = parse_config({
+        "merge_method": "ties",
+        "models": [{"model": str(llama_models[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in "ab"],
+    })
+    with pytest.raises(ConfigError, match="merge_method ties needs base_model"):
+        merger.plan(candidate)
+
+
+def test_resident_checks_the_chat_template(llama_models, merger_factory):
+    from merge_engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="chat_template: 'my template'"):
+        merger_factory(linear_recipe(llama_models, chat_template="my template"))
+    merger = merger_factory(linear_recipe(llama_models))
+    with pytest.raises(ConfigError, match="chat_template"):
+        merger.plan(linear_recipe(llama_models, chat_template="not a template"))
+
+
+def test_candidates_reuse_tokenizers_vocabulary_and_chat_template(llama_models, merger_factory, monkeypatch):
+    """Per-candidate planning stays cheap: each model's tokenizer is loaded once, the built
+    vocabulary and the `auto` chat template once per tokenizer setting, whatever the number of
+    candidates."""
+    import merge_engine.tokenizer as tokenizer_module
+
+    loaded = []
+    real = tokenizer_module.load_tokenizer
+
+    def counting(directory, label, required=False):
+        loaded.append(label)
+        return real(directory, label, required)
+
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", counting)
+    extra = {"tokenizer_source": "union", "chat_template": "auto"}
+    template = linear_recipe(llama_models, **extra)
+    merger = merger_factory(template)
+    merger.build_model(template)
+    plans = []
+    for w in (0.2, 0.4, 0.6):
+        candidate = linear_recipe(llama_models, (w, 1 - w), **extra)
+        assert merger.apply(candidate).recomputed > 0
+        plans.append(merger.plan(candidate))
+    assert sorted(loaded) == sorted(str(llama_models[k]) for k in "ab")
+    assert plans[0].vocab is plans[1].vocab is plans[2].vocab is merger.vocab(template)

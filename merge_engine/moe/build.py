@@ -20,8 +20,7 @@ from ..errors import ModelError
 from ..io import OutputTensorSpec, atomic_model_output, copy_files, torch_dtype
 from ..methods.common import tensor_seed
 from ..options import MergeOptions
-from ..plan import InputModel, open_models
-from ..streaming import TOKENIZER_FILES
+from ..sources import TOKENIZER_FILES, InputModel, close_models, open_models
 from ..tokenizer import load_tokenizer
 from .config import ARCH_CLASSES, RANDOM_GATES, Expert, MoEConfig, choose_architecture, validate
 
@@ -299,7 +298,12 @@ def render_moe_card(config: MoEConfig, arch: str, config_text: str, out_dir: Pat
 def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: MergeOptions, source: str, understood: bool) -> Path:
     validate(config, source, understood)
     set_num_threads(options.num_threads)
-    models = open_models(config, options.lazy_unpickle, options.lora_merge_cache, options.lora_merge_dtype)
+    models = open_models(
+        config.referenced_models(),
+        lazy_unpickle=options.lazy_unpickle,
+        lora_merge_cache=options.lora_merge_cache,
+        lora_merge_dtype=options.lora_merge_dtype,
+    )
     try:
         types = [str(models[r].config.get("model_type")) for r in config.referenced_models()]
         arch = choose_architecture(config, types, source)
@@ -353,7 +357,6 @@ def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: Merg
                 (folder / "mergekit_moe_config.yml").write_text(config_text)
                 (folder / "README.md").write_text(render_moe_card(config, arch, config_text, Path(out_path)))
     finally:
-        for m in models.values():
-            m.checkpoint.close()
+        close_models(models)
     log.info("mixture of experts (%s) written to %s", ARCH_CLASSES[arch], out_path)
     return Path(out_path)
