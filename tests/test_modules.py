@@ -115,6 +115,18 @@ def _vlm_expected(f: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _cut_two_plus_one(expected: dict, ta: dict, tb: dict, stack: str, k: str, b_block: int) -> bool:
+    """Expected tensors of a 2-block stack cut as a's blocks 0-1 then b's block `b_block`: for a
+    checkpoint name `k` inside the stack, set what it contributes and return True."""
+    if not k.startswith(stack + "."):
+        return False
+    i, rest = k[len(stack) + 1 :].split(".", 1)
+    expected[k] = ta[k]
+    if int(i) == b_block:
+        expected[f"{stack}.2.{rest}"] = tb[k]
+    return True
+
+
 def test_vlm_modules_recipe(qwen2_vl):
     """A different method per module: linear text decoder cut into slices (3 layers out of 2),
     TIES vision tower, projector copied from one model (no base appended to a passthrough)."""
@@ -182,11 +194,8 @@ modules:
     ta, tb, merged = read_model(f["a"]), read_model(f["b"]), read_model(out)
     expected = {}
     for k in ta:
-        if k.startswith("encoder.block."):
-            i, rest = k[len("encoder.block.") :].split(".", 1)
-            expected[k] = ta[k]
-            if i == "1":
-                expected[f"encoder.block.2.{rest}"] = tb[k]
+        if _cut_two_plus_one(expected, ta, tb, "encoder.block", k, b_block=1):
+            pass
         elif k.startswith("encoder."):  # final norm: after the stack, from the last slice
             expected[k] = tb[k]
         elif k.startswith("decoder.") or k == "lm_head.weight":
@@ -259,11 +268,8 @@ modules:
     ta, tb, merged = read_model(f["a"]), read_model(f["b"]), read_model(out)
     expected = {}
     for k in ta:
-        if k.startswith("model.encoder.layers."):
-            i, rest = k[len("model.encoder.layers.") :].split(".", 1)
-            expected[k] = ta[k]
-            if i == "0":
-                expected[f"model.encoder.layers.2.{rest}"] = tb[k]
+        if _cut_two_plus_one(expected, ta, tb, "model.encoder.layers", k, b_block=0):
+            pass
         elif k.startswith("model.encoder.layer_norm."):
             expected[k] = tb[k]  # after the stack: the last slice's model
         elif k.startswith("model.encoder."):
