@@ -19,7 +19,7 @@ import torch
 
 from .config import MergeConfig
 from .errors import ModelError
-from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
+from .methods.task_arithmetic import merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
 from .plan import MergePlan, Planner, TensorTask, _output_config, choose_architecture, open_models
 from .streaming import task_context
@@ -204,9 +204,9 @@ class ResidentMerger:
         ctx = task_context(task, self.options.random_seed)
         if out is not None and task.math_dtype == task.out.dtype:
             ctx.out = out
-        if task.method.name in VARIANTS:
+        variant = task.method.task_vector
+        if variant is not None:
             base, deltas, positions, histograms = self._task_vectors(task)
-            variant = VARIANTS[task.method.name]
             result = merge_task_vectors(
                 base,
                 deltas,
