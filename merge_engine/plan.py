@@ -36,7 +36,7 @@ from .config import (
 from .errors import ConfigError, ModelError
 from .io import Checkpoint, OutputTensorSpec, read_json, resolve_model_dir, torch_dtype
 from .methods import REQUIRED, MethodSpec, get_method_spec
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size, vocab_size_key
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ class TensorTask:
     # they are not inputs here (the tokenizer's base model, configured token sources).
     vocab: Optional[VocabPlan] = None
     aux_inputs: tuple[TensorInput, ...] = ()
+    # --unsafe-truncate-embeddings: every input keeps only its first `rows` rows as it is read
+    rows: Optional[int] = None
 
 
 @dataclass
@@ -206,9 +208,11 @@ class Planner:
         arch: ArchitectureInfo,
         seed_dtype: Optional[str],
         vocab: Optional[VocabPlan] = None,
+        truncate_embeddings: bool = False,
     ):
         self.config = config
         self.vocab = vocab
+        self.truncate_embeddings = truncate_embeddings
         self.models = models
         self.arch = arch
         self.method = get_method_spec(config.merge_method)
@@ -220,6 +224,9 @@ class Planner:
         # The output config (the donor's) says the LM head is a separate tensor: it must be written.
         donor = config.base_model or config.referenced_models()[0]
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
+        # the vocabulary size the output config will declare (the donor's): fewer embedding rows
+        # make a model transformers cannot load
+        self.out_vocab = get_config_value(models[donor].config, vocab_size_key(models[donor].config))
 
     def plan(self) -> tuple[list[TensorTask], int]:
         slices, module_params = _normalized_slices(self.config, self.models)
@@ -317,12 +324,12 @@ class Planner:
         locations = [self.models[inp.model].checkpoint.tensors[inp.tensor_name] for inp in inputs]
         first = locations[base_index] if base_index is not None else locations[0]
         math_dtype = self.dtype or first.dtype
-        vocab, aux = None, ()
+        vocab, aux, rows = None, (), None
         if self.vocab is not None and out_w.is_embed and all(len(loc.shape) == 2 for loc in locations):
             vocab, aux = self.vocab, self._vocab_inputs(out_w, inputs)
             shape = self._vocab_shape(out_w, list(inputs) + list(aux))
         else:
-            shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
+            shape, rows = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index)
         self.tasks.append(
             TensorTask(
                 out=OutputTensorSpec(out_w.name, shape, self.out_dtype or math_dtype),
@@ -335,6 +342,7 @@ class Planner:
                 math_dtype=math_dtype,
                 vocab=vocab,
                 aux_inputs=aux,
+                rows=rows,
             )
         )
 
@@ -371,7 +379,9 @@ class Planner:
                 )
         return (vocab.padded_size, shapes[0][1])
 
-    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[int, ...]:
+    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[tuple[int, ...], Optional[int]]:
+        """(output shape, rows every input is cut to when read: --unsafe-truncate-embeddings only)."""
+
         def mismatch(i: int, j: int) -> ModelError:
             return ModelError(
                 f"shape mismatch for tensor {out_w.name}: model {inputs[i].model} has {list(shapes[i])}, "
@@ -380,16 +390,49 @@ class Planner:
 
         ref = base_index if (self.method.embed_shape == "base" and base_index is not None) else 0
         if out_w.is_embed and all(len(s) == 2 for s in shapes):
+            rows = min(s[0] for s in shapes)
+            if rows < max(s[0] for s in shapes):
+                return self._embed_rows(out_w, inputs, shapes, ref, rows, mismatch)
             if self.method.embed_shape == "base" and base_index is not None:
                 for i, s in enumerate(shapes):
-                    if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
+                    if s[1] < shapes[ref][1]:
                         raise mismatch(ref, i)
-                return tuple(shapes[ref])
-            return (min(s[0] for s in shapes), min(s[1] for s in shapes))
+                return tuple(shapes[ref]), None
+            return (rows, min(s[1] for s in shapes)), None
         for i, s in enumerate(shapes):
             if tuple(s) != tuple(shapes[ref]):
                 raise mismatch(ref, i)
-        return tuple(shapes[ref])
+        return tuple(shapes[ref]), None
+
+    def _embed_rows(self, out_w: WeightInfo, inputs, shapes, ref, rows, mismatch):
+        """An embedding whose inputs have different vocabulary sizes and no tokenizer re-indexes
+        them: the rows they all have, where that keeps the output config's vocabulary; fewer rows
+        only with --unsafe-truncate-embeddings."""
+        if self.method.embed_shape == "base":
+            cols = shapes[ref][1]
+            for i, s in enumerate(shapes):
+                if s[1] < cols:
+                    raise mismatch(ref, i)
+            # task vectors: larger inputs are cut to the base's rows (mergekit's rule)
+            safe_rows = shapes[ref][0] if rows == shapes[ref][0] else None
+        else:
+            cols = min(s[1] for s in shapes)
+            safe_rows = rows
+        out_vocab = self.out_vocab if isinstance(self.out_vocab, int) else None
+        if safe_rows is not None and (out_vocab is None or safe_rows >= out_vocab):
+            return (safe_rows, cols), None
+        sizes = ", ".join(f"{inp.model}: {s[0]}" for inp, s in zip(inputs, shapes))
+        if not self.truncate_embeddings:
+            raise ModelError(
+                f"tensor {out_w.name}: the inputs' vocabulary sizes differ ({sizes} rows) and merging them would "
+                f"leave {rows} rows, fewer than the output config's vocab_size {out_vocab}; set tokenizer_source "
+                f"to re-index the vocabularies, or pass --unsafe-truncate-embeddings to keep the first {rows} rows"
+            )
+        log.warning(
+            "UNSAFE vocabulary truncation: tensor %s keeps the first %d rows of each input (%s rows); "
+            "the output config still says vocab_size %s", out_w.name, rows, sizes, out_vocab,
+        )
+        return (rows, cols), rows
 
 
 def build_plan(
@@ -399,6 +442,7 @@ def build_plan(
     lazy_unpickle: bool = False,
     lora_merge_cache: Optional[str] = None,
     lora_merge_dtype: Optional[str] = None,
+    truncate_embeddings: bool = False,
 ) -> MergePlan:
     method = get_method_spec(config.merge_method)
     if config.chat_template not in (None, "auto"):
@@ -418,7 +462,7 @@ def build_plan(
         tokenizers = TokenizerCache(models)
         vocab = build_vocab(config, models, tokenizers)
         chat_template = resolve_chat_template(config, tokenizers, config.referenced_models())
-        planner = Planner(config, models, arch, config.dtype, vocab)
+        planner = Planner(config, models, arch, config.dtype, vocab, truncate_embeddings)
         tasks, out_layers = planner.plan()
         out_config = _output_config(config, models, donor, arch, out_layers, planner.layer_origins, vocab)
         return MergePlan(config, method, models, arch, tasks, out_config, donor, out_layers, vocab, chat_template)

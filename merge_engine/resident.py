@@ -85,7 +85,7 @@ class ResidentMerger:
     def plan(self, config: MergeConfig) -> MergePlan:
         self._open_missing(config)
         vocab = self.vocab(config)
-        planner = Planner(config, self.models, self.arch, config.dtype, vocab)
+        planner = Planner(config, self.models, self.arch, config.dtype, vocab, self.options.unsafe_truncate_embeddings)
         tasks, layers = planner.plan()
         out_config = _output_config(config, self.models, self.donor, self.arch, layers, planner.layer_origins, vocab)
         return MergePlan(config, planner.method, self.models, self.arch, tasks, out_config, self.donor, layers, vocab)
@@ -164,10 +164,11 @@ class ResidentMerger:
 
     def _input_key(self, task: TensorTask, i: int) -> tuple:
         inp = task.inputs[i]
-        return (inp.model, inp.tensor_name, task.math_dtype, _vocab_context(task))
+        return (inp.model, inp.tensor_name, task.math_dtype, _vocab_context(task), task.rows)
 
     def _read(self, task: TensorTask, inp) -> torch.Tensor:
-        return self.models[inp.model].checkpoint.read(inp.tensor_name).to(device=self.device, dtype=task.math_dtype)
+        x = self.models[inp.model].checkpoint.read(inp.tensor_name)
+        return (x if task.rows is None else x[: task.rows]).to(device=self.device, dtype=task.math_dtype)
 
     def _input(self, task: TensorTask, i: int) -> torch.Tensor:
         key = self._input_key(task, i)
