@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_fused import run_both
 from test_methods import call
 
 from merge_engine.methods import fused, reference
@@ -66,25 +67,6 @@ def test_trim_keeps_exactly_k_and_breaks_ties_by_lowest_index():
     assert not reference.trim_mask(delta, 0.1).any()
 
 
-def run_paths(monkeypatch, fn):
-    """(torch-path result, fused-kernel result or None where the kernel does not take the case)."""
-    monkeypatch.setenv("EVOMERGE_EAGER", "1")
-    eager = fn()
-    if not fused.available():
-        return eager, None
-    calls = []
-    real = fused.merge
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused, "merge", counting)
-    monkeypatch.setenv("EVOMERGE_EAGER", "")
-    result = fn()
-    return eager, (result if calls else None)
-
-
 SHAPES = [(11, 13), (190, 173), (20011,), (4, 64, 70)]  # below and above the kernel's minimum size
 
 
@@ -106,11 +88,9 @@ def test_engine_ties_equals_the_reference_bit_for_bit(monkeypatch, dtype, shape,
     model_params = [{}] + [{"weight": w, "density": d} for w, d in zip(weights, densities)]
     expected = reference.ties(base, xs, weights, densities, normalize, lam)
 
-    eager, kernel = run_paths(monkeypatch, lambda: call("ties", tensors, 0, params, model_params))
+    eager, result, used = run_both(monkeypatch, lambda: call("ties", tensors, 0, params, model_params))
     assert eager.dtype == dtype and torch.equal(eager, expected), f"{int((eager != expected).sum())} entries differ"
     # the kernel takes bf16/float32, 16K entries or more, lambda 1
     takes = dtype != torch.float16 and base.numel() >= fused.MIN_FUSED_NUMEL and lam == 1.0
-    if fused.available():
-        assert (kernel is not None) == takes
-    if kernel is not None:
-        assert torch.equal(kernel, expected), f"{int((kernel != expected).sum())} entries differ"
+    assert used == (takes and fused.available())
+    assert torch.equal(result, expected), f"{int((result != expected).sum())} entries differ"
