@@ -1,7 +1,7 @@
 """Scoring a resident model on lm-eval tasks.
 
 Tasks are loaded once per evaluator (one per worker); every candidate is scored on the same items:
-`limit` picks a fixed, seeded subset of each task's evaluation documents. The model is wrapped by
+`limit` takes the first N of each task's evaluation documents (with `shuffle`, a seeded subset). The model is wrapped by
 `HFLM(pretrained=<model object>)`, so weights changed in place are what gets scored, without any
 reload.
 """

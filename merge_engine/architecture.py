@@ -96,7 +96,7 @@ _COMMON_IGNORED = (r"rotary_emb\.inv_freq$",)
 
 def _lm_head(tied_to: str, aliases: tuple[str, ...] = ()) -> WeightInfo:
     # Optional everywhere: a checkpoint saved with tied embeddings has no lm_head, and then the
-    # embedding matrix stands in for it (reference §3.5).
+    # embedding matrix stands in for it (docs/mergekit-reference.md §3).
     return WeightInfo("lm_head.weight", is_embed=True, optional=True, aliases=aliases, tied_names=(tied_to,))
 
 

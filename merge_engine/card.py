@@ -1,4 +1,4 @@
-"""The README.md model card written next to a merged model (reference §8)."""
+"""The README.md model card written next to a merged model (docs/mergekit-reference.md §8)."""
 
 from __future__ import annotations
 

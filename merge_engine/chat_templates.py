@@ -1,4 +1,4 @@
-"""Chat templates bundled for `chat_template: <name>` (reference §4.10), written here from the formats'
+"""Chat templates bundled for `chat_template: <name>` (docs/mergekit-reference.md §4), written here from the formats'
 descriptions. Each is a Jinja template in the form transformers' `apply_chat_template` renders:
 `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception` are available.
 """

@@ -1,4 +1,4 @@
-"""`mergekit-yaml CONFIG OUT [options]`: the options of mergekit's CLI (reference §4.8), same names.
+"""`mergekit-yaml CONFIG OUT [options]`: the options of mergekit's CLI (docs/mergekit-reference.md §4), same names.
 
 Imports stay light until a merge really starts, so `--help` and config errors answer fast.
 """

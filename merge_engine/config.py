@@ -488,7 +488,7 @@ def load_config(path: Union[str, Path]) -> tuple[MergeConfig, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter lookup with mergekit's precedence (reference §1.6)
+# Parameter lookup with mergekit's precedence (docs/mergekit-reference.md §1)
 
 
 @dataclass(frozen=True)

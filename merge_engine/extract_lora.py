@@ -1,5 +1,5 @@
 """`mergekit-extract-lora --model FT --base-model BASE --out-path DIR`: a PEFT LoRA adapter from the
-difference between a fine-tune and its base (reference §7).
+difference between a fine-tune and its base (docs/mergekit-reference.md §7).
 
 Module by module: read the two weights, take the truncated SVD of their difference in float32, spill
 the factors to a scratch file, and at the end copy them into `adapter_model.safetensors`. Memory holds
@@ -34,7 +34,7 @@ _OUTPUT_EMBED_KEYS = ("lm_head", "embed_out")
 @dataclass
 class Module:
     name: str  # module path, e.g. model.layers.0.self_attn.q_proj
-    kind: str  # "linear", "embedding" or "other" (norms, convolutions: saved whole)
+    kind: str  # "linear", "conv1d" (GPT-2's transposed linear), "embedding" or "other" (norms, convolutions: saved whole)
     tensors: list[str] = field(default_factory=list)  # its checkpoint tensors (weight first)
 
     @property
@@ -42,9 +42,31 @@ class Module:
         return self.name.rsplit(".", 1)[-1]
 
 
-def _modules(names: dict) -> list[Module]:
+def conv1d_modules(config: dict) -> set[str]:
+    """Names of the modules that are transformers' `Conv1D` (GPT-2 family): a linear layer whose weight
+    is stored transposed, [in, out]. Found on the model class built on the meta device (no memory, no
+    model code beyond transformers' own); empty when transformers has no class for the config."""
+    import torch
+    import transformers
+    from transformers.pytorch_utils import Conv1D
+
+    archs = config.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if len(archs) == 1 else None
+    if cls is None or "model_type" not in config:
+        return set()
+    try:
+        hf_config = transformers.AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = cls(hf_config)
+    except Exception as err:  # a config transformers cannot build: treat every 2-D weight as [out, in]
+        log.debug("no meta model for %s: %s", archs[0], err)
+        return set()
+    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
+
+
+def _modules(names: dict, conv1d: set[str] = frozenset()) -> list[Module]:
     """Modules of a checkpoint from its tensor names and shapes (a 2-D weight is a linear layer unless
-    it is an embedding); order follows the checkpoint."""
+    it is an embedding, or a `conv1d` one when named in `conv1d`); order follows the checkpoint."""
     mods: dict[str, Module] = {}
     for name, loc in names.items():
         if not loc.dtype.is_floating_point or not name.endswith((".weight", ".bias")):
@@ -55,7 +77,7 @@ def _modules(names: dict) -> list[Module]:
             m.tensors.insert(0, name)
             leaf = mod.rsplit(".", 1)[-1]
             if len(loc.shape) == 2:
-                m.kind = "embedding" if leaf in _INPUT_EMBED_KEYS else "linear"
+                m.kind = "embedding" if leaf in _INPUT_EMBED_KEYS else "conv1d" if mod in conv1d else "linear"
         else:
             m.tensors.append(name)
     return [m for m in mods.values() if m.tensors and m.tensors[0].endswith(".weight")]
@@ -105,13 +127,11 @@ def extract_lora(
     ft_dir = resolve_model_dir(ft_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
     base_dir = resolve_model_dir(base_ref, lora_merge_cache, lora_merge_dtype, lazy_unpickle)
     ft_config = read_json(ft_dir / "config.json", f"model {ft_ref}")
-    if ft_config.get("model_type") == "gpt2":  # Conv1D stores weights transposed (fan_in_fan_out)
-        raise ModelError(f"model {ft_ref}: GPT-2 (Conv1D layers) is not supported yet by mergekit-extract-lora")
     ft = Checkpoint(ft_dir, str(ft_ref), lazy_unpickle)
     base = Checkpoint(base_dir, str(base_ref), lazy_unpickle)
     dev = torch.device(device)
 
-    modules = _modules(ft.tensors)
+    modules = _modules(ft.tensors, conv1d_modules(ft_config))
     for m in modules:
         for t in m.tensors:
             if t not in base:
@@ -138,7 +158,7 @@ def extract_lora(
     for m in modules:
         if m.leaf in to_save or m.name in to_save:
             continue
-        if selected(m) and m.kind in ("linear", "embedding") and shape_mismatch(m):
+        if selected(m) and m.kind != "other" and shape_mismatch(m):
             t = shape_mismatch(m)
             raise ModelError(
                 f"tensor {t}: fine-tune {ft_ref} has shape {list(ft.tensors[t].shape)}, base {base_ref} has "
@@ -188,8 +208,10 @@ def extract_lora(
                     continue
                 w_ft = ft.read(m.tensors[0])
                 delta = w_ft.to(dev, torch.float32) - base.read(m.tensors[0]).to(dev, torch.float32)
-                if m.kind == "embedding":
-                    delta = delta.T  # PEFT's embedding factors: B [H, r] @ A [r, V] = delta^T
+                if m.kind in ("embedding", "conv1d"):
+                    # PEFT's embedding factors: B [H, r] @ A [r, V] = delta^T; a Conv1D weight is [in, out]
+                    # and PEFT (fan_in_fan_out) applies (B @ A)^T to it, B [out, r], A [r, in]
+                    delta = delta.T
                 a, b = low_rank_factors(delta, max_rank, sv_epsilon, distribute_scale)
                 del delta
                 ranks[m.name] = a.shape[0]
@@ -208,8 +230,8 @@ def extract_lora(
                 have = {s.name for s in spilled}
                 for m in modules:
                     name = f"base_model.model.{m.name}.lora_B.bias"
-                    if m.name in ranks and m.kind == "linear" and name not in have:
-                        out_dim = ft.tensors[m.tensors[0]].shape[0]
+                    if m.name in ranks and m.kind in ("linear", "conv1d") and name not in have:
+                        out_dim = ft.tensors[m.tensors[0]].shape[0 if m.kind == "linear" else 1]
                         spill(name, torch.zeros(out_dim, dtype=ft.tensors[m.tensors[0]].dtype))
         if not ranks and not to_save:
             raise ModelError("nothing to extract: no module is selected (check --include-regex/--exclude-regex)")
@@ -246,7 +268,8 @@ def extract_lora(
             "rank_pattern": pattern,
             "alpha_pattern": dict(pattern),
             "lora_dropout": 0.0,
-            "fan_in_fan_out": False,
+            # PEFT transposes the product for Conv1D targets; for an nn.Linear target it turns this off itself
+            "fan_in_fan_out": any(m.kind == "conv1d" and m.name in ranks for m in modules),
             "inference_mode": True,
             "lora_bias": bias_deltas,
         }

@@ -373,7 +373,7 @@ class OutputTensorSpec:
 
 
 def assign_shards(specs: Sequence[OutputTensorSpec], max_shard_bytes: int) -> list[list[OutputTensorSpec]]:
-    """Greedy sharding in write order (reference §4.5): a new shard starts when the next tensor would
+    """Greedy sharding in write order (docs/mergekit-reference.md §4): a new shard starts when the next tensor would
     push a non-empty shard past the limit; a tensor larger than the limit gets its own shard."""
     shards: list[list[OutputTensorSpec]] = [[]]
     size = 0

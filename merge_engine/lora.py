@@ -1,4 +1,4 @@
-"""`model+lora` inputs (reference §1.3): the PEFT adapter is merged into its base model once, and the
+"""`model+lora` inputs (docs/mergekit-reference.md §1): the PEFT adapter is merged into its base model once, and the
 result is cached as an ordinary model folder that the merge then reads like any other input.
 
 The cache entry is built in a temporary sibling folder and renamed into place when complete, so an

@@ -1,10 +1,10 @@
-"""`mergekit-multi CONFIG --intermediate-dir DIR --out-path OUT`: several merges from one YAML
-stream (reference §4.9).
+"""`mergekit-multi CONFIG --intermediate-dir DIR [--out-path OUT]`: several merges from one YAML
+stream (docs/mergekit-reference.md §4).
 
-Documents are separated by `---`. A document with `name: X` is an intermediate merge written to
-DIR/X; any later (or earlier) recipe may use `X` as a model reference. Exactly one document has no
-name: the final merge, written to OUT. Recipes run in dependency order; every recipe is validated
-before the first merge starts.
+Documents are separated by `---`. A document with `name: X` is a named merge written to DIR/X; any
+later (or earlier) recipe may use `X` as a model reference. At most one document has no name: the
+final merge, written to OUT (so `--out-path` is needed exactly when there is one). Recipes run in
+dependency order; every recipe is validated before the first merge starts.
 """
 
 from __future__ import annotations
@@ -125,8 +125,6 @@ def load_recipes(path: Path) -> list[Recipe]:
             where = f"{path}: recipe '{name}' (#{number})"
         recipes.append(Recipe(number, name, parse_config(doc, where), []))
     finals = [r for r in recipes if r.name is None]
-    if not finals:
-        raise ConfigError(f"{path}: no final recipe: exactly one recipe must have no 'name:' (it is written to --out-path)")
     if len(finals) > 1:
         raise ConfigError(
             f"{path}: recipes #{finals[0].number} and #{finals[1].number} both have no 'name:'; "
@@ -185,15 +183,23 @@ def _dependency_order(recipes: list[Recipe], path: Path) -> list[Recipe]:
 # Running
 
 
-def run_multi(config_path: Path, intermediate_dir: Path, out_path: Path, options, lazy: bool = True) -> Path:
+def run_multi(config_path: Path, intermediate_dir: Path, out_path: Optional[Path], options, lazy: bool = True) -> list[Path]:
+    """Runs every recipe; returns the folders written or reused (the final merge last, if any)."""
     from .streaming import run_merge
 
     recipes = load_recipes(config_path)
+    has_final = any(r.name is None for r in recipes)
+    if has_final and out_path is None:
+        raise ConfigError(f"{config_path}: the unnamed (final) recipe needs --out-path")
+    if not has_final and out_path is not None:
+        log.warning("%s: every recipe is named, so nothing is written to --out-path %s", config_path, out_path)
     intermediate_dir = Path(intermediate_dir).expanduser().resolve()
     locations = {r.name: str(intermediate_dir / r.name) for r in recipes if r.name}
+    written: list[Path] = []
     for recipe in recipes:
         config = map_model_paths(recipe.config, locations.get)
         target = Path(locations[recipe.name]) if recipe.name else Path(out_path)
+        written.append(target)
         if recipe.name and lazy and target.is_dir() and any(target.iterdir()):
             log.info("%s: %s exists, reusing it (--no-lazy re-merges)", recipe.label, target)
             continue
@@ -204,26 +210,29 @@ def run_multi(config_path: Path, intermediate_dir: Path, out_path: Path, options
             run_merge(config, target, step_options, config_text=config.to_yaml())
         except MergeError as err:
             raise type(err)(f"{recipe.label}: {err}") from None
-    return Path(out_path)
+    return written
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("config_file", type=click.Path(dir_okay=False))
 @click.option("--intermediate-dir", required=True, type=click.Path(file_okay=False), help="Folder for the named (intermediate) merges, one sub-folder per name.")
-@click.option("--out-path", required=True, type=click.Path(file_okay=False), help="Folder for the final (unnamed) merge.")
+@click.option("--out-path", default=None, type=click.Path(file_okay=False), help="Folder for the final (unnamed) merge; needed when the file has one.")
 @click.option("--lazy/--no-lazy", default=True, show_default=True, help="Reuse intermediate merges whose folder already exists.")
 @merge_options
-def main(config_file: str, intermediate_dir: str, out_path: str, lazy: bool, **kw) -> None:
-    """Run the merges of a multi-document YAML file: named intermediates, then the final merge."""
+def main(config_file: str, intermediate_dir: str, out_path: Optional[str], lazy: bool, **kw) -> None:
+    """Run the merges of a multi-document YAML file: named merges, then the final (unnamed) one if any."""
     setup_logging(kw["verbose"], kw["quiet"])
     apply_environment(kw)
 
     def action() -> None:
         options = options_from_flags(kw)
         check_device(options)
-        run_multi(Path(config_file), Path(intermediate_dir), Path(out_path), options, lazy=lazy)
+        written = run_multi(
+            Path(config_file), Path(intermediate_dir), Path(out_path) if out_path else None, options, lazy=lazy
+        )
         if not options.quiet:
-            click.echo(f"merged model written to {out_path}")
+            click.echo(f"merged model written to {written[-1]}" if out_path and written else
+                       "merged models written to " + ", ".join(str(p) for p in written))
 
     run_cli(kw["verbose"], action)
 

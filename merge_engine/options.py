@@ -99,9 +99,9 @@ class MergeOptions:
         help="Replace an existing non-empty output folder (only after the new merge is complete).")
     unsafe_truncate_embeddings: bool = _opt(
         False, "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings",
-        help="UNSAFE: without a tokenizer setting, merge embeddings of different vocabulary sizes by "
-        "keeping only the rows all inputs have, even where that leaves fewer rows than the output "
-        "config's vocab_size (default: an error naming the tensor).")
+        help="UNSAFE: with no tokenizer_source/tokenizer, merge embeddings of different vocabulary sizes by "
+        "keeping the first rows every input has (default: an error naming the tensor); config.json keeps "
+        "the donor's vocab_size.")
 
     def resolved_device(self) -> str:
         if self.device == "auto":

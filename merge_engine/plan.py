@@ -224,8 +224,7 @@ class Planner:
         # The output config (the donor's) says the LM head is a separate tensor: it must be written.
         donor = config.base_model or config.referenced_models()[0]
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
-        # the vocabulary size the output config will declare (the donor's): fewer embedding rows
-        # make a model transformers cannot load
+        # the vocabulary size the output config declares (the donor's), for the truncation warning
         self.out_vocab = get_config_value(models[donor].config, vocab_size_key(models[donor].config))
 
     def plan(self) -> tuple[list[TensorTask], int]:
@@ -380,59 +379,62 @@ class Planner:
         return (vocab.padded_size, shapes[0][1])
 
     def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index) -> tuple[tuple[int, ...], Optional[int]]:
-        """(output shape, rows every input is cut to when read: --unsafe-truncate-embeddings only)."""
+        """(output shape, rows every input is cut to as it is read: --unsafe-truncate-embeddings only)."""
+        hint = ""
 
         def mismatch(i: int, j: int) -> ModelError:
             return ModelError(
                 f"shape mismatch for tensor {out_w.name}: model {inputs[i].model} has {list(shapes[i])}, "
-                f"model {inputs[j].model} has {list(shapes[j])}"
+                f"model {inputs[j].model} has {list(shapes[j])}{hint}"
             )
 
         ref = base_index if (self.method.embed_shape == "base" and base_index is not None) else 0
         if out_w.is_embed and all(len(s) == 2 for s in shapes):
-            rows = min(s[0] for s in shapes)
-            if rows < max(s[0] for s in shapes):
-                return self._embed_rows(out_w, inputs, shapes, ref, rows, mismatch)
-            if self.method.embed_shape == "base" and base_index is not None:
+            rows = [s[0] for s in shapes]
+            no_tokenizer_rule = self.config.tokenizer_source is None and self.config.tokenizer is None
+            differ = min(rows) != max(rows) and no_tokenizer_rule
+            base_rule = self.method.embed_shape == "base" and base_index is not None
+            fix = f"--unsafe-truncate-embeddings to keep the first {min(rows)} rows of each"
+            # task vectors: inputs larger than the base are cut to its rows (mergekit's rule); only
+            # what goes beyond that is the unsafe truncation
+            if differ and self.truncate_embeddings and (not base_rule or rows[ref] > min(rows)):
+                return self._truncated(out_w, inputs, shapes, ref if base_rule else None, mismatch), min(rows)
+            if base_rule:
+                hint = f" (or pass {fix})" if differ else ""
                 for i, s in enumerate(shapes):
-                    if s[1] < shapes[ref][1]:
+                    if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
                         raise mismatch(ref, i)
                 return tuple(shapes[ref]), None
-            return (rows, min(s[1] for s in shapes)), None
+            if differ:  # as mergekit: refuse rather than guess
+                small, large = rows.index(min(rows)), rows.index(max(rows))
+                raise ConfigError(
+                    f"tensor {out_w.name}: vocabulary sizes differ (model {inputs[small].model} has {rows[small]} rows, "
+                    f"model {inputs[large].model} has {rows[large]}), so the common rows could mix unrelated tokens; "
+                    f"align the vocabularies with `tokenizer_source: base` or `tokenizer_source: union` (or pass {fix})"
+                )
+            return (min(rows), min(s[1] for s in shapes)), None
         for i, s in enumerate(shapes):
             if tuple(s) != tuple(shapes[ref]):
                 raise mismatch(ref, i)
         return tuple(shapes[ref]), None
 
-    def _embed_rows(self, out_w: WeightInfo, inputs, shapes, ref, rows, mismatch):
-        """An embedding whose inputs have different vocabulary sizes and no tokenizer re-indexes
-        them: the rows they all have, where that keeps the output config's vocabulary; fewer rows
-        only with --unsafe-truncate-embeddings."""
-        if self.method.embed_shape == "base":
+    def _truncated(self, out_w: WeightInfo, inputs, shapes, ref: Optional[int], mismatch) -> tuple[int, int]:
+        """--unsafe-truncate-embeddings: every input keeps the rows they all have (as mergekit's
+        flag, per tensor, without touching the output config)."""
+        rows = min(s[0] for s in shapes)
+        if ref is None:
+            cols = min(s[1] for s in shapes)
+        else:
             cols = shapes[ref][1]
             for i, s in enumerate(shapes):
                 if s[1] < cols:
                     raise mismatch(ref, i)
-            # task vectors: larger inputs are cut to the base's rows (mergekit's rule)
-            safe_rows = shapes[ref][0] if rows == shapes[ref][0] else None
-        else:
-            cols = min(s[1] for s in shapes)
-            safe_rows = rows
-        out_vocab = self.out_vocab if isinstance(self.out_vocab, int) else None
-        if safe_rows is not None and (out_vocab is None or safe_rows >= out_vocab):
-            return (safe_rows, cols), None
-        sizes = ", ".join(f"{inp.model}: {s[0]}" for inp, s in zip(inputs, shapes))
-        if not self.truncate_embeddings:
-            raise ModelError(
-                f"tensor {out_w.name}: the inputs' vocabulary sizes differ ({sizes} rows) and merging them would "
-                f"leave {rows} rows, fewer than the output config's vocab_size {out_vocab}; set tokenizer_source "
-                f"to re-index the vocabularies, or pass --unsafe-truncate-embeddings to keep the first {rows} rows"
-            )
         log.warning(
-            "UNSAFE vocabulary truncation: tensor %s keeps the first %d rows of each input (%s rows); "
-            "the output config still says vocab_size %s", out_w.name, rows, sizes, out_vocab,
+            "UNSAFE vocabulary truncation: tensor %s keeps the first %d rows of each input (%s); "
+            "config.json keeps vocab_size %s",
+            out_w.name, rows, ", ".join(f"{inp.model}: {s[0]} rows" for inp, s in zip(inputs, shapes)), self.out_vocab,
         )
-        return (rows, cols), rows
+        return (rows, cols)
 
 
 def build_plan(

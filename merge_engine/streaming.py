@@ -151,7 +151,7 @@ def write_model_files(
 
 def write_tokenizer(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
     """The built tokenizer, else (with --copy-tokenizer) the donor's: its files as they are, or
-    re-saved through transformers when a chat template must be set (reference §4.7 step 11)."""
+    re-saved through transformers when a chat template must be set (docs/mergekit-reference.md §4)."""
     donor_dir = plan.models[plan.donor].directory
     tokenizer = None
     if plan.vocab is not None:

@@ -1,4 +1,4 @@
-"""Tokenizer merging (reference §5): the output tokenizer, each input's map onto its vocabulary, and the
+"""Tokenizer merging (docs/mergekit-reference.md §5): the output tokenizer, each input's map onto its vocabulary, and the
 permutation of embedding / LM-head rows that both executors apply before a merge method runs.
 
 Everything here that depends on the recipe is resolved at planning time (`build_vocab`), so bad
@@ -69,7 +69,7 @@ class TokenizerCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# Chat template (reference §4.10)
+# Chat template (docs/mergekit-reference.md §4)
 
 
 def resolve_chat_template(config: MergeConfig, tokenizers: TokenizerCache, refs: Sequence[ModelReference]) -> Optional[str]:
@@ -165,7 +165,7 @@ def _fresh_copy(tok, tmp: Path, name: str, edit=None):
 
 
 def _strip(tok, vocab_size: int, label: str, tmp: Path):
-    """The tokenizer without tokens whose id is >= the model's vocab size (reference §5.2): they have no
+    """The tokenizer without tokens whose id is >= the model's vocab size (docs/mergekit-reference.md §5): they have no
     embedding row. Needs a fast BPE tokenizer: the vocab, added tokens and merges are edited."""
     extra = {t for t, i in tok.get_vocab().items() if i >= vocab_size}
     if not extra:
@@ -305,7 +305,7 @@ def build_vocab(config: MergeConfig, models: dict[ModelReference, "InputModel"],
     toks: dict[ModelReference, Any] = {}
     for ref in refs:
         tok = tokenizers.get(ref, required=ref in (base, source_ref))
-        if tok is None:  # treated as having the base vocabulary (reference §5.2)
+        if tok is None:  # treated as having the base vocabulary (docs/mergekit-reference.md §5)
             tok = base_tok
         toks[ref] = tok
         sizes[ref] = _model_vocab_size(models[ref], tok)
@@ -383,7 +383,7 @@ def _unowned(permutations: dict, size: int, configured: dict) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Permuting embeddings (reference §5.3): the one function both executors call
+# Permuting embeddings (docs/mergekit-reference.md §5): the one function both executors call
 
 
 def permute_embeddings(

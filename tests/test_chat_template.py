@@ -1,4 +1,4 @@
-"""Chat templates (reference §4.10): the bundled templates render their formats, and `chat_template`
+"""Chat templates (docs/mergekit-reference.md §4): the bundled templates render their formats, and `chat_template`
 (bundled name, literal Jinja, auto) ends up in the merged model's tokenizer."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""mergekit YAML parsing (spec §1): schema, model references, parameter settings, precedence,
+"""mergekit YAML parsing (docs/mergekit-reference.md §1): schema, model references, parameter settings, precedence,
 gradients, base-model expansion, unknown keys, error messages with key paths, to_yaml round trip.
 
 Planning-level behaviour is read from `merge_engine.plan.build_plan` task parameters on the tiny
@@ -85,7 +85,7 @@ def run(tmp_path, config: MergeConfig, name="out"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Top-level schema (reference §1.1, 1.2)
+# Top-level schema (docs/mergekit-reference.md §1)
 
 FULL = """
 merge_method: ties
@@ -208,7 +208,7 @@ def test_bad_dtype_names(key, bad):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model references (reference §1.3)
+# Model references (docs/mergekit-reference.md §1)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +267,7 @@ def test_model_reference_errors_name_the_key(data, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameter values (reference §1.4, 1.5)
+# Parameter values (docs/mergekit-reference.md §1)
 
 
 def _param(value):
@@ -353,7 +353,7 @@ def test_evaluate_setting_scalar_gradient_conditional():
 
 
 # ----------------------------------------------------------------------------------------------
-# Precedence (reference §1.6), through the planner
+# Precedence (docs/mergekit-reference.md §1), through the planner
 
 
 def test_precedence_source_over_slice_over_top_level(llama_models):
@@ -517,7 +517,7 @@ slices:
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradients over layers (reference §1.8)
+# Gradients over layers (docs/mergekit-reference.md §1)
 
 
 def test_gradient_t_per_slice_and_pre_post_at_t0(llama_models):
@@ -594,7 +594,7 @@ parameters:
 
 
 # ----------------------------------------------------------------------------------------------
-# models: expansion and base_model (reference §1.7)
+# models: expansion and base_model (docs/mergekit-reference.md §1)
 
 
 def test_base_model_appended_when_missing_from_models(llama_models):
@@ -648,7 +648,7 @@ models:
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation (reference §1.11): errors name the key path
+# Validation (docs/mergekit-reference.md §1): errors name the key path
 
 
 @pytest.mark.parametrize(
@@ -823,7 +823,7 @@ parameters:
 
 
 # ----------------------------------------------------------------------------------------------
-# to_yaml round trip (reference §1.11)
+# to_yaml round trip (docs/mergekit-reference.md §1)
 
 ROUND_TRIP = [
     FULL,

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 _VENV_CLI = Path(sys.executable).parent / "mergekit-yaml"
 MERGEKIT_YAML = str(_VENV_CLI if _VENV_CLI.exists() else REPO / ".venv" / "bin" / "mergekit-yaml")
 
-# Every option of mergekit-yaml (reference §4.8); boolean options come as --x/--no-x pairs.
+# Every option of mergekit-yaml (docs/mergekit-reference.md §4); boolean options come as --x/--no-x pairs.
 SPEC_OPTIONS = [
     "--allow-crimes", "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype", "--cuda",
     "--device", "--low-cpu-memory", "--out-shard-size", "--copy-tokenizer", "--clone-tensors",

@@ -182,3 +182,38 @@ def test_bad_input_fails_cleanly(models, tmp_path, case):
     assert expected in proc.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_gpt2_conv1d_layers(tmp_path):
+    """GPT-2's Conv1D weights are stored [in, out]: the factors are those of the transposed delta, the
+    config says fan_in_fan_out, and PEFT applied to the base reproduces the fine-tune."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    base = make_model(tmp_path / "base", tiny_config("gpt2"), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    deltas = {}
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, Conv1D):
+                n_in, n_out = mod.weight.shape
+                d = torch.randn(n_in, 3, generator=gen) @ torch.randn(3, n_out, generator=gen) * 0.05
+                mod.weight.add_(d)
+                mod.bias.add_(torch.randn(n_out, generator=gen) * 0.05)
+                deltas[name] = d
+    model.save_pretrained(tmp_path / "ft")
+    out = tmp_path / "adapter"
+    proc = extract(out, {"ft": tmp_path / "ft", "base": base}, "--max-rank", "4")
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["lora_bias"] is True
+    assert set(cfg["target_modules"]) == {"c_attn", "c_proj", "c_fc"}
+    sd = load_file(out / "adapter_model.safetensors")
+    assert len(deltas) == 4 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj in each of 4 layers
+    for name, d in deltas.items():
+        a, b = sd[f"base_model.model.{name}.lora_A.weight"], sd[f"base_model.model.{name}.lora_B.weight"]
+        assert a.shape == (4, d.shape[0]) and b.shape == (d.shape[1], 4)  # A [r, in], B [out, r]
+        torch.testing.assert_close((b @ a).T, d, atol=1e-5, rtol=0)
+    models = {"base": base, "ft": tmp_path / "ft"}
+    torch.testing.assert_close(ft_logits(models), adapter_logits(models, out), atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""`model+lora` inputs (reference §1.3): the adapter is merged into its base once, cached under
+"""`model+lora` inputs (docs/mergekit-reference.md §1): the adapter is merged into its base once, cached under
 `--lora-merge-cache`, and the cached folder is merged like any other model.
 
 Expected tensors are computed here from the adapter's own safetensors file (W + alpha/r * B @ A),

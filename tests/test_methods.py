@@ -6,7 +6,7 @@ Two levels:
   compared with the same formulas applied to the input checkpoints.
 
 The reference formulas below never call merge_engine code: they follow mergekit's op sequence
-(spec §2.1, §2.2, §2.6, §2.7) in plain torch / numpy.
+(docs/mergekit-reference.md §2) in plain torch / numpy.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 NUM_LAYERS = 4  # the llama_models fixture
 
 # ----------------------------------------------------------------------------------------------
-# Independent reference implementations (spec §2), plain torch / numpy
+# Independent reference implementations (docs/mergekit-reference.md §2), plain torch / numpy
 
 
 def ref_linear(xs, weights, normalize=True):
@@ -207,7 +207,7 @@ def randn(*shape, seed=0, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registry: parameters and defaults of spec §2.0
+# Registry: parameters and defaults of docs/mergekit-reference.md §2
 
 
 def test_registry_parameters_and_defaults_match_spec():
@@ -329,7 +329,7 @@ dtype: bfloat16
 
 
 def test_linear_base_model_not_listed_is_an_input(llama_models, inputs, tmp_path):
-    # reference §1.7 quirk: base_model missing from `models` is appended as an input, and gets the
+    # docs/mergekit-reference.md §1: base_model missing from `models` is appended as an input, and gets the
     # top-level weight through the normal precedence.
     m = llama_models
     out = merge(

@@ -1,5 +1,5 @@
 """The other merge methods of mergekit's catalogue: nuslerp, multislerp, karcher, model_stock, sce,
-ram, ramplus_tl, nearswap, arcee_fusion (reference §2.3-2.5, 2.8-2.12).
+ram, ramplus_tl, nearswap, arcee_fusion (docs/mergekit-reference.md §2).
 
 Each method is checked against a reference written here in float64 numpy straight from the reference's
 formulas (loops over rows / positions where that is the plainest way to say it), first on small
@@ -40,7 +40,7 @@ def close(actual: torch.Tensor, expected: np.ndarray, rtol=1e-5, atol=1e-6, name
 
 
 # ----------------------------------------------------------------------------------------------
-# float64 references (spec §2)
+# float64 references (docs/mergekit-reference.md §2)
 
 
 def ref_slerp_vector(t, x, y):
@@ -234,7 +234,7 @@ def close_except(actual, expected, ambiguous, rtol=1e-5, atol=1e-6, name="", mos
 
 
 # ----------------------------------------------------------------------------------------------
-# registry (reference §2.0 table)
+# registry (docs/mergekit-reference.md §2)
 
 
 def test_registry_parameters_and_defaults_match_spec():

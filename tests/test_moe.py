@@ -413,3 +413,11 @@ def test_noise_scale_and_uniform_random(tmp_path, llama_models):
     assert torch.equal(t["model.layers.1.mlp.experts.down_proj"][1], dense_base["model.layers.1.mlp.down_proj.weight"])
     again = build(tmp_path, text, FLAG, "--random-seed", "3", name="again")
     assert torch.equal(read_model(again)["model.layers.1.mlp.experts.gate_up_proj"], t["model.layers.1.mlp.experts.gate_up_proj"])
+
+
+def test_experts_per_token_null_means_two():
+    from merge_engine.moe.config import parse_moe_config
+
+    recipe = {"base_model": "./b", "experts": [{"source_model": "./a", "positive_prompts": ["x"]}] * 3}
+    assert parse_moe_config({**recipe, "experts_per_token": None}, "moe.yml").experts_per_token == 2
+    assert parse_moe_config({**recipe, "experts_per_token": 3}, "moe.yml").experts_per_token == 3

@@ -1,4 +1,4 @@
-"""`mergekit-multi` (reference §4.9): a YAML stream of recipes, named intermediates written to
+"""`mergekit-multi` (docs/mergekit-reference.md §4): a YAML stream of recipes, named intermediates written to
 --intermediate-dir and used by name, one unnamed final recipe written to --out-path."""
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ _VENV_CLI = Path(sys.executable).parent / "mergekit-multi"
 MERGEKIT_MULTI = str(_VENV_CLI if _VENV_CLI.exists() else REPO / ".venv" / "bin" / "mergekit-multi")
 
 
-def run_multi(cfg: Path, inter: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+def run_multi(cfg: Path, inter: Path, out: Path | None, *flags: str) -> subprocess.CompletedProcess:
+    out_flags = ["--out-path", str(out)] if out is not None else []
     return subprocess.run(
-        [MERGEKIT_MULTI, str(cfg), "--intermediate-dir", str(inter), "--out-path", str(out), "--quiet", *flags],
+        [MERGEKIT_MULTI, str(cfg), "--intermediate-dir", str(inter), *out_flags, "--quiet", *flags],
         capture_output=True, text=True, timeout=300, cwd=cfg.parent,
     )
 
@@ -137,9 +138,28 @@ def test_two_unnamed_recipes(tmp_path, llama_models):
     assert_fails(tmp_path, text, "#2", "#3", "name")
 
 
-def test_no_final_recipe(tmp_path, llama_models):
+def test_only_named_recipes_need_no_out_path(tmp_path, llama_models):
     a, b = str(llama_models["a"]), str(llama_models["b"])
-    assert_fails(tmp_path, linear([(a, 0.5), (b, 0.5)], name="mid"), "no final recipe")
+    text = linear([(a, 0.5), (b, 0.5)], name="mid") + "---\n" + linear([("mid", 0.5), (b, 0.5)], name="top")
+    cfg = write_yaml(tmp_path / "multi.yml", text)
+    inter = tmp_path / "inter"
+    proc = run_multi(cfg, inter, None)
+    assert proc.returncode == 0, proc.stderr
+    ta, tb = read_model(a), read_model(b)
+    top = read_model(inter / "top")
+    for name in ta:
+        want = 0.5 * (0.5 * ta[name].double() + 0.5 * tb[name].double()) + 0.5 * tb[name].double()
+        torch.testing.assert_close(top[name].double(), want, rtol=0, atol=2e-6)
+    assert sorted(p.name for p in inter.iterdir()) == ["mid", "top"]
+
+
+def test_final_recipe_without_out_path(tmp_path, llama_models):
+    a, b = str(llama_models["a"]), str(llama_models["b"])
+    cfg = write_yaml(tmp_path / "multi.yml", linear([(a, 0.5), (b, 0.5)]))
+    proc = run_multi(cfg, tmp_path / "inter", None)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "needs --out-path" in lines[0], proc.stderr
+    assert not (tmp_path / "inter").exists() or list((tmp_path / "inter").iterdir()) == []
 
 
 def test_unknown_reference(tmp_path, llama_models):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from helpers import make_model, read_model, tiny_config, tokenizer_vocab_size, write_yaml
 from merge_engine.config import load_config
-from merge_engine.errors import ModelError
+from merge_engine.errors import MergeError
 from merge_engine.options import MergeOptions, option_flags, options_from_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,10 +161,10 @@ def linear_text(m, first, second):
            f"  - model: {m[second]}\n    parameters: {{weight: 0.75}}\ndtype: float32\n"
 
 
-def test_fewer_rows_than_the_output_vocabulary_is_an_error_naming_the_tensor(vocab_models, tmp_path):
-    # the donor (first model) declares the larger vocabulary: the common rows would not fill it
-    with pytest.raises(ModelError, match=r"tensor model\.embed_tokens\.weight: .*--unsafe-truncate-embeddings"):
-        merge(tmp_path, linear_text(vocab_models, "large", "small"))
+@pytest.mark.parametrize("first,second", [("large", "small"), ("small", "large")])
+def test_different_vocabularies_are_an_error_naming_the_tensor_and_the_flag(vocab_models, tmp_path, first, second):
+    with pytest.raises(MergeError, match=r"tensor model\.embed_tokens\.weight: .*--unsafe-truncate-embeddings"):
+        merge(tmp_path, linear_text(vocab_models, first, second))
     assert not (tmp_path / "out").exists()
 
 
@@ -183,17 +183,29 @@ def test_unsafe_truncation_keeps_the_common_rows(vocab_models, tmp_path, caplog)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == m["big"]
 
 
-def test_the_donor_with_the_smaller_vocabulary_needs_no_flag(vocab_models, tmp_path):
-    out = merge(tmp_path, linear_text(vocab_models, "small", "large"))
-    merged = read_model(out)
-    assert merged["model.embed_tokens.weight"].shape[0] == vocab_models["rows"]
+def test_a_base_smaller_than_the_fine_tune_needs_no_flag(vocab_models, tmp_path, caplog):
+    # task vectors: an input larger than the base is cut to the base's rows (mergekit's rule)
+    m = vocab_models
+    text = f"merge_method: task_arithmetic\nbase_model: {m['small']}\nmodels:\n  - model: {m['large']}\n" \
+           f"    parameters: {{weight: 0.5}}\ndtype: float32\n"
+    for flag in (False, True):
+        folder = tmp_path / str(flag)
+        folder.mkdir()
+        with caplog.at_level(logging.WARNING):
+            out = merge(folder, text, unsafe_truncate_embeddings=flag)
+        merged, large, small = read_model(out), read_model(m["large"]), read_model(m["small"])
+        r = m["rows"]
+        for name in EMBEDS:
+            base = small[name].double()
+            torch.testing.assert_close(merged[name].double(), base + 0.5 * (large[name][:r].double() - base), rtol=1e-6, atol=1e-7)
+    assert "UNSAFE" not in caplog.text
 
 
 def test_unsafe_truncation_of_a_larger_base_in_task_arithmetic(vocab_models, tmp_path):
     m = vocab_models
     text = f"merge_method: task_arithmetic\nbase_model: {m['large']}\nmodels:\n  - model: {m['small']}\n" \
            f"    parameters: {{weight: 0.5}}\ndtype: float32\n"
-    with pytest.raises(ModelError, match="unsafe-truncate-embeddings"):
+    with pytest.raises(MergeError, match="shape mismatch for tensor model.embed_tokens.weight.*unsafe-truncate-embeddings"):
         merge(tmp_path, text)
     out = merge(tmp_path, text, unsafe_truncate_embeddings=True)
     merged, large, small = read_model(out), read_model(m["large"]), read_model(m["small"])

@@ -209,7 +209,7 @@ slices:
 
 def test_gradient_restarts_in_every_slice(tmp_path, llama_models):
     """weight gradients [1, 0] / [0, 1]: t = i/(n-1) inside each slice, t = 1 for a one-layer
-    slice, and pre/post weights are planned with t = 0 (reference §1.8)."""
+    slice, and pre/post weights are planned with t = 0 (docs/mergekit-reference.md §1)."""
     a, b = llama_models["a"], llama_models["b"]
     text = f"""\
 merge_method: linear

@@ -1,4 +1,4 @@
-"""breadcrumbs, breadcrumbs_ties, della, della_linear (reference §2.6, 2.7) against independent
+"""breadcrumbs, breadcrumbs_ties, della, della_linear (docs/mergekit-reference.md §2) against independent
 computations written here from the formulas of docs/mergekit-reference.md.
 
 - breadcrumbs: the kept index set equals a plain-Python sort by (|delta|, -flat index), positions
@@ -43,7 +43,7 @@ from merge_engine.resident import ResidentMerger
 TIED_VALUES = torch.tensor([0.5, -0.25, 0.25, -0.5, 1.0, 0.25, -0.25, 0.5, 0.25, -1.0, 0.125, 0.25])
 
 # ----------------------------------------------------------------------------------------------
-# Independent references (reference §2.7)
+# Independent references (docs/mergekit-reference.md §2)
 
 
 def breadcrumbs_counts(n, density, gamma):

@@ -1,4 +1,4 @@
-"""Tokenizer merging (reference §5): the output tokenizer, embedding/LM-head rows re-indexed to it before
+"""Tokenizer merging (docs/mergekit-reference.md §5): the output tokenizer, embedding/LM-head rows re-indexed to it before
 the merge, padding, per-token sources, errors. Expected rows come from `reference_rows` below, a
 plain loop over tokens written from the rules of docs/mergekit-reference.md, independent of merge_engine.tokenizer."""
 
@@ -65,7 +65,7 @@ def out_tokens(out: Path) -> list[str]:
 
 
 def reference_rows(inputs, tensor, tokens, base="base", sources=None, forced=(), pad_to=None):
-    """Each model's matrix re-indexed to `tokens` (reference §5.3), one row at a time.
+    """Each model's matrix re-indexed to `tokens` (docs/mergekit-reference.md §5), one row at a time.
     sources: token -> ("zero",) or (model, row) for tokens configured with a source."""
     sources = sources or {}
 
@@ -289,6 +289,9 @@ def _with_tokens(models, tokens):
         (lambda m: _with_tokens(m, {"<x>": {"source": {"kind": "copy"}}}), ["tokenizer.tokens.<x>.source.kind", "'copy'"]),
         (lambda m: _with_tokens(m, {"<tool>": {"source": str(m["ft_a"])}}), ["tokenizer.tokens.<tool>.source", "has no token '<tool>'"]),
         (lambda m: linear_config(m, chat_template="my template"), ["chat_template", "'my template'"]),
+        # different vocabulary sizes and no tokenizer rule: refused (mergekit too), not merged on common rows
+        (lambda m: linear_config(m), ["tensor model.embed_tokens.weight", "vocabulary sizes differ", "259 rows",
+                                      "261", "tokenizer_source: base", "tokenizer_source: union"]),
     ],
 )
 def test_bad_tokenizer_settings_fail_at_planning(models, make, needles):

@@ -1,4 +1,4 @@
-"""`linear`: weighted average, optionally normalised by the sum of weights (reference §2.1)."""
+"""`linear`: weighted average, optionally normalised by the sum of weights (docs/mergekit-reference.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`model_stock` (reference §2.10): average the fine-tunes, then pull the average towards the base by
+"""`model_stock` (docs/mergekit-reference.md §2): average the fine-tunes, then pull the average towards the base by
 an amount set by the mean cosine between their task vectors (arXiv 2403.19522).
 
 The whole-tensor norms and dot products are accumulated slice by slice (`sliced_sums`: float

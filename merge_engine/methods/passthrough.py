@@ -1,4 +1,4 @@
-"""`passthrough`: copy the single input, optionally scaled (reference §2.13)."""
+"""`passthrough`: copy the single input, optionally scaled (docs/mergekit-reference.md §2)."""
 
 from __future__ import annotations
 

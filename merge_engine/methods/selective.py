@@ -1,4 +1,4 @@
-"""Methods that choose, per entry, which changes of the fine-tunes to keep: `sce` (reference §2.8),
+"""Methods that choose, per entry, which changes of the fine-tunes to keep: `sce` (docs/mergekit-reference.md §2),
 `ram` and `ramplus_tl` (2.9), `nearswap` (2.11), `arcee_fusion` (2.12).
 
 All run in the inputs' dtype with mergekit's op sequence. sce and ram work on task vectors

@@ -1,4 +1,4 @@
-"""`slerp`: spherical interpolation between the base and one other model (reference §2.2).
+"""`slerp`: spherical interpolation between the base and one other model (docs/mergekit-reference.md §2).
 
 The whole tensor is one vector; the maths runs in numpy float32 like mergekit's, so results match
 it bit for bit. Nearly colinear inputs (|cos| > 0.9995) fall back to linear interpolation.

@@ -1,4 +1,4 @@
-"""Spherical averages of several models: `nuslerp` (reference §2.3), `multislerp` (2.4), `karcher` (2.5).
+"""Spherical averages of several models: `nuslerp` (docs/mergekit-reference.md §2), `multislerp`, `karcher`.
 
 Memory stays bounded for the largest embedding: whole-tensor reductions (norms, dot products) are
 accumulated slice by slice in float64 (`sliced_sums`), and the result is written slice by slice

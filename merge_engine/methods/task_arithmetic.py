@@ -1,4 +1,4 @@
-"""The generalised task-arithmetic family (reference §2.6, 2.7): task_arithmetic, ties, dare_ties,
+"""The generalised task-arithmetic family (docs/mergekit-reference.md §2): task_arithmetic, ties, dare_ties,
 dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear.
 
 Split in two steps so that the resident executor can keep task vectors between candidates:
@@ -587,7 +587,7 @@ def _make(name: str):
         )
 
     method.__name__ = name
-    method.__doc__ = f"`{name}` (reference §2.6): sparsify={variant.sparsify}, consensus={variant.consensus}"
+    method.__doc__ = f"`{name}` (docs/mergekit-reference.md §2): sparsify={variant.sparsify}, consensus={variant.consensus}"
     return method
 
 

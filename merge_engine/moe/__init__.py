@@ -1,4 +1,4 @@
-"""`mergekit-moe CONFIG OUT [options]`: a mixture of experts from dense models (reference §6).
+"""`mergekit-moe CONFIG OUT [options]`: a mixture of experts from dense models (docs/mergekit-reference.md §6).
 
 Outputs MixtralForCausalLM, Qwen2MoeForCausalLM or Qwen3MoeForCausalLM checkpoints that stock
 transformers loads without custom code."""

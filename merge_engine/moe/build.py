@@ -1,4 +1,4 @@
-"""Building a mixture of experts from dense models (reference §6.4, 6.5): router vectors, the output
+"""Building a mixture of experts from dense models (docs/mergekit-reference.md §6): router vectors, the output
 config, and the tensors in the transformers 5 layout (fused `experts.gate_up_proj` [E, 2I, H] and
 `experts.down_proj` [E, H, I]), streamed one output tensor at a time into the sharded writer."""
 
@@ -133,7 +133,7 @@ class _HiddenStates:
 
 
 def router_vectors(config: MoEConfig, base: InputModel, rows: list[Expert], options: MergeOptions) -> torch.Tensor:
-    """G[layer, row, hidden] in float32 (reference §6.4)."""
+    """G[layer, row, hidden] in float32 (docs/mergekit-reference.md §6)."""
     L, H = base.config["num_hidden_layers"], base.config["hidden_size"]
     mode = config.gate_mode
     if mode in RANDOM_GATES:
@@ -224,7 +224,7 @@ class _TensorSource:
         self.used: set[str] = set()
 
     def expert_weight(self, expert: Expert, key: str, layer: int, proj: str) -> torch.Tensor:
-        """One dense MLP weight of an expert, with its noise and residual scale (reference §6.5)."""
+        """One dense MLP weight of an expert, with its noise and residual scale (docs/mergekit-reference.md §6)."""
         name = dense_mlp_name(layer, proj)
         t = self.models[expert.source_model].checkpoint.map(name)
         if expert.noise_scale:

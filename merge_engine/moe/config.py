@@ -1,4 +1,4 @@
-"""The `mergekit-moe` recipe (reference §6.1), its validation (6.2) and the output architecture choice
+"""The `mergekit-moe` recipe (docs/mergekit-reference.md §6), its validation and the output architecture choice
 (6.3). Torch-free, so config errors answer fast."""
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class MoEConfig(_Schema):
     experts_per_token: int = 2
     shared_experts: Optional[list[Expert]] = None
     architecture: Optional[str] = None
+
+    @field_validator("experts_per_token", mode="before")
+    @classmethod
+    def _null_means_default(cls, value):
+        return 2 if value is None else value  # mergekit reads `experts_per_token: null` as its default, 2
 
     @field_validator("experts")
     @classmethod
@@ -99,7 +104,7 @@ def validate(config: MoEConfig, source: str, understood: bool) -> None:
 
 
 def supported_architectures(config: MoEConfig, model_types: list[str]) -> dict[str, Optional[str]]:
-    """Candidate -> None if it can hold this MoE, else why not (reference §6.3)."""
+    """Candidate -> None if it can hold this MoE, else why not (docs/mergekit-reference.md §6)."""
     types = set(model_types)
     shared = config.shared_experts or []
     random = config.gate_mode in RANDOM_GATES
