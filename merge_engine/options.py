@@ -116,7 +116,7 @@ def option_flags() -> dict[str, Flag]:
     return {f.name: f.metadata["flag"] for f in fields(MergeOptions)}
 
 
-def _click_kwargs(name: str, spec: Flag, field_default: Any) -> dict:
+def _click_kwargs(spec: Flag, field_default: Any) -> dict:
     import click
 
     default = field_default if spec.default is _FIELD_DEFAULT else spec.default
@@ -144,12 +144,16 @@ def merge_options(f=None, *, overrides: Optional[dict[str, dict]] = None):
     """Decorator adding one click option per MergeOptions field. `overrides` maps a field name to
     click keyword arguments that replace the generated ones for this command (help, default, type)."""
 
+    unknown = set(overrides or {}) - set(option_flags())
+    if unknown:
+        raise ValueError(f"overrides for fields MergeOptions does not have: {sorted(unknown)}")
+
     def decorate(func):
         import click
 
         defaults = {fl.name: fl.default for fl in fields(MergeOptions)}
         for name, spec in reversed(list(option_flags().items())):
-            kw = _click_kwargs(name, spec, defaults[name])
+            kw = _click_kwargs(spec, defaults[name])
             kw.update((overrides or {}).get(name, {}))
             func = click.option(*spec.decls, name, **kw)(func)
         return func
