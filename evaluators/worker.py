@@ -15,6 +15,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from merge_engine.options import MergeOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -22,9 +24,8 @@ log = logging.getLogger(__name__)
 class WorkerSettings:
     template_recipe: dict  # a decoded recipe: fixes the models, method and layer layout
     evaluator: dict  # {"kind": ..., **options}: see evaluators.build_evaluator
-    merge_options: dict  # merge_engine.options.MergeOptions fields
+    merge_options: MergeOptions  # the resident merges' options; num_threads: this worker's threads
     eval_dtype: Optional[str] = None  # None: float32 on CPU (bf16 maths is slow there), bfloat16 on GPU
-    threads: Optional[int] = None
 
 
 @dataclass
@@ -57,14 +58,13 @@ class CandidateWorker:
 
         from evaluators import build_evaluator
         from merge_engine.config import parse_config
-        from merge_engine.options import MergeOptions
         from merge_engine.resident import ResidentMerger
         from merge_engine.threads import set_num_threads
 
-        set_num_threads(settings.threads)
+        set_num_threads(settings.merge_options.num_threads)
         self.settings = settings
         template = parse_config(settings.template_recipe, "search template")
-        self.merger = ResidentMerger(template, MergeOptions(**settings.merge_options))
+        self.merger = ResidentMerger(template, settings.merge_options)
         device = self.merger.device
         if settings.eval_dtype:
             dtype = getattr(torch, settings.eval_dtype)

@@ -11,11 +11,32 @@ from pathlib import Path
 
 import click
 
-from merge_engine.cli import check_lora_dtype, run_cli, setup_logging
+from merge_engine.cli import apply_environment, run_cli, setup_logging
+from merge_engine.options import NO_EFFECT, merge_options, options_from_flags
 
 from .report import faults_text
 
-NO_EFFECT = "(accepted for compatibility; no effect here)"
+# The shared merge flags as a search reads them: the workers' resident merges and the final
+# model's export use them; a few mean something else here.
+EVOLVE_FLAGS = {
+    "device": {"default": "auto", "show_default": True, "help": "Merge and evaluation device: auto, cpu, cuda."},
+    "cuda": {"help": "Same as --device cuda."},
+    "random_seed": {"help": "Seed of random merge methods (DARE), shared by search and export."},
+    "allow_crimes": {"help": "Allow models of different architectures."},
+    "lora_merge_cache": {
+        "type": click.Path(file_okay=False),
+        "help": "Where model+lora genome models are merged and kept (default: DIR/lora_merge_cache).",
+    },
+    "trust_remote_code": {"help": f"{NO_EFFECT}: no model code is run beyond transformers' own classes."},
+    "num_threads": {"help": "torch (and numba) threads per worker (default: torch's, the cores the worker may use)."},
+    "quiet": {"help": "No progress lines."},
+    "overwrite": {"help": f"{NO_EFFECT}: DIR/final_model is replaced by each export."},
+    "out_shard_size": {"help": "Maximum shard size of the final model in bytes; suffixes k/M/B are powers of ten (default 5B)."},
+    "copy_tokenizer": {"help": "Copy the tokenizer files of the base (or first) model into the final model."},
+    "write_model_card": {"help": "Write README.md and mergekit_config.yml into the final model."},
+    "safe_serialization": {"help": "Write the final model as safetensors (default) or pytorch_model.bin shards."},
+    "read_to_gpu": {"help": f"{NO_EFFECT}: each worker reads its inputs once onto its device."},
+}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]},
@@ -33,19 +54,12 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--ray-address", default=None, help="Join an existing Ray cluster (auto or HOST:PORT; default: $RAY_ADDRESS) instead of starting a private local one.")
 @click.option("--candidate-timeout", type=click.FloatRange(min=0, min_open=True), default=None, help="Cancel a candidate that runs longer than this many seconds (its worker is replaced; recorded as failed).")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None, help="GPUs each worker reserves (fractional for small models; default 1 when the cluster has GPUs).")
-@click.option("-j", "--num-threads", type=click.IntRange(min=1), default=None, help="torch (and numba) threads per worker (default: torch's, the cores the worker may use).")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, help="CPUs each worker reserves.")
 @click.option("--task-search-path", multiple=True, type=click.Path(), help="Folder of local lm-eval task YAMLs (repeatable).")
 @click.option("--save-final-model/--no-save-final-model", default=True, help="Merge the best recipe into DIR/final_model at the end.")
-@click.option("--random-seed", type=int, default=0, show_default=True, help="Seed of random merge methods (DARE), shared by search and export.")
-@click.option("--device", default="auto", show_default=True, help="Merge and evaluation device: auto, cpu, cuda.")
 @click.option("--merge-cuda/--no-merge-cuda", default=None, help="--no-merge-cuda = --device cpu.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="lm-eval batch size.")
-@click.option("--allow-crimes", is_flag=True, help="Allow models of different architectures.")
-@click.option("--lora-merge-cache", type=click.Path(file_okay=False), default=None, help="Where model+lora genome models are merged and kept (default: DIR/lora_merge_cache).")
-@click.option("--lora-merge-dtype", default=None, callback=check_lora_dtype, help="dtype for applying LoRAs: bfloat16, float16 or float32 (default: the base model's).")
 @click.option("--i-understand-the-depths-of-the-evils-i-am-unleashing", "allow_benchmarks", is_flag=True, help="Allow optimising on public benchmark tasks.")
-@click.option("--trust-remote-code/--no-trust-remote-code", default=False, help=f"{NO_EFFECT}: no model code is run beyond transformers' own classes.")
 @click.option("--strategy", "-s", default="pool", help=f"mergekit-evolve scheduling strategy {NO_EFFECT}: workers are always kept busy.")
 @click.option("--in-memory/--no-in-memory", default=True, help=f"{NO_EFFECT}: candidates are always merged in memory.")
 @click.option("--vllm/--no-vllm", default=False, help=f"{NO_EFFECT}: evaluation uses transformers models.")
@@ -55,13 +69,14 @@ NO_EFFECT = "(accepted for compatibility; no effect here)"
 @click.option("--wandb/--no-wandb", default=False, help=f"{NO_EFFECT}: use optuna-dashboard on DIR/study.db.")
 @click.option("--wandb-project", default=None, help=NO_EFFECT)
 @click.option("--wandb-entity", default=None, help=NO_EFFECT)
-@click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
-@click.option("--quiet", is_flag=True, help="No progress lines.")
+@merge_options(overrides=EVOLVE_FLAGS)
 def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals, timeout, sigma0, force_population_size,
-         num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, num_threads, cpus_per_worker, task_search_path, save_final_model, random_seed, device, merge_cuda,
-         batch_size, allow_crimes, lora_merge_cache, lora_merge_dtype, allow_benchmarks, verbose, quiet, **_ignored):
+         num_workers, num_gpus, ray_address, candidate_timeout, gpus_per_worker, cpus_per_worker, task_search_path,
+         save_final_model, merge_cuda, batch_size, allow_benchmarks, **kw):
     """Search merge recipes with an evolutionary optimiser; export the best one."""
+    verbose, quiet = kw["verbose"], kw["quiet"]
     setup_logging(verbose, quiet)
+    apply_environment(kw)
 
     def action() -> None:
         from merge_engine.errors import ConfigError
@@ -89,15 +104,13 @@ def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals
             raise ConfigError("--storage-path is required (except with --dry-run)")
         from .search import EvolveOptions, SearchRun
 
-        dev = "cpu" if merge_cuda is False else device
+        device = "cpu" if merge_cuda is False else "cuda" if (kw["cuda"] or kw["gpu_rich"]) and kw["device"] == "auto" else kw["device"]
         options = EvolveOptions(
-            storage_path=Path(storage_path), resume=resume, num_workers=num_workers or num_gpus or None,
-            ray_address=ray_address, task_search_path=list(task_search_path), save_final_model=save_final_model,
-            merge_seed=random_seed, device=dev, batch_size=batch_size, allow_crimes=allow_crimes,
-            allow_benchmark_tasks=allow_benchmarks, quiet=quiet,
-            lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype,
-            candidate_timeout=candidate_timeout, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
-            threads_per_worker=num_threads,
+            storage_path=Path(storage_path), merge=options_from_flags(kw, device=device), resume=resume,
+            num_workers=num_workers or num_gpus or None, ray_address=ray_address,
+            task_search_path=list(task_search_path), save_final_model=save_final_model, batch_size=batch_size,
+            allow_benchmark_tasks=allow_benchmarks, candidate_timeout=candidate_timeout,
+            gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         )
         search = SearchRun(config, text, options)
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's stop: export, then exit

@@ -12,16 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from merge_engine.config import DtypeName, ModelRef, load_yaml_text, parse_with_schema
 from merge_engine.errors import ConfigError
+from merge_engine.methods import METHODS, searchable_methods
 
-
-SEARCHABLE_METHODS = (
-    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-    "della", "della_linear", "model_stock", "slerp",
-)
-NEEDS_BASE = (
-    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-    "della_linear", "model_stock",
-)
+# what can be searched, and how, is the method registry's (merge_engine.methods.SearchSpec)
+SEARCHABLE_METHODS = searchable_methods()
 
 
 class _Schema(BaseModel):
@@ -34,7 +28,6 @@ _PARAMETER_SPACE_ONLY = (
     "smooth", "filters", "model_switch",
 )
 _LAYER_PATH_ONLY = ("num_layers", "max_repeats", "scale", "scale_range", "scale_filters")
-_UNWEIGHTED = ("slerp", "model_stock")  # methods without a per-model weight (no model_switch)
 
 
 class GenomeDefinition(_Schema):
@@ -101,12 +94,12 @@ class GenomeDefinition(_Schema):
             problem = self._method_problem(method, single)
             if problem:
                 raise ValueError(f"{where}: {problem}")
-        if self.model_switch and all(m in _UNWEIGHTED for m in self.methods):
+        if self.model_switch and not any(METHODS[m].search.weighted for m in self.methods):
             raise ValueError(f"model_switch: {', '.join(self.methods)} has no per-model weight to switch off")
         return self
 
     def _method_problem(self, method: str, single: bool) -> Optional[str]:
-        if method in NEEDS_BASE and self.base_model is None:
+        if METHODS[method].search.needs_base and self.base_model is None:
             return f"{method} needs base_model"
         # in a list of methods, linear simply does not use a base model that is not in models
         if single and method == "linear" and self.base_model is not None and self.base_model not in self.models:
@@ -135,8 +128,7 @@ class GenomeDefinition(_Schema):
         """For a single method (a list is decoded through one definition per method)."""
         if self.normalize is not None:
             return self.normalize
-        # mergekit's defaults: normalize is on for these (della's own default is true as well)
-        return self.merge_method in ("ties", "dare_ties", "linear", "della")
+        return METHODS[self.merge_method].search.normalize
 
     def for_method(self, method: str) -> "GenomeDefinition":
         """This definition with one method of a list, as the per-method genome sees it (no switch

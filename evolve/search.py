@@ -17,11 +17,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from merge_engine.errors import ConfigError
+from merge_engine.options import MergeOptions
 from merge_engine.threads import thread_environment
 from search_spaces.genome import SearchGenome as Genome, parameter_genome, read_num_layers
 from search_spaces.layer_path import LayerPathGenome
@@ -46,35 +47,34 @@ BENCHMARK_PREFIXES = (
 @dataclass
 class EvolveOptions:
     storage_path: Path
+    # the merge flags (merge_engine.options): the workers' resident merges and the export use them
+    merge: MergeOptions = field(default_factory=lambda: MergeOptions(device="auto"))
     resume: bool = False
     num_workers: Optional[int] = None
     ray_address: Optional[str] = None
     task_search_path: list[str] = field(default_factory=list)
     save_final_model: bool = True
-    merge_seed: int = 0
-    device: str = "auto"
     batch_size: int = 16
-    allow_crimes: bool = False
     allow_benchmark_tasks: bool = False
-    quiet: bool = False
-    threads_per_worker: Optional[int] = None
-    lora_merge_cache: Optional[str] = None  # None: <storage_path>/lora_merge_cache
-    lora_merge_dtype: Optional[str] = None
     candidate_timeout: Optional[float] = None  # seconds; a candidate running longer is cancelled
     gpus_per_worker: Optional[float] = None  # None: 1 when the cluster has GPUs (and --device allows)
     cpus_per_worker: float = 1.0
 
     @property
+    def quiet(self) -> bool:
+        return self.merge.quiet
+
+    @property
+    def device(self) -> str:
+        return self.merge.device
+
+    @property
     def lora_cache(self) -> str:
-        return str(self.lora_merge_cache or Path(self.storage_path) / "lora_merge_cache")
+        return str(self.merge.lora_merge_cache or Path(self.storage_path) / "lora_merge_cache")
 
     def merge_options(self, **extra):
-        from merge_engine.options import MergeOptions
-
-        return MergeOptions(
-            device=self.device, random_seed=self.merge_seed, allow_crimes=self.allow_crimes, quiet=True,
-            lora_merge_cache=self.lora_cache, lora_merge_dtype=self.lora_merge_dtype, **extra,
-        )
+        """What a worker or the export merges with: progress bars off, the LoRA cache resolved."""
+        return replace(self.merge, quiet=True, lora_merge_cache=self.lora_cache, **extra)
 
 
 # -- building the parts ---------------------------------------------------------------------------
@@ -188,15 +188,12 @@ def evaluator_spec(config: SearchConfig, options: EvolveOptions, tasks=None) -> 
 
 
 def worker_settings(config: SearchConfig, genome: Genome, options: EvolveOptions, x0: list[float], evaluator=None):
-    from dataclasses import asdict
-
     from evaluators.worker import WorkerSettings
 
     return WorkerSettings(
         template_recipe=genome.decode(x0).to_plain(),
         evaluator=evaluator or evaluator_spec(config, options),
-        merge_options=asdict(options.merge_options()),
-        threads=options.threads_per_worker,
+        merge_options=options.merge_options(),
     )
 
 
@@ -307,14 +304,14 @@ class SearchRun:
         self.config = config
         self.options = options
         # every model resolves (hub ids cached or downloaded once, model+lora merged) before any worker starts
-        check_genome_models(config.genome, options.lora_cache, options.lora_merge_dtype)
+        check_genome_models(config.genome, options.lora_cache, options.merge.lora_merge_dtype)
         self.genome = build_genome(config)
         check_tasks(config, options)
         self.store = ExperimentStore(options.storage_path, search_space(self.genome))
         started_with = self.store.manifest().get("optimizer") if options.resume else None
         self.config = config = resolve_optimizer(config, self.genome.size, started_with)[0]
         self.store.open(
-            config_text, {"optimizer": config.optimizer.seed, "evaluation": config.seed, "merge": options.merge_seed},
+            config_text, {"optimizer": config.optimizer.seed, "evaluation": config.seed, "merge": options.merge.random_seed},
             options.resume, {"optimizer": config.optimizer.name},
         )
         self.x0 = starting_point(config, self.genome)

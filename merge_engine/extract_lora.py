@@ -21,7 +21,8 @@ from typing import Optional
 
 import click
 
-from .cli import check_lora_dtype, run_cli, setup_logging
+from .cli import apply_environment, run_cli, setup_logging
+from .options import NO_EFFECT, merge_options, options_from_flags
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def extract_lora(
     overwrite: bool = False,
     quiet: bool = False,
     command_line: Optional[str] = None,
+    write_model_card: bool = True,
 ) -> dict:
     """Write the adapter to `out_path` (atomically); returns the adapter config."""
     import torch
@@ -263,9 +265,10 @@ def extract_lora(
             "lora_bias": bias_deltas,
         }
         (out.path / "adapter_config.json").write_text(json.dumps(adapter_config, indent=4))
-        (out.path / "README.md").write_text(
-            render_lora_card(ft_ref, base_ref, Path(out_path), vocab_differs, command_line or "mergekit-extract-lora ...")
-        )
+        if write_model_card:
+            (out.path / "README.md").write_text(
+                render_lora_card(ft_ref, base_ref, Path(out_path), vocab_differs, command_line or "mergekit-extract-lora ...")
+            )
         out.commit()
     except BaseException:
         out.discard()
@@ -338,6 +341,35 @@ def render_lora_card(ft_ref, base_ref, out_dir: Path, vocab_differs: bool, comma
     return "\n".join(lines)
 
 
+# The shared merge flags, as extract-lora reads them; those only a merge needs are accepted and
+# say so.
+_UNUSED = {
+    "allow_crimes": "the two models are compared tensor by tensor, never merged",
+    "unsafe_truncate_embeddings": "the two models are compared tensor by tensor, never merged",
+    "out_shard_size": "the adapter is one unsharded file",
+    "copy_tokenizer": "an adapter carries no tokenizer",
+    "random_seed": "the SVDs are deterministic",
+    "clone_tensors": "the adapter is written once, at the end",
+    "async_write": "the adapter is written once, at the end",
+    "write_threads": "the adapter is written once, at the end",
+    "low_cpu_memory": "memory holds a few weight matrices at a time",
+    "read_to_gpu": "each weight goes to the SVD device as it is read",
+    "multi_gpu": "one device is used",
+}
+EXTRACT_FLAGS = {
+    "device": {"help": "Device for the SVDs: cpu, cuda, cuda:N (default cpu, or cuda with --cuda)."},
+    "cuda": {"help": "Same as --device cuda."},
+    "lora_merge_cache": {"help": "Folder where model+lora inputs are merged once and kept."},
+    "lora_merge_dtype": {"help": "dtype for applying input LoRAs."},
+    "lazy_unpickle": {"help": "Allow pytorch_model.bin inputs (restricted unpickler)."},
+    "safe_serialization": {"help": "adapter_model.safetensors (default) or adapter_model.bin."},
+    "overwrite": {"help": "Replace an existing non-empty output folder once the new one is complete."},
+    "write_model_card": {"help": "Write README.md (the adapter's model card)."},
+    "num_threads": {"help": "torch threads for the SVDs."},
+    **{name: {"help": f"{NO_EFFECT}: {why}."} for name, why in _UNUSED.items()},
+}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, help="The fine-tuned model (directory, hub id, or model+lora).")
 @click.option("--base-model", required=True, help="The base model the fine-tune started from.")
@@ -350,35 +382,34 @@ def render_lora_card(ft_ref, base_ref, out_dir: Path, vocab_differs: bool, comma
 @click.option("-e", "--exclude-regex", "exclude_regexes", multiple=True, help="Skip modules whose name matches (re.search); repeatable.")
 @click.option("--sv-epsilon", type=click.FloatRange(min=0), default=0.0, show_default=True, help="Drop singular values at or below this.")
 @click.option("--skip-undecomposable/--no-skip-undecomposable", default=False, help="Skip changed modules that cannot be decomposed (norms) instead of saving them whole.")
-@click.option("--device", default="cpu", show_default=True, help="Device for the SVDs: cpu, cuda, cuda:N.")
-@click.option("--cuda/--no-cuda", default=False, help="Same as --device cuda.")
-@click.option("--lora-merge-cache", type=click.Path(), default=None, help="Folder where model+lora inputs are merged once and kept.")
-@click.option("--lora-merge-dtype", default=None, callback=check_lora_dtype, help="dtype for applying input LoRAs.")
-@click.option("--lazy-unpickle/--no-lazy-unpickle", default=False, help="Allow pytorch_model.bin inputs (restricted unpickler).")
-@click.option("--safe-serialization/--no-safe-serialization", default=True, help="adapter_model.safetensors (default) or adapter_model.bin.")
-@click.option("--transformers-cache", type=click.Path(), default=None, help="Hugging Face cache directory for hub models.")
-@click.option("--overwrite/--no-overwrite", default=False, help="Replace an existing non-empty output folder once the new one is complete.")
-@click.option("-v", "--verbose", count=True, help="-v info, -vv debug; tracebacks on errors.")
-@click.option("--quiet/--no-quiet", default=False, help="No progress bar.")
-def main(model, base_model, out_path, device, cuda, transformers_cache, verbose, quiet, **kw) -> None:
+@merge_options(overrides=EXTRACT_FLAGS)
+def main(model, base_model, out_path, max_rank, distribute_scale, embed_lora, save_modules, include_regexes,
+         exclude_regexes, sv_epsilon, skip_undecomposable, **kw) -> None:
     """Extract a PEFT LoRA adapter from the difference between MODEL and BASE_MODEL."""
-    setup_logging(verbose, quiet)
-    if transformers_cache:
-        os.environ["HF_HUB_CACHE"] = transformers_cache
+    setup_logging(kw["verbose"], kw["quiet"])
+    apply_environment(kw)
     command_line = shlex.join(["mergekit-extract-lora", *sys.argv[1:]])
 
     def action() -> None:
         from .cli import check_device
-        from .options import MergeOptions
+        from .threads import set_num_threads
 
-        options = MergeOptions(device="cuda" if cuda and device == "cpu" else device)
+        options = options_from_flags(kw)
         check_device(options)
-        dev = options.resolved_device()
-        extract_lora(model, base_model, Path(out_path), device=dev, quiet=quiet, command_line=command_line, **kw)
-        if not quiet:
+        set_num_threads(options.num_threads)
+        extract_lora(
+            model, base_model, Path(out_path), max_rank=max_rank, distribute_scale=distribute_scale,
+            embed_lora=embed_lora, save_modules=save_modules, include_regexes=include_regexes,
+            exclude_regexes=exclude_regexes, sv_epsilon=sv_epsilon, skip_undecomposable=skip_undecomposable,
+            device=options.resolved_device(), lora_merge_cache=options.lora_merge_cache,
+            lora_merge_dtype=options.lora_merge_dtype, lazy_unpickle=options.lazy_unpickle,
+            safe_serialization=options.safe_serialization, overwrite=options.overwrite, quiet=options.quiet,
+            write_model_card=options.write_model_card, command_line=command_line,
+        )
+        if not options.quiet:
             click.echo(f"LoRA adapter written to {out_path}")
 
-    run_cli(verbose, action)
+    run_cli(kw["verbose"], action)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from .errors import ConfigError, ModelError
 from .io import OutputTensorSpec, torch_dtype
 from .methods import REQUIRED, MethodSpec, get_method_spec
 from .sources import InputModel, close_models, open_models
-from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size, vocab_key
+from .tokenizer import TokenizerCache, VocabPlan, build_vocab, resolve_chat_template, set_vocab_size, vocab_key, vocab_size_key
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class TensorTask:
     # they are not inputs here (the tokenizer's base model, configured token sources).
     vocab: Optional[VocabPlan] = None
     aux_inputs: tuple[TensorInput, ...] = ()
+    # --unsafe-truncate-embeddings: every input keeps only its first `rows` rows as it is read
+    rows: Optional[int] = None
 
 
 @dataclass
@@ -368,9 +370,11 @@ class Planner:
         layers: dict[ModelReference, int],
         seed_dtype: Optional[str],
         vocab: Optional[VocabPlan] = None,
+        truncate_embeddings: bool = False,
     ):
         self.config = config
         self.vocab = vocab
+        self.truncate_embeddings = truncate_embeddings
         self.models = models
         self.arch = arch
         self.layers = layers
@@ -387,6 +391,8 @@ class Planner:
         donor = donor_of(config)
         self.donor = donor
         self.untied_output = models[donor].config.get("tie_word_embeddings") is False
+        # the vocabulary size the output config declares (the donor's), for the truncation warning
+        self.out_vocab = get_config_value(models[donor].config, vocab_size_key(models[donor].config))
 
     def plan(self) -> tuple[list[TensorTask], int]:
         modules = _normalized_modules(self.config, self.models, self.arch, self.layers)
@@ -504,12 +510,12 @@ class Planner:
         locations = [self.models[inp.model].checkpoint.tensors[inp.tensor_name] for inp in inputs]
         first = locations[base_index] if base_index is not None else locations[0]
         math_dtype = self.dtype or first.dtype
-        vocab, aux = None, ()
+        vocab, aux, rows = None, (), None
         if self.vocab is not None and out_w.is_embed and all(len(loc.shape) == 2 for loc in locations):
             vocab, aux = self.vocab, self._vocab_inputs(out_w, inputs)
             shape = self._vocab_shape(out_w, list(inputs) + list(aux))
         else:
-            shape = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index, method)
+            shape, rows = self._output_shape(out_w, inputs, [loc.shape for loc in locations], base_index, method)
         self.tasks.append(
             TensorTask(
                 out=OutputTensorSpec(out_w.name, shape, self.out_dtype or math_dtype),
@@ -522,6 +528,7 @@ class Planner:
                 math_dtype=math_dtype,
                 vocab=vocab,
                 aux_inputs=aux,
+                rows=rows,
             )
         )
 
@@ -558,39 +565,71 @@ class Planner:
                 )
         return (vocab.padded_size, shapes[0][1])
 
-    def _output_shape(self, out_w: WeightInfo, inputs, shapes, base_index, method: MethodSpec) -> tuple[int, ...]:
+    def _output_shape(
+        self, out_w: WeightInfo, inputs, shapes, base_index, method: MethodSpec
+    ) -> tuple[tuple[int, ...], Optional[int]]:
+        """(output shape, rows every input is cut to as it is read: --unsafe-truncate-embeddings only)."""
+        hint = ""
+
         def mismatch(i: int, j: int) -> ModelError:
             return ModelError(
                 f"shape mismatch for tensor {out_w.name}: model {inputs[i].model} has {list(shapes[i])}, "
-                f"model {inputs[j].model} has {list(shapes[j])}"
+                f"model {inputs[j].model} has {list(shapes[j])}{hint}"
             )
 
         ref = base_index if (method.embed_shape == "base" and base_index is not None) else 0
         if out_w.is_embed and all(len(s) == 2 for s in shapes):
-            if method.embed_shape == "base" and base_index is not None:
+            rows = [s[0] for s in shapes]
+            no_tokenizer_rule = self.config.tokenizer_source is None and self.config.tokenizer is None
+            differ = min(rows) != max(rows) and no_tokenizer_rule
+            base_rule = method.embed_shape == "base" and base_index is not None
+            fix = f"--unsafe-truncate-embeddings to keep the first {min(rows)} rows of each"
+            # task vectors: inputs larger than the base are cut to its rows (mergekit's rule); only
+            # what goes beyond that is the unsafe truncation
+            if differ and self.truncate_embeddings and (not base_rule or rows[ref] > min(rows)):
+                return self._truncated(out_w, inputs, shapes, ref if base_rule else None, mismatch), min(rows)
+            if base_rule:
+                hint = f" (or pass {fix})" if differ else ""
                 for i, s in enumerate(shapes):
                     if s[0] < shapes[ref][0] or s[1] < shapes[ref][1]:
                         raise mismatch(ref, i)
-                return tuple(shapes[ref])
-            rows = [s[0] for s in shapes]
-            no_tokenizer_rule = self.config.tokenizer_source is None and self.config.tokenizer is None
-            if min(rows) != max(rows) and no_tokenizer_rule:  # as mergekit: refuse rather than guess
+                return tuple(shapes[ref]), None
+            if differ:  # as mergekit: refuse rather than guess
                 small, large = rows.index(min(rows)), rows.index(max(rows))
                 raise ConfigError(
                     f"tensor {out_w.name}: vocabulary sizes differ (model {inputs[small].model} has {rows[small]} rows, "
                     f"model {inputs[large].model} has {rows[large]}), so the common rows could mix unrelated tokens; "
-                    "align the vocabularies with `tokenizer_source: base` or `tokenizer_source: union`"
+                    f"align the vocabularies with `tokenizer_source: base` or `tokenizer_source: union` (or pass {fix})"
                 )
-            return (min(rows), min(s[1] for s in shapes))
+            return (min(rows), min(s[1] for s in shapes)), None
         for i, s in enumerate(shapes):
             if tuple(s) != tuple(shapes[ref]):
                 raise mismatch(ref, i)
-        return tuple(shapes[ref])
+        return tuple(shapes[ref]), None
+
+    def _truncated(self, out_w: WeightInfo, inputs, shapes, ref: Optional[int], mismatch) -> tuple[int, int]:
+        """--unsafe-truncate-embeddings: every input keeps the rows they all have (as mergekit's
+        flag, per tensor, without touching the output config)."""
+        rows = min(s[0] for s in shapes)
+        if ref is None:
+            cols = min(s[1] for s in shapes)
+        else:
+            cols = shapes[ref][1]
+            for i, s in enumerate(shapes):
+                if s[1] < cols:
+                    raise mismatch(ref, i)
+        log.warning(
+            "UNSAFE vocabulary truncation: tensor %s keeps the first %d rows of each input (%s); "
+            "config.json keeps vocab_size %s",
+            out_w.name, rows, ", ".join(f"{inp.model}: {s[0]} rows" for inp, s in zip(inputs, shapes)), self.out_vocab,
+        )
+        return (rows, cols)
 
 
-def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
+def plan_merge(config: MergeConfig, inputs: MergeInputs, truncate_embeddings: bool = False) -> MergePlan:
     """One recipe's plan against opened inputs (models it names that are not open yet are opened).
-    Reads no tensor data; every mistake the recipe can make with these models is raised here."""
+    Reads no tensor data; every mistake the recipe can make with these models is raised here.
+    `truncate_embeddings`: --unsafe-truncate-embeddings."""
     method = check_recipe(config)
     refs = config.referenced_models()
     inputs.open(refs)
@@ -599,7 +638,7 @@ def plan_merge(config: MergeConfig, inputs: MergeInputs) -> MergePlan:
     models = inputs._recipe_models(config)
     vocab = inputs.vocab(config)
     chat_template = inputs.chat_template(config)
-    planner = Planner(config, models, arch, layers, config.dtype, vocab)
+    planner = Planner(config, models, arch, layers, config.dtype, vocab, truncate_embeddings)
     tasks, out_layers = planner.plan()
     out_config = _output_config(
         config, models, donor, arch, layers[donor], out_layers, planner.layer_origins, vocab, module_layers=planner.module_layers
@@ -614,13 +653,14 @@ def build_plan(
     lazy_unpickle: bool = False,
     lora_merge_cache: Optional[str] = None,
     lora_merge_dtype: Optional[str] = None,
+    truncate_embeddings: bool = False,
 ) -> MergePlan:
     """Open the recipe's inputs and plan it: the plan owns the inputs (`plan.close()`)."""
     inputs = open_inputs(
         config, allow_crimes=allow_crimes, lazy_unpickle=lazy_unpickle, lora_merge_cache=lora_merge_cache, lora_merge_dtype=lora_merge_dtype
     )
     try:
-        return plan_merge(config, inputs)
+        return plan_merge(config, inputs, truncate_embeddings)
     except BaseException:
         inputs.close()
         raise

@@ -20,7 +20,7 @@ import torch
 from .architecture import ArchitectureInfo, config_object, transformers_class
 from .config import MergeConfig
 from .errors import ModelError
-from .methods.task_arithmetic import VARIANTS, merge_task_vectors, task_vectors, variant_extras
+from .methods.task_arithmetic import merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, donor_of, open_inputs, plan_merge
 from .streaming import task_context
@@ -90,7 +90,7 @@ class ResidentMerger:
     def plan(self, config: MergeConfig) -> MergePlan:
         """The candidate's plan, from the same planner as `mergekit-yaml`'s (models it names that
         are not open yet are opened, with the same checks)."""
-        return plan_merge(config, self.inputs)
+        return plan_merge(config, self.inputs, self.options.unsafe_truncate_embeddings)
 
     def vocab(self, config: MergeConfig) -> Optional[VocabPlan]:
         """The recipe's built tokenizer and permutations (None: the donor's tokenizer), built once
@@ -152,10 +152,11 @@ class ResidentMerger:
 
     def _input_key(self, task: TensorTask, i: int) -> tuple:
         inp = task.inputs[i]
-        return (inp.model, inp.tensor_name, task.math_dtype, _vocab_context(task))
+        return (inp.model, inp.tensor_name, task.math_dtype, _vocab_context(task), task.rows)
 
     def _read(self, task: TensorTask, inp) -> torch.Tensor:
-        return self.models[inp.model].checkpoint.read(inp.tensor_name).to(device=self.device, dtype=task.math_dtype)
+        x = self.models[inp.model].checkpoint.read(inp.tensor_name)
+        return (x if task.rows is None else x[: task.rows]).to(device=self.device, dtype=task.math_dtype)
 
     def _input(self, task: TensorTask, i: int) -> torch.Tensor:
         key = self._input_key(task, i)
@@ -192,9 +193,9 @@ class ResidentMerger:
         ctx = task_context(task, self.options.random_seed)
         if out is not None and task.math_dtype == task.out.dtype:
             ctx.out = out
-        if task.method.name in VARIANTS:
+        variant = task.method.task_vector
+        if variant is not None:
             base, deltas, positions, histograms = self._task_vectors(task)
-            variant = VARIANTS[task.method.name]
             result = merge_task_vectors(
                 base,
                 deltas,

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def load_task_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> list[torch.Tensor]:
     def load(inp) -> torch.Tensor:
-        return plan.models[inp.model].checkpoint.map(inp.tensor_name).to(device=device, dtype=task.math_dtype)
+        x = plan.models[inp.model].checkpoint.map(inp.tensor_name)
+        return (x if task.rows is None else x[: task.rows]).to(device=device, dtype=task.math_dtype)
 
     out = [load(inp) for inp in task.inputs]
     if task.vocab is not None:
@@ -105,6 +106,7 @@ def run_merge(
         lazy_unpickle=options.lazy_unpickle,
         lora_merge_cache=options.lora_merge_cache,
         lora_merge_dtype=options.lora_merge_dtype,
+        truncate_embeddings=options.unsafe_truncate_embeddings,
     )
     try:
         specs = [t.out for t in plan.tasks]

@@ -25,34 +25,13 @@ from merge_engine.architecture import get_config_value, known_architecture
 from merge_engine.config import Conditional, MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.sources import looks_like_repo_id
+from merge_engine.methods import FILTER_WISE, METHODS
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 
-# Per-model parameters searched for each method. model_stock has none: its genes are the global
-# `filter_wise` switch per layer group and filter (MODEL_STOCK_PARAM).
-METHOD_PARAMS = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "dare_linear": ("weight", "density"),
-    "breadcrumbs": ("weight", "density", "gamma"),
-    "breadcrumbs_ties": ("weight", "density", "gamma"),
-    "della": ("weight", "density", "epsilon"),
-    "della_linear": ("weight", "density", "epsilon"),
-    "model_stock": (),
-    "slerp": ("t",),
-}
-TASK_VECTOR_METHODS = (
-    "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-)
-MODEL_STOCK_PARAM = "filter_wise"
-MIN_DENSITY = 0.05  # below this TIES keeps almost nothing of small tensors
-# DELLA needs 0 < density - epsilon and density + epsilon < 1 for every value the optimiser may
-# propose: fixed bounds that guarantee it, so a decoded value is always exactly the value merged.
-DELLA_DENSITY = (0.1, 0.9)
-DELLA_MAX_EPSILON = 0.09
-MAX_GAMMA = 0.1  # breadcrumbs: the share of largest-magnitude outliers dropped
+# Which methods a search may tune, their parameters, bounds and starting values: the method
+# registry's SearchSpec (merge_engine.methods); the genome only lays them out.
+MODEL_STOCK_PARAM = FILTER_WISE.name
 
 
 @dataclass(frozen=True)
@@ -256,7 +235,8 @@ class Genome(SearchGenome):
         self.num_groups = num_layers // g if g else 1
         self.filters: list[Optional[str]] = list(d.filters or []) + [None]  # None = catch-all
         self.method = d.merge_method
-        self.params = METHOD_PARAMS[self.method]
+        self.spec = METHODS[self.method]
+        self.params = self.spec.search.names
         self.models: list[ModelReference] = list(d.models)
         if self.method == "slerp":
             pool = list(d.models)
@@ -273,21 +253,12 @@ class Genome(SearchGenome):
     # -- layout ---------------------------------------------------------------------------------
 
     def _bounds(self, param: str) -> tuple[float, float, float]:
+        p = self.spec.search.param(param)
         if param == "weight":
-            high = 1.0 if self.definition.effective_normalize else 2.0
-            low = -high if self.definition.allow_negative_weights else 0.0
+            high = p.high if self.definition.effective_normalize else 2 * p.high
+            low = -high if self.definition.allow_negative_weights else p.low
             return low, high, 1.0 / len(self.models)
-        if param == "density":
-            if self.method.startswith("della"):
-                return DELLA_DENSITY[0], DELLA_DENSITY[1], DELLA_DENSITY[1]
-            return MIN_DENSITY, 1.0, 1.0
-        if param == "epsilon":
-            return 0.0, DELLA_MAX_EPSILON, 0.05
-        if param == "gamma":
-            return 0.0, MAX_GAMMA, 0.01  # mergekit's default gamma
-        if param == MODEL_STOCK_PARAM:
-            return 0.0, 1.0, 0.25  # a switch: >= 0.5 is on; starts off, as mergekit's default
-        return 0.0, 1.0, 0.5  # slerp t
+        return p.low, p.high, p.initial
 
     def _build_dimensions(self) -> list[Dimension]:
         dims = []
@@ -328,7 +299,7 @@ class Genome(SearchGenome):
         if self.method == "model_stock":
             return {}
         params = {"normalize": self.definition.effective_normalize}
-        if self.method in TASK_VECTOR_METHODS:
+        if self.spec.task_vector is not None:
             params["int8_mask"] = True
         return params
 

@@ -12,7 +12,7 @@ import torch
 
 from test_methods import call, ref_gta
 
-from merge_engine.methods import fused
+from merge_engine.methods import METHODS, fused
 from merge_engine.methods import task_arithmetic as ta
 from merge_engine.methods.common import TensorContext
 
@@ -104,7 +104,7 @@ def test_cached_task_vectors_take_the_kernel_with_the_same_result(monkeypatch, d
     cache: dict = {}
 
     def resident():
-        return ta.merge_task_vectors(base, deltas, [0.45, 0.8], [0.35, 0.7], params, ta.VARIANTS["ties"], TensorContext("t"), cache)
+        return ta.merge_task_vectors(base, deltas, [0.45, 0.8], [0.35, 0.7], params, METHODS["ties"].task_vector, TensorContext("t"), cache)
 
     eager, result, used = run_both(monkeypatch, resident)
     assert used
@@ -156,7 +156,7 @@ def test_writes_into_the_given_output_buffer():
     base, xs = make_inputs(torch.bfloat16, 2, seed=9)
     out = torch.empty_like(base)
     ctx = TensorContext("t", out=out)
-    result = ta.merge_task_vectors(base, [x - base for x in xs], [0.5, 0.5], [1.0, 1.0], {"normalize": True, "lambda": 1.0, "rescale": False}, ta.VARIANTS["task_arithmetic"], ctx, {})
+    result = ta.merge_task_vectors(base, [x - base for x in xs], [0.5, 0.5], [1.0, 1.0], {"normalize": True, "lambda": 1.0, "rescale": False}, METHODS["task_arithmetic"].task_vector, ctx, {})
     assert result.data_ptr() == out.data_ptr()
     assert torch.equal(out, ref_gta(base, xs, [0.5, 0.5], normalize=True))
 
@@ -310,7 +310,7 @@ def test_dare_resident_cache_reuses_the_norms_with_the_same_result(monkeypatch):
 
     def resident(weights):
         ctx = TensorContext("t", seed=3)
-        return ta.merge_task_vectors(base, deltas, weights, [0.4, 0.7], params, ta.VARIANTS["dare_ties"], ctx, cache)
+        return ta.merge_task_vectors(base, deltas, weights, [0.4, 0.7], params, METHODS["dare_ties"].task_vector, ctx, cache)
 
     first = resident([0.5, 0.6])
     assert len(calls) == 2

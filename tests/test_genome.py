@@ -18,7 +18,12 @@ import pytest
 from evolve.config import parse_search_config
 from merge_engine.config import Conditional, ModelReference, parse_config
 from merge_engine.errors import ConfigError
-from search_spaces.genome import DELLA_DENSITY, DELLA_MAX_EPSILON, MAX_GAMMA, METHOD_PARAMS, MIN_DENSITY, Genome
+from merge_engine.methods import DELLA_DENSITY, DELLA_EPSILON, GAMMA
+from merge_engine.methods import METHODS as REGISTRY
+from search_spaces.genome import Genome
+
+METHOD_PARAMS = {name: spec.search.names for name, spec in REGISTRY.items() if spec.search}
+MIN_DENSITY = REGISTRY["ties"].search.param("density").low
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp")
 TA_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
@@ -729,10 +734,10 @@ def test_sparsifying_methods_layout_and_bounds(method, third, num_layers, granul
 
 def test_della_bounds_keep_every_proposal_valid():
     """density +/- epsilon inside (0, 1) at the corners of the box, as DELLA requires."""
-    for density in DELLA_DENSITY:
-        for eps in (0.0, DELLA_MAX_EPSILON):
+    for density in (DELLA_DENSITY.low, DELLA_DENSITY.high):
+        for eps in (DELLA_EPSILON.low, DELLA_EPSILON.high):
             assert 0 < density - eps and density + eps < 1
-    assert MAX_GAMMA == 0.1
+    assert GAMMA.high == 0.1
 
 
 @pytest.mark.parametrize("method", SPARSIFY_METHODS)

@@ -27,6 +27,7 @@ from helpers import read_model, write_yaml
 
 from merge_engine.errors import MergeError
 from merge_engine.methods import REQUIRED, get_method_spec
+from merge_engine.methods import reference
 from merge_engine.methods.common import TensorContext
 
 MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
@@ -84,44 +85,17 @@ def ref_slerp_f64(t, v0, v1):
     return res.view(v0.shape)
 
 
-def ref_topk_mask(delta, density):
-    """Keep exactly int(density * numel) entries of largest |delta|; ties to the lowest flat index
-    (a stable descending sort). Magnitudes compared exactly (float64 holds any 16/32-bit value)."""
-    n = delta.numel()
-    k = int(density * n)
-    mag = delta.detach().abs().to(torch.float64).flatten().numpy()
-    order = np.argsort(-mag, kind="stable")
-    mask = np.zeros(n, dtype=bool)
-    mask[order[:k]] = True
-    return torch.from_numpy(mask).view(delta.shape)
-
-
+# The engine's reference TIES (merge_engine/methods/reference.py) is the reference here too:
+# trim_mask is the deterministic magnitude trim, combine the weighting, election and merge
+# (tests/test_reference.py checks it against a per-entry float64 loop).
 def ref_gta(base, xs, weights, *, densities=None, sparsify=None, consensus=False, normalize=False, lam=1.0, masks=None):
     """Reference §2.6 (task arithmetic family) with magnitude sparsification (2.7) or explicit masks."""
     deltas = [x.to(base.dtype) - base for x in xs]
     if sparsify == "magnitude":
-        deltas = [d if dens >= 1 else d * ref_topk_mask(d, dens) for d, dens in zip(deltas, densities)]
+        deltas = [d if dens >= 1 else d * reference.trim_mask(d, dens) for d, dens in zip(deltas, densities)]
     elif masks is not None:
         deltas = [d * m for d, m in zip(deltas, masks)]
-    stacked = torch.stack(deltas, dim=0)
-    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * w
-    if consensus:
-        sign = weighted.sign()
-        majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-        agree = sign == majority
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam
-    return (base + mixed).to(base.dtype)
+    return reference.combine(base, deltas, weights, consensus, normalize, lam)
 
 
 def grad_value(setting, t):
@@ -551,7 +525,7 @@ def test_ties_tied_magnitudes_go_to_lowest_flat_indices(dtype):
     base = torch.zeros_like(delta)
     for density in (0.1, 0.25, 0.4, 0.55, 0.73):
         out = call("ties", [base, delta], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}])
-        mask = ref_topk_mask(delta, density)
+        mask = reference.trim_mask(delta, density)
         assert int(mask.sum()) == int(density * delta.numel())
         assert_bit_equal(out, delta * mask, f"{dtype} density {density}")
     # a concrete case: 600 entries, 100 of magnitude 1 (indices 4, 9, 16, 21, ...); k = 130 keeps
@@ -572,7 +546,7 @@ def test_ties_histogram_and_kthvalue_paths_agree():
         m16 = call("ties", [torch.zeros_like(delta16), delta16], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}]) != 0
         m32 = call("ties", [torch.zeros_like(delta32), delta32], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}]) != 0
         assert torch.equal(m16, m32)
-        assert torch.equal(m16, ref_topk_mask(delta16, density) & (delta16 != 0))
+        assert torch.equal(m16, reference.trim_mask(delta16, density) & (delta16 != 0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -589,14 +563,14 @@ def test_ties_histogram_path_on_large_tensors_matches_reference(dtype, monkeypat
     base = torch.zeros_like(delta)
     for density in (0.1, 0.25, 0.4, 0.55, 0.73, 0.999):
         out = call("ties", [base, delta], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}])
-        mask = ref_topk_mask(delta, density)
+        mask = reference.trim_mask(delta, density)
         assert_bit_equal(out, delta * mask, f"{dtype} density {density}")
     # random magnitudes: the two-level float32 histogram finds the exact k-th value
     delta = (randn(50, 40, seed=4) * 0.01).to(dtype)
     for density in (0.05, 0.5, 0.9):
         out = call("ties", [torch.zeros_like(delta), delta], 0, {"normalize": False}, [{}, {"weight": 1.0, "density": density}])
         assert int((out != 0).sum()) == int(density * delta.numel())
-        assert_bit_equal(out, delta * ref_topk_mask(delta, density), f"{dtype} random density {density}")
+        assert_bit_equal(out, delta * reference.trim_mask(delta, density), f"{dtype} random density {density}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -614,7 +588,7 @@ def test_ties_with_rescale_matches_l1_of_the_dense_delta():
     base = torch.zeros(40, 25)
     delta = randn(40, 25, seed=45)
     out = call("ties", [base, delta], 0, {"normalize": False, "rescale": True}, [{}, {"weight": 1.0, "density": 0.2}])
-    mask = ref_topk_mask(delta, 0.2)
+    mask = reference.trim_mask(delta, 0.2)
     expected = delta * mask * (delta.abs().sum() / (delta * mask).abs().sum())
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.abs().sum(), delta.abs().sum(), rtol=1e-5, atol=0)

@@ -24,7 +24,8 @@ from merge_engine.config import parse_config
 from merge_engine.options import MergeOptions
 from merge_engine.resident import ResidentMerger
 from merge_engine.streaming import run_merge
-from search_spaces.genome import METHOD_PARAMS, Genome
+from merge_engine.methods import METHODS as REGISTRY
+from search_spaces.genome import Genome
 
 REPO = Path(__file__).resolve().parents[1]
 _VENV_CLI = Path(sys.executable).parent / "mergekit-yaml"
@@ -62,7 +63,7 @@ def random_x(g: Genome, seed: int) -> list[float]:
 
 
 def index(g: Genome, group: int, model: int, flt: int, param: str) -> int:
-    params = METHOD_PARAMS[g.method]
+    params = REGISTRY[g.method].search.names
     return ((group * len(g.models) + model) * len(g.filters) + flt) * len(params) + params.index(param)
 
 
@@ -211,7 +212,7 @@ def test_changing_one_group_recomputes_only_its_tensors(llama_models, tmp_path, 
     merger = merger_factory(cfg)
     model = merger.build_model(cfg)
     merger.apply(cfg)
-    params = METHOD_PARAMS[method]
+    params = REGISTRY[method].search.names
 
     def step(changes: dict[int, float]) -> set[str]:
         for i, v in changes.items():

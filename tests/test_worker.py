@@ -8,6 +8,7 @@ import torch
 
 from evaluators import EVALUATORS, Evaluator, build_evaluator
 from evaluators.worker import CandidateWorker, WorkerSettings
+from merge_engine.options import MergeOptions
 from helpers import read_model
 
 
@@ -23,7 +24,7 @@ def worker(models, function: str = "scorers:embedding_row_mean") -> CandidateWor
     return CandidateWorker(WorkerSettings(
         template_recipe=linear(models, 0.5, 0.5),
         evaluator={"kind": "python", "function": function, "directions": {"embed_mean": "minimize"}, "options": {"row": 3}},
-        merge_options={"device": "cpu", "quiet": True},
+        merge_options=MergeOptions(device="cpu", quiet=True),
     ))
 
 

@@ -12,6 +12,12 @@ imported on first use. Every function has the signature
 - model_params: one dict of per-model parameters per entry of `tensors`;
 - ctx: a TensorContext (output name, is_embed, a seeded generator for random methods).
 Functions do no I/O and never look at configs.
+
+This registry is the single source of truth for what the rest of the project needs to know about a
+method: its parameters and defaults, whether it is of the task-vector family (and then its
+sparsification and sign consensus: `TaskVectorSpec`), and whether a search may tune it (which
+parameters, their bounds and starting values: `SearchSpec`). The executors, the genome, the search
+config and the docs tables read it (tests/test_registry.py checks the docs against it).
 """
 
 from __future__ import annotations
@@ -23,6 +29,73 @@ from typing import Any, Callable, Optional
 from ..errors import ConfigError
 
 REQUIRED = object()  # marker: the parameter has no default
+
+
+RANDOM_SPARSIFIERS = ("random", "della_magprune")  # sparsifications that draw random masks
+
+
+@dataclass(frozen=True)
+class TaskVectorSpec:
+    """A method of the task-arithmetic family: merge `base + lambda * combine(sparsify(x_i - base))`."""
+
+    # None, "magnitude" (TIES trim), "random" (DARE), "magnitude_outliers" (breadcrumbs) or
+    # "della_magprune" (DELLA)
+    sparsify: Optional[str]
+    consensus: bool  # TIES sign election and disjoint mean, else a weighted sum
+    extra: Optional[str] = None  # the sparsification's own per-model parameter (gamma, epsilon)
+
+    @property
+    def random(self) -> bool:
+        return self.sparsify in RANDOM_SPARSIFIERS
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """A parameter a search tunes, with bounds that keep every decoded value valid."""
+
+    name: str
+    low: float
+    high: float
+    initial: Optional[float]  # None: 1 / number of models (weights)
+
+
+# `weight`'s bounds here are for a normalising method; the genome doubles `high` when the method
+# does not normalise and mirrors `low` with allow_negative_weights (docs/mergekit-evolve.md).
+WEIGHT = SearchParam("weight", 0.0, 1.0, None)
+DENSITY = SearchParam("density", 0.05, 1.0, 1.0)  # below 0.05 TIES keeps almost nothing of small tensors
+# DELLA needs 0 < density - epsilon and density + epsilon < 1 for every value an optimiser may
+# propose: fixed bounds that guarantee it, so a decoded value is always exactly the value merged.
+DELLA_DENSITY = SearchParam("density", 0.1, 0.9, 0.9)
+DELLA_EPSILON = SearchParam("epsilon", 0.0, 0.09, 0.05)
+GAMMA = SearchParam("gamma", 0.0, 0.1, 0.01)  # breadcrumbs: the share of largest outliers dropped; mergekit's default
+SLERP_T = SearchParam("t", 0.0, 1.0, 0.5)
+FILTER_WISE = SearchParam("filter_wise", 0.0, 1.0, 0.25)  # a switch, on at >= 0.5; starts off as mergekit
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How `mergekit-evolve` may search a method."""
+
+    params: tuple[SearchParam, ...]  # per model (slerp: its `t`, per layer group and filter)
+    # mergekit-evolve's `normalize` when the genome leaves it unset
+    normalize: bool = False
+    needs_base: bool = False  # the genome must name base_model
+    # a global on/off parameter searched per layer group and filter (model_stock's filter_wise)
+    switch: Optional[SearchParam] = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def weighted(self) -> bool:
+        return "weight" in self.names
+
+    def param(self, name: str) -> SearchParam:
+        for p in self.params + ((self.switch,) if self.switch else ()):
+            if p.name == name:
+                return p
+        raise KeyError(name)
 
 
 @dataclass(frozen=True)
@@ -38,6 +111,8 @@ class MethodSpec:
     # Output shape of an embedding whose inputs differ in vocabulary size: "common" = the common
     # top-left block of all inputs, "base" = the base model's shape (task-vector methods).
     embed_shape: str = "common"
+    task_vector: Optional[TaskVectorSpec] = None  # set for the task-arithmetic family
+    search: Optional[SearchSpec] = None  # set for methods mergekit-evolve can search
 
     @property
     def function(self) -> Callable:
@@ -58,18 +133,37 @@ _GTA_URLS = {
 }
 
 
-def _gta(name: str, normalize: bool, rescale: bool, random: bool, extra: Optional[dict] = None) -> MethodSpec:
+_EXTRA_DEFAULTS = {"gamma": 0.01, "epsilon": 0.15}  # mergekit's defaults
+
+
+def _gta(
+    name: str,
+    normalize: bool,
+    rescale: bool,
+    vectors: TaskVectorSpec,
+    search_normalize: bool = False,
+) -> MethodSpec:
     pretty, url = _GTA_URLS[name]
+    if vectors.sparsify is None:
+        searched = (WEIGHT,)
+    elif vectors.sparsify == "della_magprune":
+        searched = (WEIGHT, DELLA_DENSITY, DELLA_EPSILON)
+    elif vectors.extra == "gamma":
+        searched = (WEIGHT, DENSITY, GAMMA)
+    else:
+        searched = (WEIGHT, DENSITY)
     return MethodSpec(
         name=name,
         implementation=f"task_arithmetic:{name}",
         global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
-        model_params={"weight": REQUIRED, "density": 1.0, **(extra or {})},
+        model_params={"weight": REQUIRED, "density": 1.0, **({vectors.extra: _EXTRA_DEFAULTS[vectors.extra]} if vectors.extra else {})},
         requires_base=True,
-        random=random,
+        random=vectors.random,
         pretty_name=pretty,
         reference_url=url,
         embed_shape="base",
+        task_vector=vectors,
+        search=SearchSpec(searched, normalize=search_normalize, needs_base=True),
     )
 
 
@@ -83,6 +177,7 @@ METHODS: dict[str, MethodSpec] = {
             model_params={"weight": REQUIRED},
             pretty_name="Linear",
             reference_url="https://arxiv.org/abs/2203.05482",
+            search=SearchSpec((WEIGHT,), normalize=True),
         ),
         MethodSpec(
             "slerp",
@@ -91,6 +186,8 @@ METHODS: dict[str, MethodSpec] = {
             requires_base=True,
             pretty_name="SLERP",
             reference_url="https://en.wikipedia.org/wiki/Slerp",
+            # the genome picks the two models (and the base) per layer group itself
+            search=SearchSpec((SLERP_T,)),
         ),
         MethodSpec(
             "passthrough",
@@ -98,14 +195,16 @@ METHODS: dict[str, MethodSpec] = {
             model_params={"scale": None},
             pretty_name="Passthrough",
         ),
-        _gta("task_arithmetic", normalize=False, rescale=False, random=False),
-        _gta("ties", normalize=True, rescale=False, random=False),
-        _gta("dare_ties", normalize=False, rescale=True, random=True),
-        _gta("dare_linear", normalize=False, rescale=True, random=True),
-        _gta("breadcrumbs", normalize=False, rescale=False, random=False, extra={"gamma": 0.01}),
-        _gta("breadcrumbs_ties", normalize=False, rescale=False, random=False, extra={"gamma": 0.01}),
-        _gta("della", normalize=True, rescale=True, random=True, extra={"epsilon": 0.15}),
-        _gta("della_linear", normalize=False, rescale=True, random=True, extra={"epsilon": 0.15}),
+        # search_normalize: mergekit-evolve turns normalize on for linear, ties and dare_ties; della
+        # too here, as della's own default is on
+        _gta("task_arithmetic", False, False, TaskVectorSpec(None, False)),
+        _gta("ties", True, False, TaskVectorSpec("magnitude", True), search_normalize=True),
+        _gta("dare_ties", False, True, TaskVectorSpec("random", True), search_normalize=True),
+        _gta("dare_linear", False, True, TaskVectorSpec("random", False)),
+        _gta("breadcrumbs", False, False, TaskVectorSpec("magnitude_outliers", False, "gamma")),
+        _gta("breadcrumbs_ties", False, False, TaskVectorSpec("magnitude_outliers", True, "gamma")),
+        _gta("della", True, True, TaskVectorSpec("della_magprune", True, "epsilon"), search_normalize=True),
+        _gta("della_linear", False, True, TaskVectorSpec("della_magprune", False, "epsilon")),
         MethodSpec(
             "nuslerp",
             "spherical:nuslerp",
@@ -135,6 +234,7 @@ METHODS: dict[str, MethodSpec] = {
             requires_base=True,
             pretty_name="Model Stock",
             reference_url="https://arxiv.org/abs/2403.19522",
+            search=SearchSpec((), needs_base=True, switch=FILTER_WISE),
         ),
         MethodSpec(
             "sce",
@@ -187,3 +287,11 @@ def get_method_spec(name: str) -> MethodSpec:
         raise ConfigError(
             f"unknown merge_method {name!r} (available: {', '.join(sorted(METHODS))})"
         ) from None
+
+
+def searchable_methods() -> tuple[str, ...]:
+    return tuple(name for name, spec in METHODS.items() if spec.search is not None)
+
+
+def task_vector_methods() -> tuple[str, ...]:
+    return tuple(name for name, spec in METHODS.items() if spec.task_vector is not None)

@@ -9,38 +9,17 @@ weights/densities -> merged tensor). Both executors go through these same two fu
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..errors import ModelError
-from . import fused
+from . import METHODS, RANDOM_SPARSIFIERS, TaskVectorSpec, fused
 from .common import TensorContext, chunk_bounds, flat, keep_probability, mask_key, mask_uniforms
 
 RESCALE_EPS = 1e-7
 
 
-@dataclass(frozen=True)
-class Variant:
-    # None, "magnitude" (TIES), "random" (DARE), "magnitude_outliers" (breadcrumbs) or
-    # "della_magprune" (DELLA)
-    sparsify: Optional[str]
-    consensus: bool
-    extra: Optional[str] = None  # the sparsification's own per-model parameter
-
-
-VARIANTS = {
-    "task_arithmetic": Variant(None, False),
-    "ties": Variant("magnitude", True),
-    "dare_ties": Variant("random", True),
-    "dare_linear": Variant("random", False),
-    "breadcrumbs": Variant("magnitude_outliers", False, "gamma"),
-    "breadcrumbs_ties": Variant("magnitude_outliers", True, "gamma"),
-    "della": Variant("della_magprune", True, "epsilon"),
-    "della_linear": Variant("della_magprune", False, "epsilon"),
-}
-RANDOM_KINDS = ("random", "della_magprune")
 
 
 def aligned_inputs(
@@ -349,7 +328,7 @@ class _Sparsifier:
 
     def _keep(self, start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
         """The keep mask of the slice [start, end) as 0/1 numbers."""
-        if self.kind in RANDOM_KINDS:
+        if self.kind in RANDOM_SPARSIFIERS:
             # each model's mask has its own counter-based stream, keyed by (run seed, tensor, model)
             key = mask_key(self.ctx.seed, self.ctx.name, self.i)
             if self.kind == "random":
@@ -365,7 +344,7 @@ class _Sparsifier:
 
     def _work(self, delta: torch.Tensor) -> torch.Tensor:
         # mergekit's DARE work dtype: the tensor's own for bf16 and on accelerators, else float32
-        if self.kind in RANDOM_KINDS and delta.device.type == "cpu" and delta.dtype != torch.bfloat16:
+        if self.kind in RANDOM_SPARSIFIERS and delta.device.type == "cpu" and delta.dtype != torch.bfloat16:
             return delta.float()
         return delta
 
@@ -374,7 +353,7 @@ class _Sparsifier:
         self._start()
         # Random masks (DARE, DELLA) cost far more to draw (and DELLA's to rank) than to keep:
         # the measuring pass keeps them, one byte per entry, for the merging pass.
-        self.masks = [] if self.kind in RANDOM_KINDS else None
+        self.masks = [] if self.kind in RANDOM_SPARSIFIERS else None
         for start, end, delta in self.vectors.chunks(self.i):
             work = self._work(delta)
             keep = self._keep(start, end, delta)
@@ -481,7 +460,7 @@ def _merge(
     weights: Sequence[float],
     densities: Sequence[float],
     params: dict,
-    variant: Variant,
+    variant: TaskVectorSpec,
     ctx: TensorContext,
     cache: Optional[dict] = None,
     extras: Optional[Sequence[float]] = None,
@@ -522,7 +501,7 @@ def _merge(
     return out
 
 
-def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, variant: Variant, ctx: TensorContext, cache) -> Optional[torch.Tensor]:
+def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, variant: TaskVectorSpec, ctx: TensorContext, cache) -> Optional[torch.Tensor]:
     """The same merge through the one-pass CPU kernel, or None where only the eager path applies
     (DELLA, breadcrumbs, TIES with rescale, lambda, float16, CUDA)."""
     sparsified = [variant.sparsify is not None and d < 1 for d in densities]
@@ -592,7 +571,7 @@ def merge_task_vectors(
     weights: Sequence[float],
     densities: Sequence[float],
     params: dict,
-    variant: Variant,
+    variant: TaskVectorSpec,
     ctx: TensorContext,
     cache: Optional[dict] = None,
     extras: Optional[Sequence[float]] = None,
@@ -606,7 +585,7 @@ def merge_task_vectors(
     return _merge(_TaskVectors(base, deltas=deltas), base, weights, densities, params, variant, ctx, cache, extras, positions)
 
 
-def variant_extras(variant: Variant, model_params: Sequence[dict], positions: Sequence[int]) -> Optional[list[float]]:
+def variant_extras(variant: TaskVectorSpec, model_params: Sequence[dict], positions: Sequence[int]) -> Optional[list[float]]:
     """The variant's own per-model parameter for each task vector, or None if it has none."""
     if variant.extra is None:
         return None
@@ -614,7 +593,7 @@ def variant_extras(variant: Variant, model_params: Sequence[dict], positions: Se
 
 
 def _make(name: str):
-    variant = VARIANTS[name]
+    variant = METHODS[name].task_vector
 
     def method(tensors, base_index, params, model_params, ctx: TensorContext) -> torch.Tensor:
         base, others, positions = aligned_inputs(tensors, base_index, ctx)
