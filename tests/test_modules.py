@@ -171,22 +171,25 @@ def test_vlm_modules_in_the_resident_executor(qwen2_vl):
         merger.close()
 
 
-def test_t5_encoder_cut_per_stack(t5):
-    """T5: encoder layers [0, 2) of a then [1, 2) of b; decoder and shared embedding stated. The
-    decoder keeps its 3 layers although only num_layers (the encoder's key) changes."""
-    f = t5
-    out = _merge(f, f"""\
+def _t5_encoder_cut(f: dict, shared: Path) -> str:
+    """T5 encoder blocks [0, 2) of a then [1, 2) of b, the decoder from b, `shared` stated."""
+    return f"""\
 merge_method: passthrough
 modules:
   encoder:
     slices:
       - sources: [{{model: {f['a']}, layer_range: [0, 2]}}]
       - sources: [{{model: {f['b']}, layer_range: [1, 2]}}]
-  decoder:
-    models: [{{model: {f['b']}}}]
-  shared:
-    models: [{{model: {f['a']}}}]
-""", "t5_modules")
+  decoder: {{models: [{{model: {f['b']}}}]}}
+  shared: {{models: [{{model: {shared}}}]}}
+"""
+
+
+def test_t5_encoder_cut_per_stack(t5):
+    """T5: encoder layers [0, 2) of a then [1, 2) of b; decoder and shared embedding stated. The
+    decoder keeps its 3 layers although only num_layers (the encoder's key) changes."""
+    f = t5
+    out = _merge(f, _t5_encoder_cut(f, shared=f["a"]), "t5_modules")
     model = _load(f["cls"], out)
     assert len(model.encoder.block) == 3 and len(model.decoder.block) == 3
     cfg = _config(out)
@@ -223,16 +226,7 @@ def test_t5_config_without_decoder_count(tmp_path):
         (d / "config.json").write_text(json.dumps(cfg))
         paths[name] = d
     f = {"root": tmp_path, **paths}
-    out = _merge(f, f"""\
-merge_method: passthrough
-modules:
-  encoder:
-    slices:
-      - sources: [{{model: {f['a']}, layer_range: [0, 2]}}]
-      - sources: [{{model: {f['b']}, layer_range: [1, 2]}}]
-  decoder: {{models: [{{model: {f['b']}}}]}}
-  shared: {{models: [{{model: {f['b']}}}]}}
-""", "t5_nokey")
+    out = _merge(f, _t5_encoder_cut(f, shared=f["b"]), "t5_nokey")
     cfg = _config(out)
     assert cfg["num_layers"] == 3 and cfg["num_decoder_layers"] == 2
     model = _load(cls_name, out)
