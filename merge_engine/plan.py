@@ -300,6 +300,9 @@ def _slices_of(
     return [_Slice(s, f"{prefix}slices[{i}]", s.base_model or config.base_model) for i, s in enumerate(slice_defs)]
 
 
+_STATED: set[str] = set()  # where a slices recipe's other modules come from, said once
+
+
 def _normalized_modules(
     config: MergeConfig, models: dict[ModelReference, InputModel], arch: ArchitectureInfo, whole_layers: dict[ModelReference, int]
 ) -> list[_Module]:
@@ -322,11 +325,14 @@ def _normalized_modules(
         slices = _slices_of(config, model_defs, slice_defs, prefix, whole_layers, method)
         if slice_defs and arch.modules:
             others = [m.name for m in arch.modules if m.name != arch.main_module]
-            log.info(
-                "slices cut the %s module; %s come from the first slice's models (%s), merged as its pre-layer "
-                "weights; a `modules:` recipe chooses each module's source",
-                arch.main_module, ", ".join(others), ", ".join(str(s.model) for s in slices[0].definition.sources),
+            message = (
+                f"slices cut the {arch.main_module} module; {', '.join(others)} come from the first slice's models "
+                f"({', '.join(str(s.model) for s in slices[0].definition.sources)}), merged as its pre-layer weights; "
+                "a `modules:` recipe chooses each module's source"
             )
+            if message not in _STATED:  # once per process: a search plans every candidate
+                _STATED.add(message)
+                log.warning("%s", message)
         return [_Module(arch.main_module or "default", arch, slices, params, method, whole_layers, bool(slice_defs))]
 
     by_name = {}

@@ -393,7 +393,7 @@ slices:
   - sources: [{{model: {f['b']}, layer_range: [0, 2]}}]
   - sources: [{{model: {f['a']}, layer_range: [1, 2]}}]
 """
-    with caplog.at_level(logging.INFO, logger="merge_engine.plan"):
+    with caplog.at_level(logging.WARNING, logger="merge_engine.plan"):
         plan = build_plan(parse_config(yaml.safe_load(text)))
     try:
         sources = {t.out.name: str(t.inputs[0].model) for t in plan.tasks}
