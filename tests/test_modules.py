@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -468,3 +469,33 @@ modules:
         else:
             torch.testing.assert_close(t, expected[k], rtol=2e-6, atol=1e-7, msg=k)
     assert len(model.get_submodule(stack)) == 5
+
+
+def text_logit(model, tokenizer) -> dict:
+    """A text-only score of a VLM's language part (a `python` evaluator for the worker test)."""
+    return {"logit": float(model(input_ids=torch.tensor([[3, 4, 5]])).logits[0, -1, 7])}
+
+
+def test_search_worker_scores_a_vlm_text_part(qwen2_vl):
+    """A search worker on a VLM recipe: the resident model is Qwen2-VL's own class, and a text score
+    of each candidate equals the score of the model mergekit-yaml writes for that candidate."""
+    from evaluators.worker import CandidateWorker, WorkerSettings
+    from helpers import _tokenizer_dir
+
+    f = qwen2_vl
+    for p in _tokenizer_dir().iterdir():  # the worker runs the donor's tokenizer
+        shutil.copy(p, f["base"] / p.name)
+    recipe = yaml.safe_load(_vlm_recipe(f))
+    w = CandidateWorker(WorkerSettings(
+        template_recipe=recipe,
+        evaluator={"kind": "python", "function": "test_modules:text_logit", "directions": {"logit": "maximize"}},
+        merge_options=MergeOptions(device="cpu", quiet=True),
+    ))
+    assert type(w.model).__name__ == "Qwen2VLForConditionalGeneration"
+    recipe["modules"]["text_decoder"]["slices"][0]["sources"][0]["parameters"]["weight"] = 0.9
+    result = w.evaluate(recipe)
+    assert result["status"] == "complete", result
+    out = _merge(f, yaml.safe_dump(recipe), "worker_candidate")
+    with torch.no_grad():
+        expected = text_logit(_load(f["cls"], out), None)["logit"]
+    assert result["metrics"]["logit"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
