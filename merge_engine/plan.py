@@ -268,7 +268,7 @@ class _Module:
     sliced: bool  # the recipe cut it into slices (its layer count is written to the config)
 
 
-def module_layers(module: ModuleInfo, model: InputModel) -> int:
+def module_layer_count(module: ModuleInfo, model: InputModel) -> int:
     """A model's layer count for one module: its config key, else the blocks its checkpoint has."""
     if not module.layer_templates:
         return 0
@@ -308,7 +308,7 @@ def _normalized_modules(
 ) -> list[_Module]:
     """The modules to plan, in checkpoint order. `models:` and `slices:` recipes are one module over
     the whole description: on a multi-module model, `slices:` cut the text/decoder stack and every
-    other module comes from the first slice's models (stated in a log line). A `modules:` recipe on
+    other module comes from the first slice's models (stated in a warning). A `modules:` recipe on
     a multi-module model names every module of the model (docs/architectures.md)."""
     method = get_method_spec(config.merge_method)
     if not config.modules or not arch.modules:
@@ -361,7 +361,7 @@ def _normalized_modules(
         if definition.slices and not info.layer_templates:
             raise ConfigError(f"{prefix}slices: module {info.name} has no stack of layers to slice; give it `models:`")
         mod_method = get_method_spec(definition.merge_method or config.merge_method)
-        layers = whole_layers if info.name == arch.main_module else {ref: module_layers(info, m) for ref, m in models.items()}
+        layers = whole_layers if info.name == arch.main_module else {ref: module_layer_count(info, m) for ref, m in models.items()}
         slices = _slices_of(config, definition.models, definition.slices, prefix, layers, mod_method)
         out.append(_Module(info.name, info, slices, definition.parameters, mod_method, layers, bool(definition.slices)))
     return out
