@@ -42,6 +42,9 @@ def run_cli(verbose: int, action) -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
+        io = sys.modules.get(f"{__package__}.io")  # not imported yet: no output folder was made
+        if io is not None:
+            io.discard_incomplete()  # also a folder created just before its owner's cleanup took over
         click.echo("interrupted: no output was written", err=True)
         sys.exit(130)
 

@@ -470,6 +470,18 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+# Temporary output folders not yet committed or discarded: an interrupt that lands between a
+# folder's creation and its owner's `try` (a window of a few bytecodes) is still cleaned up by the
+# CLI's interrupt handler through `discard_incomplete`.
+_INCOMPLETE: set[Path] = set()
+
+
+def discard_incomplete() -> None:
+    for path in list(_INCOMPLETE):
+        shutil.rmtree(path, ignore_errors=True)
+        _INCOMPLETE.discard(path)
+
+
 class AtomicOutputDir:
     """A temporary directory next to the target, renamed into place only when complete.
 
@@ -493,9 +505,10 @@ class AtomicOutputDir:
             # Signals wait until the folder's name is recorded, so an interrupt can always clean up.
             with _signals_deferred():
                 self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.incomplete-", dir=self.target.parent))
+                _INCOMPLETE.add(self.path)
         except BaseException:
             if self.path is not None:
-                shutil.rmtree(self.path, ignore_errors=True)
+                self.discard()
             raise
 
     def commit(self) -> None:
@@ -507,9 +520,11 @@ class AtomicOutputDir:
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(self.path, self.target)
+        _INCOMPLETE.discard(self.path)
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        _INCOMPLETE.discard(self.path)
 
 
 def copy_files(src_dir: Path, dst_dir: Path, names: Iterable[str]) -> list[str]:

@@ -482,3 +482,18 @@ def test_config_error_does_not_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False", "a config error imported torch"
+
+
+def test_an_uncommitted_output_folder_is_removed_by_the_interrupt_handler(tmp_path):
+    """An interrupt between a temporary folder's creation and its owner's `try` still leaves nothing:
+    the CLI's handler removes every folder that was neither committed nor discarded."""
+    from merge_engine.io import AtomicOutputDir, discard_incomplete
+
+    kept = AtomicOutputDir(tmp_path / "kept")
+    (kept.path / "x").write_text("done")
+    kept.commit()
+    orphan = AtomicOutputDir(tmp_path / "out")
+    (orphan.path / "shard").write_bytes(b"\0" * 10)
+    discard_incomplete()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (tmp_path / "kept" / "x").read_text() == "done"
