@@ -260,7 +260,7 @@ dtype: float32
 
 
 def _ref_ties(base, xs, weights, density):
-    """TIES (docs/mergekit-reference.md §2.6, §2.7): the int(density*n) largest |delta| of each model (ties to the
+    """TIES (docs/mergekit-reference.md §2): the int(density*n) largest |delta| of each model (ties to the
     lower flat index), sign election on the weighted sum, mean of the agreeing weighted deltas."""
     deltas = []
     for x in xs:
