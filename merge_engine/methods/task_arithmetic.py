@@ -515,6 +515,7 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
         return None
     cache = {} if cache is None else cache
     thresholds, cutoffs = [], []
+    cutoff_keys: dict[int, tuple] = {}  # model index -> its tie cutoff's cache key
     keys, probs, scales = [], [], []
     for i, density in enumerate(densities):
         if random:
@@ -537,15 +538,17 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
             continue
         threshold, quota = _magnitude_threshold(vectors, i, density, ctx, cache)
         thresholds.append(threshold)
-        cutoffs.append(("cutoff", i, threshold, quota))  # a cache key until all are known
-    missing = [key for key in cutoffs if isinstance(key, tuple) and key not in cache]
+        cutoffs.append(-1)  # filled in below, once every threshold is known
+        cutoff_keys[i] = ("cutoff", i, threshold, quota)
+    missing = [key for key in cutoff_keys.values() if key not in cache]
     if missing:  # one pass over the inputs for every task vector's tie cutoff
         found = fused.tie_cutoffs(
             vectors.base_flat, [sources[key[1]] for key in missing], vectors.deltas is not None,
             [key[2] for key in missing], [key[3] for key in missing],
         )
         cache.update(zip(missing, found))
-    cutoffs = [cache[key] if isinstance(key, tuple) else key for key in cutoffs]
+    for i, key in cutoff_keys.items():
+        cutoffs[i] = cache[key]
     quantised = [float(_scalar(float(w), base.dtype, "cpu")) for w in weights]
     out = ctx.output_buffer(base)
     result = fused.merge(
