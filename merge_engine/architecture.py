@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Optional
 
 log = logging.getLogger(__name__)
@@ -269,7 +273,18 @@ def derive_architectures(config: dict) -> tuple[ArchitectureInfo, ...]:
 
 @functools.lru_cache(maxsize=64)
 def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
-    # Cached per (class, config): planning runs once per search candidate and must stay cheap.
+    # Cached per (class, config) in memory (planning runs once per search candidate) and on disk
+    # (deriving imports transformers and builds a meta model: ~2.5 s a one-off merge would pay).
+    path = _disk_cache_path(cls_name, config_text)
+    cached = _read_cached(path)
+    if cached is not None:
+        return cached
+    derived = _derive_uncached(cls_name, config_text)
+    _write_cached(path, derived)
+    return derived
+
+
+def _derive_uncached(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
     config = json.loads(config_text)
     cls = _transformers_class(cls_name, config)
     if cls is None:
@@ -284,6 +299,84 @@ def _derive(cls_name: str, config_text: str) -> tuple[ArchitectureInfo, ...]:
     except Exception as err:  # _NotDerivable, or a module tree this code did not foresee
         log.info("cannot derive %s: %s", cls_name, err)
         return ()
+
+
+# -- on-disk cache of derived descriptions ---------------------------------------------------------
+# One JSON file per (class, config, transformers version, this module's source): a new transformers
+# or a change to the derivation code is a new key, so a stale description is never read.
+
+_CACHED_TYPES = {c.__name__: c for c in (WeightInfo, StackInfo, ModuleInfo, ArchitectureInfo)}
+
+
+def architecture_cache_dir() -> Optional[Path]:
+    """Where derived descriptions are kept: $EVOMERGE_CACHE_DIR/architectures, else under
+    $XDG_CACHE_HOME (~/.cache)/evomerge. None when EVOMERGE_CACHE_DIR is set to an empty string
+    (no disk cache)."""
+    root = os.environ.get("EVOMERGE_CACHE_DIR")
+    if root is None:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "evomerge")
+    return Path(root).expanduser() / "architectures" if root else None
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """transformers' version and a digest of this module's source (without importing transformers)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tv = version("transformers")
+    except PackageNotFoundError:  # pragma: no cover - a dependency of the package
+        tv = "none"
+    return tv + "/" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def _disk_cache_path(cls_name: str, config_text: str) -> Optional[Path]:
+    folder = architecture_cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256("\n".join((_code_version(), cls_name, config_text)).encode()).hexdigest()
+    return folder / f"{cls_name}-{digest[:32]}.json"
+
+
+def _encode(value):
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    if type(value).__name__ in _CACHED_TYPES and dataclasses.is_dataclass(value):
+        return {"__type__": type(value).__name__, **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, list):  # every sequence in these descriptions is a tuple
+        return tuple(_decode(v) for v in value)
+    if isinstance(value, dict):
+        cls = _CACHED_TYPES[value["__type__"]]
+        return cls(**{k: _decode(v) for k, v in value.items() if k != "__type__"})
+    return value
+
+
+def _read_cached(path: Optional[Path]) -> Optional[tuple[ArchitectureInfo, ...]]:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return _decode(json.loads(path.read_text()))
+    except Exception as err:  # unreadable or from a foreign writer: derive again (and overwrite)
+        log.debug("ignoring the cached architecture %s: %s", path, err)
+        return None
+
+
+def _write_cached(path: Optional[Path], derived: tuple[ArchitectureInfo, ...]) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(_encode(derived)))
+        os.replace(tmp, path)  # concurrent writers (search workers) each replace it whole
+    except OSError as err:  # a read-only home: derivation simply runs again next time
+        log.debug("cannot cache the architecture in %s: %s", path, err)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 class _NotDerivable(Exception):

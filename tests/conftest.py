@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# derived architectures are cached on disk: keep the tests' cache out of the user's home, and
+# fresh per run so derivation itself is exercised (subprocesses inherit it)
+os.environ["EVOMERGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="evomerge-test-cache-")
 
 from helpers import make_model, tiny_config  # noqa: E402
 
