@@ -432,6 +432,8 @@ class Planner:
                     t = i / (n - 1) if n > 1 else 1.0
                     out_weights = mod.weights.layer_weights(out_layer)
                     in_weights = [mod.weights.layer_weights(s.layer_range[0] + i) for s in sources]
+                    if out_layer == 0:
+                        self._check_first_layer(mod, slc, in_weights)
                     for j, w in enumerate(out_weights):
                         plan(w, [(s, iw[j]) for s, iw in zip(sources, in_weights)], slc, t=t)
                     origins.append((sources[0].model, sources[0].layer_range[0] + i))
@@ -439,6 +441,22 @@ class Planner:
         for w in mod.weights.post_weights:
             plan(w, [(s, w) for s in last.definition.sources], last, t=0.0)
         return out_layer
+
+    def _check_first_layer(self, mod: _Module, slc: _Slice, in_weights: list[list[WeightInfo]]) -> None:
+        """A stack's output layer 0 needs what only an input's layer 0 holds (T5 keeps its relative
+        position bias in block 0 of each stack): without it the output silently lacks the tensor."""
+        layer0 = mod.weights.layer_weights(0)
+        for j, (src, weights) in enumerate(zip(slc.definition.sources, in_weights)):
+            if src.layer_range[0] == 0:
+                continue
+            ckpt = self.models[src.model].checkpoint
+            for first, here in zip(layer0, weights):
+                if first.optional and ckpt.find(first.all_names) and not ckpt.find(here.all_names):
+                    raise ConfigError(
+                        f"{slc.path}.sources[{j}].layer_range: the stack's first output layer comes from layer "
+                        f"{src.layer_range[0]} of {src.model}, which lacks {first.name} (only its layer 0 has it): "
+                        f"start the first slice at layer 0"
+                    )
 
     def _check_slice(self, slc: _Slice, layers: dict[ModelReference, int]) -> None:
         lengths = set()

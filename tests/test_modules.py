@@ -499,3 +499,17 @@ def test_search_worker_scores_a_vlm_text_part(qwen2_vl):
     with torch.no_grad():
         expected = text_logit(_load(f["cls"], out), None)["logit"]
     assert result["metrics"]["logit"] == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+def test_t5_cut_not_starting_at_block_0_is_refused(t5):
+    """Only block 0 of a T5 stack holds the relative position bias: a cut whose first output block
+    is another block would silently lack it, so planning names the tensor and the fix."""
+    f = t5
+    recipe = _t5_encoder_cut(f, shared=f["a"]).replace(
+        f"[{{model: {f['a']}, layer_range: [0, 2]}}]", f"[{{model: {f['a']}, layer_range: [1, 2]}}]"
+    )
+    assert "layer_range: [1, 2]}]\n      - sources" in recipe
+    with pytest.raises(ConfigError, match=r"modules\.encoder\.slices\[0\]\.sources\[0\]\.layer_range: .*lacks "
+                                          r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight"):
+        _merge(f, recipe, "t5_bad_start")
+    assert not (f["root"] / "t5_bad_start").exists()
