@@ -484,8 +484,8 @@ def cmd_plain(args) -> None:
         current[name] = res
         current_bytes += nbytes
     flush()
-    if len(shards) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    # an index even for one shard: the shards are named model-partNNNNN, which only an index finds
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     timers["total_s"] = time.perf_counter() - t_start
     timers["shards"] = len(shards)
     child_report(timers)
