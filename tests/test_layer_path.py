@@ -497,3 +497,68 @@ def test_repointing_a_tied_embedding_moves_the_head_with_it(tmp_path):
                 assert torch.equal(live(ids).logits, expected), step
     finally:
         merger.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# PS + DFS: a finished parameter-space search's final_model as a layer source
+
+
+def test_layer_path_over_a_finished_parameter_space_search(quickstart, tmp_path):
+    """Stage 1, a parameter-space search, exports DIR/final_model; stage 2, a layer-path search,
+    lists that folder first among its models. Its starting point (the identity path of model 0) is
+    the stage-1 model itself, so its first candidate scores exactly stage 1's best; its exported
+    recipe names the folder and merges with mergekit-yaml. Pointing at the experiment directory,
+    or at a final_model that was never exported, is a one-line error naming the key."""
+    import yaml
+
+    from evolve.search import build_genome
+    from test_search import run_evolve, search_yaml, trials
+
+    m = quickstart["models"]
+    ps_cfg = search_yaml(quickstart, tmp_path / "ps.yml", budget=4, popsize=4)
+    ps = tmp_path / "ps"
+    proc = run_evolve(ps_cfg, ps, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ps_best = max(r["value"] for r in trials(ps))
+
+    data = yaml.safe_load(ps_cfg.read_text())
+    data["genome"] = {"kind": "layer_path", "models": [str(ps / "final_model"), str(m["expert_arithmetic"]),
+                                                       str(m["expert_facts"])], "dtype": "float32"}
+    data["optimizer"] = {"name": "tpe", "seed": 1}
+    cfg = tmp_path / "dfs.yml"
+    cfg.write_text(yaml.safe_dump(data))
+
+    # the two mistakes: the experiment folder itself, and a search that has not exported yet
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text("{}")
+    for ref, words in ((ps, ["genome.models[0]", "experiment directory", str(ps / "final_model")]),
+                       (unfinished / "final_model", ["genome.models[0]", "has not exported", "--resume"])):
+        bad = dict(data, genome=dict(data["genome"], models=[str(ref)] + data["genome"]["models"][1:]))
+        with pytest.raises(ConfigError) as info:
+            build_genome(parse_search_config(bad))
+        assert all(w in str(info.value) for w in words) and "\n" not in str(info.value), str(info.value)
+        (tmp_path / "bad.yml").write_text(yaml.safe_dump(bad))
+        proc = run_evolve(tmp_path / "bad.yml", tmp_path / "bad-run", quickstart["tasks"], "--quiet")
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert words[1] in proc.stderr and not (tmp_path / "bad-run").exists()
+
+    dfs = tmp_path / "dfs"
+    proc = run_evolve(cfg, dfs, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(dfs)
+    assert len(rows) == 4 and rows[0]["generation"] == -1
+    assert rows[0]["value"] == ps_best  # the identity path over the stage-1 model is that model
+    recipe = yaml.safe_load((dfs / "best_config.yaml").read_text())
+    assert recipe["merge_method"] == "passthrough"
+    named = {s["sources"][0]["model"] for s in recipe["slices"]}
+    assert named <= {str(ps / "final_model"), str(m["expert_arithmetic"]), str(m["expert_facts"])}
+    out = tmp_path / "again"
+    (tmp_path / "best.yml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([MERGEKIT_YAML, str(tmp_path / "best.yml"), str(out), "--quiet"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from helpers import read_model
+
+    again, exported = read_model(out), read_model(dfs / "final_model")
+    assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in again)
