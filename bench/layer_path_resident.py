@@ -20,15 +20,16 @@ behind the model's tensors and the merger's inputs together (exact), and the pro
 memory after the candidates. Measured (2-core CPU machine shared with other work, --repeats 5,
 --threads 1):
 
-    mode     candidate s   model + inputs GB   RSS GB
-    copy     0.111         2.07                2.34
-    repoint  0.0011        1.25                1.52
-    scaled   0.027         1.42                1.70
+    mode     candidate s   model + inputs GB   RSS GB   re-pointed tensors
+    copy     0.065         2.05                2.52     0
+    repoint  0.0019        1.25                1.71     111 (all)
+    scaled   0.040         1.43                1.97     87
 
-Re-pointing removes the model's copy of every unscaled tensor (0.82 GB here: 12 layers plus the
-embedding, the norm and the head all live in the inputs already) and the candidate's cost of
-writing them (100x faster: what is left is planning). Until the first candidate is applied the
-freshly built model still holds buffers of its own, so the peak at start-up is unchanged.
+The inputs alone hold 1.25 GB. Re-pointing removes the model's copy of every unscaled tensor (0.80
+GB here: the 12 layers, the embedding, the norm and the head all live in the inputs already) and
+the candidate's cost of writing them (34x faster: what is left is planning). Until the first
+candidate is applied the freshly built model still holds buffers of its own, so the peak at
+start-up is unchanged.
 """
 
 from __future__ import annotations

@@ -181,4 +181,7 @@ class LayerPathGenome(SearchGenome):
             f"({'; '.join(genes)})",
             f"output: {self.num_layers} layers (passthrough slices) from {sources}; each input layer at most "
             f"{self.max_repeats} time(s), a layer used up goes to the nearest free one",
+            f"starting point: the identity path of {self.labels[self.models[0]]} ("
+            + ("its layers in order" if self.num_layers == self.layer_counts[0] else "its layers spread evenly")
+            + (", scale 1)" if self.scale_filters else ")"),
         ]

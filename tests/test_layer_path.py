@@ -222,6 +222,7 @@ def test_build_genome_and_dry_run(llama_models, tmp_path):
     assert "layer-path position genes: 6 position(s) x 3" in report
     assert "scale in [0.5, 1.5] of o_proj, down_proj" in report
     assert "ft_a (4 layers), ft_b (4 layers)" in report and "at most 2 time(s)" in report
+    assert "starting point: the identity path of ft_a (its layers spread evenly, scale 1)" in report
 
 
 # ----------------------------------------------------------------------------------------------
