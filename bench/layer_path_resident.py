@@ -112,12 +112,12 @@ def measure(mode: str, dirs: list[Path], repeats: int, threads: int) -> dict:
     merger = ResidentMerger(a, MergeOptions(quiet=True))
     merger.repoint = mode != "copy"
     model = merger.build_model(a, dtype=torch.float32)
-    merger.apply(a)  # reads every input once (a worker's start-up)
-    merger.apply(b)
+    merger.apply(a, check_finite=True)  # reads every input once (a worker's start-up)
+    merger.apply(b, check_finite=True)
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        stats = merger.apply(a if i % 2 == 0 else b)
+        stats = merger.apply(a if i % 2 == 0 else b, check_finite=True)  # as a search worker does
         times.append(time.perf_counter() - start)
         assert stats.unchanged == 0
     gc.collect()

@@ -136,6 +136,7 @@ class ResidentMerger:
         self._aliases: dict[str, tuple[str, ...]] = {}
         self._last = {}
         self._storage_shared: set[int] = set()  # ids of live tensors whose storage another one shares
+        self._finite: dict[int, torch.Tensor] = {}  # inputs found finite, by id
         self.repointed: set[str] = set()  # output names whose parameter IS a resident input now
 
     def _target(self, task: TensorTask, arch: ArchitectureInfo) -> Optional[torch.Tensor]:
@@ -267,8 +268,11 @@ class ResidentMerger:
                 continue
             target = self._target(task, plan.architecture)
             if target is not None and (shared := self._unchanged_input(task, target)) is not None:
-                if check_finite and not torch.isfinite(shared).all():
-                    raise ModelError(f"merged tensor {task.out.name} has non-finite values")
+                # an input's values never change: check each once, not once per candidate
+                if check_finite and id(shared) not in self._finite:
+                    if not torch.isfinite(shared).all():
+                        raise ModelError(f"merged tensor {task.out.name} has non-finite values")
+                    self._finite[id(shared)] = shared  # held: an id is only unique while its tensor lives
                 target.data = shared  # re-pointed: no copy, and the old buffer is freed
                 self.repointed.add(task.out.name)
             elif target is not None:

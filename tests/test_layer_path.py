@@ -563,3 +563,32 @@ def test_layer_path_over_a_finished_parameter_space_search(quickstart, tmp_path)
 
     again, exported = read_model(out), read_model(dfs / "final_model")
     assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in again)
+
+
+def test_a_non_finite_input_fails_the_repointed_candidate(llama_models, tmp_path):
+    """check_finite (what a search worker passes) also covers re-pointed tensors: the candidate
+    fails naming the tensor, and the live model keeps what it had."""
+    from safetensors.torch import load_file, save_file
+
+    from merge_engine.errors import ModelError
+    from merge_engine.options import MergeOptions
+    from merge_engine.resident import ResidentMerger
+
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(llama_models["b"]), str(bad)], check=True)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    paths = [str(llama_models["a"]), str(bad)]
+    g = LayerPathGenome(definition(models=paths, dtype="float32"), [4, 4])
+    merger = ResidentMerger(g.decode(g.initial()), MergeOptions(quiet=True))
+    try:
+        live = merger.build_model(g.decode(g.initial()), dtype=torch.float32)
+        merger.apply(g.decode(g.initial()), check_finite=True)
+        before = live.state_dict()["model.layers.1.mlp.up_proj.weight"].clone()
+        with pytest.raises(ModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has non-finite"):
+            merger.apply(g.decode(genes(g, [(0, 0, 1.0), (1, 2, 1.0), (0, 2, 1.0), (0, 3, 1.0)])), check_finite=True)
+        assert torch.equal(live.state_dict()["model.layers.1.mlp.up_proj.weight"], before)
+        assert torch.isfinite(live.state_dict()["model.layers.1.mlp.up_proj.weight"]).all()
+    finally:
+        merger.close()
