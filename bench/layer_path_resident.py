@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A layer-path (frankenmerge) candidate in the resident executor: re-pointed layers vs copies.
 
-    python bench/layer_path_resident.py [--work-dir bench_output] [--repeats 5] [--threads 1]
+    python bench/layer_path_resident.py [--work-dir bench_output] [--repeats 5] [--threads 1] [--no-check-finite]
 
 Two float32 Llama-shaped checkpoints (hidden 1024, 8 layers, vocab 32000: 156M parameters, 0.62 GB
 each; generated once into --work-dir) are held by a ResidentMerger with a live float32 model of 12
@@ -15,21 +15,23 @@ mode:
 - `scaled`: the same paths with every layer's o_proj/down_proj scaled by 0.9 (those tensors are
   computed into buffers of their own, the rest re-pointed).
 
-Reported per mode: the median seconds of one candidate's apply(), the bytes of the distinct storages
-behind the model's tensors and the merger's inputs together (exact), and the process's resident
-memory after the candidates. Measured (2-core CPU machine shared with other work, --repeats 5,
---threads 1):
+Reported per mode: the median seconds of one candidate's apply() (with the non-finite check a
+search worker makes, unless --no-check-finite), the bytes of the distinct storages behind the
+model's tensors and the merger's inputs together (exact), and the process's resident memory after
+the candidates. Measured on the 2-core CPU machine shared with other work (load about 3), --repeats
+7, --threads 1:
 
-    mode     candidate s   model + inputs GB   RSS GB   re-pointed tensors
-    copy     0.065         2.05                2.52     0
-    repoint  0.0019        1.25                1.71     111 (all)
-    scaled   0.040         1.43                1.97     87
+    mode     candidate s (worker's check)   candidate s (--no-check-finite)   model + inputs GB   RSS GB
+    copy     0.82                           0.093                             2.05                2.52
+    repoint  0.0020                         0.0019                            1.25                1.72
+    scaled   0.17                           0.035                             1.43                1.94-2.03
 
 The inputs alone hold 1.25 GB. Re-pointing removes the model's copy of every unscaled tensor (0.80
-GB here: the 12 layers, the embedding, the norm and the head all live in the inputs already) and
-the candidate's cost of writing them (34x faster: what is left is planning). Until the first
-candidate is applied the freshly built model still holds buffers of its own, so the peak at
-start-up is unchanged.
+GB here: the 12 layers, the embedding, the norm and the head all live in the inputs already), the
+candidate's cost of writing them and of checking them for inf/NaN (each input is checked once, when
+first re-pointed): what is left is planning. The check is most of a copied candidate's time on CPU
+(0.73 of 0.82 s). Until the first recipe is applied, the freshly built model holds buffers of its
+own; they are freed one by one as that recipe re-points them.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def rss_bytes() -> int:
     return 0
 
 
-def measure(mode: str, dirs: list[Path], repeats: int, threads: int) -> dict:
+def measure(mode: str, dirs: list[Path], repeats: int, threads: int, check_finite: bool) -> dict:
     """One mode in this process (run by main() in a fresh process per mode)."""
     import gc
 
@@ -112,12 +114,12 @@ def measure(mode: str, dirs: list[Path], repeats: int, threads: int) -> dict:
     merger = ResidentMerger(a, MergeOptions(quiet=True))
     merger.repoint = mode != "copy"
     model = merger.build_model(a, dtype=torch.float32)
-    merger.apply(a, check_finite=True)  # reads every input once (a worker's start-up)
-    merger.apply(b, check_finite=True)
+    merger.apply(a, check_finite=check_finite)  # reads every input once (a worker's start-up)
+    merger.apply(b, check_finite=check_finite)
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        stats = merger.apply(a if i % 2 == 0 else b, check_finite=True)  # as a search worker does
+        stats = merger.apply(a if i % 2 == 0 else b, check_finite=check_finite)
         times.append(time.perf_counter() - start)
         assert stats.unchanged == 0
     gc.collect()
@@ -132,16 +134,19 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("bench_output"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-check-finite", action="store_true",
+                   help="apply without the non-finite check a search worker makes (the merge alone)")
     p.add_argument("--mode", choices=["copy", "repoint", "scaled"], help=argparse.SUPPRESS)  # one child process
     args = p.parse_args(argv)
     dirs = ensure_models(args.work_dir.resolve())
     if args.mode:
-        print(json.dumps(measure(args.mode, dirs, args.repeats, args.threads)))
+        print(json.dumps(measure(args.mode, dirs, args.repeats, args.threads, not args.no_check_finite)))
         return 0
     rows = []
     for mode in ("copy", "repoint", "scaled"):
         out = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--repeats", str(args.repeats),
-                              "--threads", str(args.threads), "--mode", mode], capture_output=True, text=True, check=True)
+                              "--threads", str(args.threads), "--mode", mode]
+                             + (["--no-check-finite"] if args.no_check_finite else []), capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"{'mode':<8} {'candidate s':>12} {'model + inputs GB':>18} {'RSS GB':>7}  re-pointed tensors")
     for r in rows:
