@@ -6,7 +6,9 @@ Layout, decoding and the repeats bound need no model files. The merged numbers a
 tiny llama models (fixture `llama_models`: base + fine-tunes a, b; float32, 4 layers): the
 `mergekit-yaml` CLI's output, the resident executor's live model (as a search worker builds it)
 and an independent per-tensor computation must agree bit for bit, and the output must load with
-transformers.
+transformers. Re-pointing (the resident executor's zero-copy path for unscaled layers) is checked
+against the streaming engine over a sequence of candidates, with its storage sharing counted byte
+for byte; PS+DFS runs two real searches, the second over the first's final_model.
 """
 
 from __future__ import annotations
