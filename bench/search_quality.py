@@ -12,6 +12,11 @@ sees. The baselines (uniform linear, task arithmetic with weight 1 each, TIES) a
 The score of a model is the mean held-out accuracy over the experiment's skills.
 
 Default optimizers: cma, tpe and random, plus nsga2 when evomerge has it (`evolve.optimizers.OPTIMIZERS`).
+Variants: `name:key=value` sets optimizer options, `+racing[@z]` turns racing on, `+pareto` makes
+every task an objective, and `+ps` (with a layer-path --search-yml) is PS+DFS: the seed's
+parameter-space search (the experiment's search.yml with CMA-ES, cached as the plain `cma` run)
+runs first and its final_model becomes the layer path's first model, so the layer-path search
+starts from that merge (its evaluations are the layer-path stage's; the stage before costs as many).
 Every finished run is cached in the work directory (`runs/<optimizer>-seed<S>-b<budget>/result.json`):
 running the command again skips it, and a search stopped half-way is continued with `--resume`.
 The table gives, per method: median and min-max of the held-out score over seeds, and the median
@@ -140,7 +145,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def parse_variant(spec: str) -> tuple[str, dict, set]:
-    """`name[:key=value/...][+racing[@z]][+pareto]` -> (optimizer name or "default", optimizer
+    """`name[:key=value/...][+racing[@z]][+pareto][+ps]` -> (optimizer name or "default", optimizer
     options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
     base, *mods = spec.split("+")
     name, _, opts = base.partition(":")
@@ -148,13 +153,15 @@ def parse_variant(spec: str) -> tuple[str, dict, set]:
     for item in filter(None, opts.split("/")):
         key, _, value = item.partition("=")
         options[key] = float(value)
-    unknown = {m.partition("@")[0] for m in mods} - {"racing", "pareto"}
+    unknown = {m.partition("@")[0] for m in mods} - {"racing", "pareto", "ps"}
     if unknown:
         raise SystemExit(f"--optimizers {spec}: unknown modifier(s) {', '.join(sorted(unknown))}")
     return name, options, set(mods)
 
 
-def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str:
+def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int, layer_source=None) -> str:
+    """`layer_source` (+ps): a model folder put first in the genome's models (the starting point
+    of a layer-path genome is then that model's own layers)."""
     import yaml
 
     name, options, mods = parse_variant(optimizer)
@@ -169,6 +176,8 @@ def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str
             doc["racing"] = {"confidence_z": float(z)} if z else True
     if "pareto" in mods:
         doc["objectives"] = "pareto"
+    if layer_source is not None:
+        doc["genome"] = {**doc["genome"], "models": [str(layer_source), *doc["genome"]["models"]]}
     return yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -185,14 +194,14 @@ def evaluated_items(storage: Path) -> int:
 
 
 def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: int, task_dir: Path,
-               threads: int, score: Scorer) -> dict:
+               threads: int, score: Scorer, layer_source=None) -> dict:
     """One cached (optimizer, seed) search: the CLI, then the held-out score of its final model."""
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_dir / "search.yml"
-    cfg.write_text(search_yml_copy(source, optimizer, seed, budget))
+    cfg.write_text(search_yml_copy(source, optimizer, seed, budget, layer_source))
     storage = run_dir / "evolve"
     cmd = [str(BIN / "mergekit-evolve"), str(cfg), "--storage-path", str(storage), "--task-search-path", str(task_dir),
            "-j", str(threads), "--quiet"]
@@ -275,7 +284,7 @@ def main(argv=None) -> int:
     exp = experiment(args.experiment)
     source = (args.search_yml if args.search_yml.is_absolute() else ROOT / args.search_yml) if args.search_yml else exp.search_yml
     budget = args.budget or (yaml.safe_load(source.read_text()).get("budget") or {}).get("max_fevals", 100)
-    work = (args.work_dir if args.work_dir.is_absolute() else ROOT / args.work_dir) / args.experiment
+    work = exp_work = (args.work_dir if args.work_dir.is_absolute() else ROOT / args.work_dir) / args.experiment
     if args.search_yml:
         work = work / source.stem  # its own runs, beside the experiment's shared tasks and baselines
     work.mkdir(parents=True, exist_ok=True)
@@ -306,9 +315,24 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for opt in optimizers:
             run_dir = work / "runs" / f"{opt.replace(':', '_').replace('=', '').replace(',', '_')}-seed{seed}-b{budget}"
-            r = run_search(run_dir, source, opt, seed, budget, task_dir, args.threads, score)
+            layer_source = None
+            if "ps" in parse_variant(opt)[2]:
+                # PS+DFS: this seed's parameter-space search first (the experiment's own search.yml,
+                # CMA-ES, cached with the plain runs), its final_model then the layer path's model 0
+                ps_budget = (yaml.safe_load(exp.search_yml.read_text()).get("budget") or {}).get("max_fevals", 100)
+                ps_dir = exp_work / "runs" / f"cma-seed{seed}-b{ps_budget}"
+                ps = run_search(ps_dir, exp.search_yml, "cma", seed, ps_budget, task_dir, args.threads, score)
+                if "heldout" not in ps:
+                    results[opt].append({"error": f"parameter-space stage: {ps['error']}"})
+                    continue
+                layer_source = ps_dir / "evolve" / "final_model"
+            r = run_search(run_dir, source, opt, seed, budget, task_dir, args.threads, score, layer_source)
+            if layer_source is not None and "heldout" in r:
+                r = {**r, "ps_heldout": ps["heldout"]["mean"], "ps_wall_s": ps["wall_s"]}
             results[opt].append(r)
             status = f"{r['heldout']['mean']:.3f} held-out, {r['evaluations']} evaluations" if "heldout" in r else r["error"]
+            if "ps_heldout" in r:
+                status += f" (its parameter-space stage: {r['ps_heldout']:.3f})"
             print(f"  {opt} seed {seed}: {status} ({r.get('wall_s', 0):.0f}s)", flush=True)
     for opt in optimizers:
         rows.append({**summarise(f"{opt} search", results[opt]), "group": "search"})

@@ -15,18 +15,41 @@ from merge_engine.config import ModelPath, ModelReference
 from merge_engine.errors import ConfigError, MergeError
 from merge_engine.sources import lora_cache_dir, looks_like_repo_id, resolve_adapter_dir, resolve_model_dir
 
+from .store import FINAL_MODEL, is_experiment
+
+
+def _genome_refs(genome_definition) -> list[tuple[str, ModelReference]]:
+    g = genome_definition
+    refs = [(f"genome.models[{i}]", ref) for i, ref in enumerate(g.models)]
+    if g.base_model is not None:
+        refs.append(("genome.base_model", g.base_model))
+    return refs
+
+
+def check_experiment_references(genome_definition) -> None:
+    """A finished search's DIR/final_model is a model like any other (a later search may take it
+    as a layer source, docs/mergekit-evolve.md); name the two mistakes around it in one line."""
+    for key, ref in _genome_refs(genome_definition):
+        folder = Path(ref.model.path).expanduser()
+        if is_experiment(folder):
+            raise ConfigError(f"{key}: {ref} is a mergekit-evolve experiment directory, not a model; "
+                              f"the model it exported is {folder / FINAL_MODEL}")
+        if folder.name == FINAL_MODEL and not folder.exists() and is_experiment(folder.parent):
+            raise ConfigError(
+                f"{key}: {ref} does not exist: the search in {folder.parent} has not exported its model (still "
+                f"running, stopped, or run with --no-save-final-model); finish it with --resume, or merge its "
+                f"best_config.yaml into that folder with mergekit-yaml"
+            )
+
 
 def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dtype: Optional[str]) -> None:
     """Resolve every model of `genome_definition` (an evolve.config.GenomeDefinition): its models
     and base_model, and for a `model+lora` reference its base and its adapter. Raises a one-line
     ConfigError naming the key (`genome.models[1]`, `genome.base_model`) of the first that does
     not resolve."""
-    g = genome_definition
-    refs = [(f"genome.models[{i}]", ref) for i, ref in enumerate(g.models)]
-    if g.base_model is not None:
-        refs.append(("genome.base_model", g.base_model))
+    check_experiment_references(genome_definition)
     done: set[ModelReference] = set()
-    for key, ref in refs:
+    for key, ref in _genome_refs(genome_definition):
         if ref in done:  # base_model listed under models too
             continue
         done.add(ref)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from .store import FINAL_MODEL
+
 log = logging.getLogger(__name__)
 
 RUN_LOG = "runs.jsonl"  # one line per run of the driver (a search resumed 3 times has 4)
@@ -245,7 +247,7 @@ def export_best(store, genome, merge_options, save_final_model: bool, summary: s
 
     from merge_engine.streaming import run_merge
 
-    out = store.root / "final_model"
+    out = store.root / FINAL_MODEL
     for stale in store.root.glob(f".{out.name}.incomplete-*"):  # left by an export that was killed
         shutil.rmtree(stale, ignore_errors=True)
     run_merge(recipe, out, merge_options, config_text=recipe.to_yaml(), card_extra=summary)

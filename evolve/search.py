@@ -28,7 +28,7 @@ from search_spaces.genome import SearchGenome as Genome, parameter_genome, read_
 from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig
-from .model_refs import check_genome_models
+from .model_refs import check_experiment_references, check_genome_models
 from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
 from .objectives import Scoring, extra_metrics
 from .optimizers import Optimizer, SearchSpace, make_optimizer
@@ -81,6 +81,7 @@ class EvolveOptions:
 
 
 def build_genome(config: SearchConfig) -> Genome:
+    check_experiment_references(config.genome)  # before a layer count is looked for (the dry run too)
     counts = {str(ref): read_num_layers(ref) for ref in config.genome.models}
     if config.genome.kind == "layer_path":  # models of different depths may share a layer path
         return LayerPathGenome(config.genome, [counts[str(ref)] for ref in config.genome.models])

@@ -40,7 +40,12 @@ log = logging.getLogger(__name__)
 
 STUDY_NAME = "evomerge"
 STORE_FORMAT = 2  # 2: trial number = candidate number, with the ask/tell journal in user attributes
+FINAL_MODEL = "final_model"  # DIR/final_model: an ordinary model folder, usable as a model reference
 CHECKPOINT_EVERY_S = 5.0  # the journal replays whatever happened since the last checkpoint
+
+
+def is_experiment(folder: Path) -> bool:
+    return (folder / "manifest.json").is_file() or (folder / "study.db").is_file()
 
 
 def text_hash(text: str) -> str:

@@ -6,6 +6,15 @@ tensor data), and only output tensors whose inputs or resolved parameters change
 candidate are recomputed and copied into the model. The maths goes through the same method
 functions as the streaming executor, so a candidate's tensors equal `mergekit-yaml`'s bit for bit
 (same device, dtype and seed).
+
+Re-pointing: an output tensor that is one input unchanged (`passthrough` with no scale or scale 1,
+a frankenmerge's layers) is not copied when the input already lies on the model's device in the
+parameter's dtype: the parameter is re-pointed to the resident input (`param.data = input`), so a
+layer used twice costs no memory at all. Such a parameter shares storage with an input, so it is
+never written in place: a later candidate that computes that position (scaled, merged) first gives
+the parameter a buffer of its own again. Parameters that share storage with another parameter of
+the live model (ties by storage rather than by one Parameter object) are always copied into, as
+are tensors whose input dtype or device differs from the parameter's.
 """
 
 from __future__ import annotations
@@ -80,6 +89,9 @@ class ResidentMerger:
         self._last: dict[str, tuple] = {}
         self.model: Optional[torch.nn.Module] = None
         self._targets: dict[str, Optional[torch.Tensor]] = {}
+        # False: copy every output tensor into the model (the behaviour before re-pointing; for
+        # measurements such as bench/layer_path_resident.py)
+        self.repoint = True
 
     @property
     def models(self):
@@ -123,6 +135,9 @@ class ResidentMerger:
         self._state: dict[str, torch.Tensor] = {}
         self._aliases: dict[str, tuple[str, ...]] = {}
         self._last = {}
+        self._storage_shared: set[int] = set()  # ids of live tensors whose storage another one shares
+        self._finite: dict[int, torch.Tensor] = {}  # inputs found finite, by id
+        self.repointed: set[str] = set()  # output names whose parameter IS a resident input now
 
     def _target(self, task: TensorTask, arch: ArchitectureInfo) -> Optional[torch.Tensor]:
         """The model parameter an output tensor goes to; None for an LM head tied to the
@@ -132,6 +147,11 @@ class ResidentMerger:
             if not self._state:
                 self._state = dict(self.model.named_parameters())
                 self._state.update(dict(self.model.named_buffers()))
+                owners: dict[int, list[torch.Tensor]] = {}
+                for t in self._state.values():
+                    if t.numel():
+                        owners.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+                self._storage_shared = {id(t) for ts in owners.values() if len(ts) > 1 for t in ts}
                 # saved names -> the module names the live model has (a VLM's language model is
                 # `model.language_model.layers.N` in memory, `model.layers.N` in checkpoints)
                 depth = max((len(m) for m in self.model.modules() if isinstance(m, torch.nn.ModuleList)), default=0)
@@ -187,6 +207,23 @@ class ResidentMerger:
                     self._inputs.pop(self._input_key(task, i), None)
         return cached
 
+    def _unchanged_input(self, task: TensorTask, target: torch.Tensor) -> Optional[torch.Tensor]:
+        """The resident input the output tensor equals bit for bit, when `target` may be re-pointed
+        to it (see the module docstring); None: compute and copy."""
+        if (
+            not self.repoint
+            or task.method.name != "passthrough"
+            or len(task.inputs) != 1
+            or task.model_params[0].get("scale") not in (None, 1.0)  # x * 1.0 == x exactly
+            or not task.math_dtype == task.out.dtype == target.dtype
+            or id(target) in self._storage_shared
+        ):
+            return None
+        tensor = self._input(task, 0)
+        if tensor.device != target.device or tuple(tensor.shape) != tuple(target.shape):
+            return None  # a shape mismatch gets apply()'s error through the copy path
+        return tensor
+
     def compute(self, task: TensorTask, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One output tensor, exactly as the streaming executor computes it; methods that can
         write straight into `out` (the live parameter) do so."""
@@ -230,7 +267,19 @@ class ResidentMerger:
                 stats.unchanged += 1
                 continue
             target = self._target(task, plan.architecture)
-            if target is not None:
+            if target is not None and (shared := self._unchanged_input(task, target)) is not None:
+                # an input's values never change: check each once, not once per candidate
+                if check_finite and id(shared) not in self._finite:
+                    if not torch.isfinite(shared).all():
+                        raise ModelError(f"merged tensor {task.out.name} has non-finite values")
+                    self._finite[id(shared)] = shared  # held: an id is only unique while its tensor lives
+                target.data = shared  # re-pointed: no copy, and the old buffer is freed
+                self.repointed.add(task.out.name)
+            elif target is not None:
+                if task.out.name in self.repointed:
+                    # the parameter is an input's storage: never write into it, give it its own again
+                    target.data = torch.empty_like(target)
+                    self.repointed.discard(task.out.name)
                 result = self.compute(task, out=target)
                 if check_finite and not torch.isfinite(result).all():
                     self._last.pop(task.out.name, None)  # the model now holds it: recompute next time

@@ -22,7 +22,10 @@ The recipe is `merge_method: passthrough` with one slice per run of consecutive 
 with the same scale (a run is exactly its layers one by one), each with `parameters: {scale: ...}`
 when scale genes exist. As in mergekit, the embeddings come from the first slice's model and the
 final norm and LM head from the last slice's. The starting point is the identity path: model 0's
-layers in order (spread evenly when `num_layers` differs from its layer count), scale 1.
+layers in order (spread evenly when `num_layers` differs from its layer count), scale 1. With a
+finished search's `final_model` as model 0 (PS+DFS), the search therefore starts at that merge.
+Search workers re-point unscaled layers to their resident inputs instead of copying them
+(merge_engine.resident).
 """
 
 from __future__ import annotations
@@ -181,4 +184,7 @@ class LayerPathGenome(SearchGenome):
             f"({'; '.join(genes)})",
             f"output: {self.num_layers} layers (passthrough slices) from {sources}; each input layer at most "
             f"{self.max_repeats} time(s), a layer used up goes to the nearest free one",
+            f"starting point: the identity path of {self.labels[self.models[0]]} ("
+            + ("its layers in order" if self.num_layers == self.layer_counts[0] else "its layers spread evenly")
+            + (", scale 1)" if self.scale_filters else ")"),
         ]

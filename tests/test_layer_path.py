@@ -6,7 +6,9 @@ Layout, decoding and the repeats bound need no model files. The merged numbers a
 tiny llama models (fixture `llama_models`: base + fine-tunes a, b; float32, 4 layers): the
 `mergekit-yaml` CLI's output, the resident executor's live model (as a search worker builds it)
 and an independent per-tensor computation must agree bit for bit, and the output must load with
-transformers.
+transformers. Re-pointing (the resident executor's zero-copy path for unscaled layers) is checked
+against the streaming engine over a sequence of candidates, with its storage sharing counted byte
+for byte; PS+DFS runs two real searches, the second over the first's final_model.
 """
 
 from __future__ import annotations
@@ -222,6 +224,7 @@ def test_build_genome_and_dry_run(llama_models, tmp_path):
     assert "layer-path position genes: 6 position(s) x 3" in report
     assert "scale in [0.5, 1.5] of o_proj, down_proj" in report
     assert "ft_a (4 layers), ft_b (4 layers)" in report and "at most 2 time(s)" in report
+    assert "starting point: the identity path of ft_a (its layers spread evenly, scale 1)" in report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,3 +351,246 @@ def test_search_with_the_new_genomes(quickstart, tmp_path, genome):
         assert recipe["merge_method"] in ("task_arithmetic", "ties")
         assert AutoConfig.from_pretrained(final).num_hidden_layers == 4
     assert (final / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# re-pointing: a layer taken unscaled is the resident input itself, not a copy
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (what they really hold in memory)."""
+    seen = {}
+    for t in tensors:
+        if t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _streamed(cfg, out: Path) -> dict[str, torch.Tensor]:
+    from helpers import read_model
+    from merge_engine.options import MergeOptions
+    from merge_engine.streaming import run_merge
+
+    run_merge(cfg, out, MergeOptions(quiet=True))
+    return read_model(out)
+
+
+def test_repointed_layers_share_the_inputs_and_are_never_written_into(llama_models, tmp_path):
+    """Candidates re-pointed, then scaled (the same positions), then re-pointed again: after each,
+    the live model equals the streaming engine's output bit for bit, and no resident input (nor
+    the checkpoints) changed. Re-pointed parameters ARE the inputs (same storage, repeated layers
+    share one), so the model plus the inputs hold no bytes for them."""
+    from helpers import read_model
+    from merge_engine.options import MergeOptions
+    from merge_engine.resident import ResidentMerger
+
+    paths = [str(llama_models[k]) for k in ("b", "a")]
+    g = LayerPathGenome(definition(models=paths, num_layers=6, scale=True, dtype="float32"), [4, 4])
+    on_disk = [read_model(p) for p in paths]
+    repeated = [(0, 0, 1.0), (0, 1, 1.0), (1, 1, 1.0), (1, 1, 1.0), (0, 3, 1.0), (0, 3, 1.0)]
+    scaled = [(0, 0, 1.0), (0, 1, 0.75), (1, 1, 1.25), (1, 1, 1.0), (0, 3, 0.5), (1, 2, 1.0)]
+    template = g.decode(g.initial())
+    merger = ResidentMerger(template, MergeOptions(quiet=True))
+    try:
+        live = merger.build_model(template, dtype=torch.float32)
+        merger.apply(template)
+        params = dict(live.named_parameters())
+        for step, path in enumerate([repeated, scaled, repeated]):
+            cfg = g.decode(genes(g, path))
+            merger.apply(cfg, check_finite=True)
+            streamed = _streamed(cfg, tmp_path / f"out{step}")
+            state = live.state_dict()
+            assert set(streamed) == set(state)
+            for name, tensor in streamed.items():
+                assert torch.equal(state[name], tensor), (step, name)
+            # the inputs the merger holds are still the checkpoints' tensors
+            for (model, tensor_name, *_), held in merger._inputs.items():
+                assert torch.equal(held, on_disk[paths.index(str(model))][tensor_name]), (step, tensor_name)
+            held_ptrs = {t.data_ptr(): key for key, t in merger._inputs.items()}
+            for i, (m, layer, scale) in enumerate(path):
+                for part in LAYER_PARTS:
+                    name = f"model.layers.{i}.{part}.weight"
+                    is_input = held_ptrs.get(params[name].data_ptr())
+                    if scale == 1.0 or not any(f in part for f in ("o_proj", "down_proj")):
+                        assert is_input is not None, (step, name)
+                        assert (str(is_input[0]), is_input[1]) == (paths[m], f"model.layers.{layer}.{part}.weight"), (step, name)
+                        assert name in merger.repointed
+                    else:
+                        assert is_input is None and name not in merger.repointed, (step, name)
+            if path is repeated:
+                # positions 2 and 3 (and 4 and 5) are one input layer: one storage
+                assert params["model.layers.2.mlp.up_proj.weight"].data_ptr() == params["model.layers.3.mlp.up_proj.weight"].data_ptr()
+                assert params["model.layers.4.mlp.down_proj.weight"].data_ptr() == params["model.layers.5.mlp.down_proj.weight"].data_ptr()
+                # every tensor of the model is an input here: the model costs nothing beyond them
+                everything = list(live.parameters()) + list(merger._inputs.values())
+                assert _storage_bytes(everything) == _storage_bytes(merger._inputs.values())
+                assert len(merger.repointed) == len(params)
+            else:
+                own = [p for n, p in params.items() if n not in merger.repointed]
+                assert len(own) == 3 * 2  # o_proj, down_proj at the three positions scaled != 1
+                everything = list(live.parameters()) + list(merger._inputs.values())
+                assert _storage_bytes(everything) == _storage_bytes(merger._inputs.values()) + sum(
+                    p.numel() * p.element_size() for p in own)
+        ids = torch.tensor([[5, 17, 42, 3, 9, 60]])
+        with torch.no_grad():
+            live_logits = live(ids).logits
+    finally:
+        merger.close()
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out2", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, live_logits)
+
+
+def test_copy_instead_of_repointing_when_dtype_differs_or_disabled(llama_models, tmp_path):
+    """A float32 recipe in a bfloat16 model, and `repoint = False`: every tensor is copied into a
+    buffer of the model's own, with the same values as before re-pointing existed."""
+    from merge_engine.options import MergeOptions
+    from merge_engine.resident import ResidentMerger
+
+    paths = [str(llama_models[k]) for k in ("a", "b")]
+    g = LayerPathGenome(definition(models=paths, num_layers=5, dtype="float32"), [4, 4])
+    cfg = g.decode(genes(g, [(0, 0, 1.0), (1, 1, 1.0), (1, 1, 1.0), (0, 2, 1.0), (1, 3, 1.0)]))
+    streamed = _streamed(cfg, tmp_path / "out")
+    for dtype, repoint in ((torch.bfloat16, True), (torch.float32, False)):
+        merger = ResidentMerger(cfg, MergeOptions(quiet=True))
+        merger.repoint = repoint
+        try:
+            live = merger.build_model(cfg, dtype=dtype)
+            merger.apply(cfg)
+            held = {t.untyped_storage().data_ptr() for t in merger._inputs.values()}
+            assert not merger.repointed
+            assert not any(p.untyped_storage().data_ptr() in held for p in live.parameters())
+            state = live.state_dict()
+            for name, tensor in streamed.items():
+                assert torch.equal(state[name], tensor.to(dtype)), name
+        finally:
+            merger.close()
+
+
+def test_repointing_a_tied_embedding_moves_the_head_with_it(tmp_path):
+    """Tied embeddings (one Parameter for the embedding and the head): re-pointing the embedding
+    re-points the head too, and the live model's logits equal the merged checkpoint's."""
+    from helpers import make_model, tiny_config
+    from merge_engine.options import MergeOptions
+    from merge_engine.resident import ResidentMerger
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama", tie_word_embeddings=True)
+    base = make_model(tmp_path / "base", cfg, seed=0)
+    ft = make_model(tmp_path / "ft", cfg, seed=1, base=base)
+    paths = [str(ft), str(base)]
+    g = LayerPathGenome(definition(models=paths, num_layers=5, scale=True, dtype="float32"), [4, 4])
+    merger = ResidentMerger(g.decode(g.initial()), MergeOptions(quiet=True))
+    try:
+        live = merger.build_model(g.decode(g.initial()), dtype=torch.float32)
+        assert live.lm_head.weight is live.model.embed_tokens.weight
+        ids = torch.tensor([[5, 17, 42, 3, 9, 60]])
+        for step, path in enumerate([[(1, 0, 1.0), (0, 1, 1.0), (0, 1, 1.0), (1, 2, 1.0), (0, 3, 1.0)],
+                                     [(0, 0, 1.0), (0, 1, 0.5), (0, 1, 1.0), (1, 2, 1.5), (1, 3, 1.0)]]):
+            recipe = g.decode(genes(g, path))
+            merger.apply(recipe)
+            assert live.lm_head.weight is live.model.embed_tokens.weight
+            assert "model.embed_tokens.weight" in merger.repointed
+            out = tmp_path / f"out{step}"
+            _streamed(recipe, out)
+            with torch.no_grad():
+                expected = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+                assert torch.equal(live(ids).logits, expected), step
+    finally:
+        merger.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# PS + DFS: a finished parameter-space search's final_model as a layer source
+
+
+def test_layer_path_over_a_finished_parameter_space_search(quickstart, tmp_path):
+    """Stage 1, a parameter-space search, exports DIR/final_model; stage 2, a layer-path search,
+    lists that folder first among its models. Its starting point (the identity path of model 0) is
+    the stage-1 model itself, so its first candidate scores exactly stage 1's best; its exported
+    recipe names the folder and merges with mergekit-yaml. Pointing at the experiment directory,
+    or at a final_model that was never exported, is a one-line error naming the key."""
+    import yaml
+
+    from evolve.search import build_genome
+    from test_search import run_evolve, search_yaml, trials
+
+    m = quickstart["models"]
+    ps_cfg = search_yaml(quickstart, tmp_path / "ps.yml", budget=4, popsize=4)
+    ps = tmp_path / "ps"
+    proc = run_evolve(ps_cfg, ps, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ps_best = max(r["value"] for r in trials(ps))
+
+    data = yaml.safe_load(ps_cfg.read_text())
+    data["genome"] = {"kind": "layer_path", "models": [str(ps / "final_model"), str(m["expert_arithmetic"]),
+                                                       str(m["expert_facts"])], "dtype": "float32"}
+    data["optimizer"] = {"name": "tpe", "seed": 1}
+    cfg = tmp_path / "dfs.yml"
+    cfg.write_text(yaml.safe_dump(data))
+
+    # the two mistakes: the experiment folder itself, and a search that has not exported yet
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "manifest.json").write_text("{}")
+    for ref, words in ((ps, ["genome.models[0]", "experiment directory", str(ps / "final_model")]),
+                       (unfinished / "final_model", ["genome.models[0]", "has not exported", "--resume"])):
+        bad = dict(data, genome=dict(data["genome"], models=[str(ref)] + data["genome"]["models"][1:]))
+        with pytest.raises(ConfigError) as info:
+            build_genome(parse_search_config(bad))
+        assert all(w in str(info.value) for w in words) and "\n" not in str(info.value), str(info.value)
+        (tmp_path / "bad.yml").write_text(yaml.safe_dump(bad))
+        proc = run_evolve(tmp_path / "bad.yml", tmp_path / "bad-run", quickstart["tasks"], "--quiet")
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert words[1] in proc.stderr and not (tmp_path / "bad-run").exists()
+
+    dfs = tmp_path / "dfs"
+    proc = run_evolve(cfg, dfs, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = trials(dfs)
+    assert len(rows) == 4 and rows[0]["generation"] == -1
+    assert rows[0]["value"] == ps_best  # the identity path over the stage-1 model is that model
+    recipe = yaml.safe_load((dfs / "best_config.yaml").read_text())
+    assert recipe["merge_method"] == "passthrough"
+    named = {s["sources"][0]["model"] for s in recipe["slices"]}
+    assert named <= {str(ps / "final_model"), str(m["expert_arithmetic"]), str(m["expert_facts"])}
+    out = tmp_path / "again"
+    (tmp_path / "best.yml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([MERGEKIT_YAML, str(tmp_path / "best.yml"), str(out), "--quiet"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from helpers import read_model
+
+    again, exported = read_model(out), read_model(dfs / "final_model")
+    assert set(again) == set(exported) and all(torch.equal(again[k], exported[k]) for k in again)
+
+
+def test_a_non_finite_input_fails_the_repointed_candidate(llama_models, tmp_path):
+    """check_finite (what a search worker passes) also covers re-pointed tensors: the candidate
+    fails naming the tensor, and the live model keeps what it had."""
+    from safetensors.torch import load_file, save_file
+
+    from merge_engine.errors import ModelError
+    from merge_engine.options import MergeOptions
+    from merge_engine.resident import ResidentMerger
+
+    bad = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(llama_models["b"]), str(bad)], check=True)
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    paths = [str(llama_models["a"]), str(bad)]
+    g = LayerPathGenome(definition(models=paths, dtype="float32"), [4, 4])
+    merger = ResidentMerger(g.decode(g.initial()), MergeOptions(quiet=True))
+    try:
+        live = merger.build_model(g.decode(g.initial()), dtype=torch.float32)
+        merger.apply(g.decode(g.initial()), check_finite=True)
+        before = live.state_dict()["model.layers.1.mlp.up_proj.weight"].clone()
+        with pytest.raises(ModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has non-finite"):
+            merger.apply(g.decode(genes(g, [(0, 0, 1.0), (1, 2, 1.0), (0, 2, 1.0), (0, 3, 1.0)])), check_finite=True)
+        assert torch.equal(live.state_dict()["model.layers.1.mlp.up_proj.weight"], before)
+        assert torch.isfinite(live.state_dict()["model.layers.1.mlp.up_proj.weight"]).all()
+    finally:
+        merger.close()
