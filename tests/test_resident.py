@@ -437,3 +437,22 @@ def test_candidates_reuse_tokenizers_vocabulary_and_chat_template(llama_models, 
         plans.append(merger.plan(candidate))
     assert sorted(loaded) == sorted(str(llama_models[k]) for k in "ab")
     assert plans[0].vocab is plans[1].vocab is plans[2].vocab is merger.vocab(template)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_the_entrywise_check(dtype):
+    from merge_engine.resident import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = {
+        "plain": torch.randn(1000).to(dtype),
+        "nan": torch.randn(1000).to(dtype).index_fill_(0, torch.tensor([17]), float("nan")),
+        "inf": torch.randn(1000).to(dtype).index_fill_(0, torch.tensor([3]), float("inf")),
+        "both infinities": torch.tensor([float("inf"), float("-inf"), 1.0]).to(dtype),
+        "sum overflows, entries finite": torch.full((8,), big, dtype=dtype),
+        "empty": torch.zeros(0, dtype=dtype),
+    }
+    for name, t in cases.items():
+        assert all_finite(t) == bool(torch.isfinite(t).all()), name
+    assert all_finite(cases["sum overflows, entries finite"]) and not all_finite(cases["both infinities"])
+    assert all_finite(torch.arange(5))  # integer tensors are finite by construction
