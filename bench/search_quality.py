@@ -140,7 +140,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def parse_variant(spec: str) -> tuple[str, dict, set]:
-    """`name[:key=value/...][+racing[@z]][+pareto]` -> (optimizer name or "default", optimizer
+    """`name[:key=value/...][+racing[@z[:fraction]]][+pareto]` -> (optimizer name or "default", optimizer
     options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
     base, *mods = spec.split("+")
     name, _, opts = base.partition(":")
@@ -164,9 +164,9 @@ def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int) -> str
     doc["optimizer"] = {**opt, **options, "seed": seed, **({} if name == "default" else {"name": name})}
     doc["budget"] = {**(doc.get("budget") or {}), "max_fevals": budget}
     for mod in mods:
-        if mod.startswith("racing"):  # racing, or racing@Z for another confidence_z
-            z = mod.partition("@")[2]
-            doc["racing"] = {"confidence_z": float(z)} if z else True
+        if mod.startswith("racing"):  # racing, or racing@Z[:F] for another confidence_z (and fraction)
+            z, _, fraction = mod.partition("@")[2].partition(":")
+            doc["racing"] = {**({"confidence_z": float(z)} if z else {}), **({"fraction": float(fraction)} if fraction else {})} or True
     if "pareto" in mods:
         doc["objectives"] = "pareto"
     return yaml.safe_dump(doc, sort_keys=False)
