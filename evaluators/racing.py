@@ -65,7 +65,8 @@ def paired_difference(candidate: Mapping[str, Sequence[float]], best: Mapping[st
         if n >= size:
             continue  # every item scored: D_t is known exactly
         if n == 1:
-            return mean_total, math.inf
+            variance = math.inf  # one item shows no spread
+            continue
         s2 = math.fsum((x - m) ** 2 for x in d) / (n - 1)
         variance += w * w * s2 * (1 - n / size) / n
     return mean_total, variance

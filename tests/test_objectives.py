@@ -131,7 +131,8 @@ def test_paired_rule_edge_cases():
     # every item scored in the first stage: the difference is exact, no variance
     assert paired_difference({"t": [0, 1]}, {"t": [1, 1]}, {"t": 2}, w) == (-0.5, 0.0)
     # a single first item out of several says nothing about the spread: never stopped
-    assert paired_difference({"t": [0]}, {"t": [1]}, {"t": 5}, w)[1] == math.inf
+    assert paired_difference({"t": [0]}, {"t": [1]}, {"t": 5}, w) == (-1.0, math.inf)
+    assert paired_difference({"t": [0], "u": [1, 1]}, {"t": [1], "u": [0, 0]}, {"t": 5, "u": 2}, {"t": 1.0, "u": 2.0}) == (1.0, math.inf)
     assert not should_stop({"t": [0]}, {"t": [1]}, {"t": 5}, w, 0.1)
     with pytest.raises(ValueError, match="task t: 3 first-stage values against the best's 4"):
         paired_difference({"t": [0, 1, 1]}, same, {"t": 40}, w)
