@@ -196,8 +196,12 @@ class LMEvalEvaluator:
                 out[key] = {int(r["doc_id"]): float(r[name]) for r in rows}
         return out
 
-    def evaluate_raced(self, weights: dict[str, float], best: Optional[float], fraction: float, z: float) -> tuple[dict, bool]:
-        """(metrics, stopped): the metrics over the first stage's items only when stopped (see
+    def evaluate_raced(self, weights: dict[str, float], best: Optional[dict[str, list[float]]], fraction: float,
+                       z: float) -> tuple[dict, bool, dict[str, list[float]]]:
+        """(metrics, stopped, first): `first` is this candidate's per-item values on the first
+        stage's items (task -> values by document order), what a later candidate is paired with
+        if this one becomes the best; `best` is the best complete candidate's (None: nothing to
+        beat yet). The metrics are over the first stage's items only when stopped (see
         evaluators.racing), else over every item, computed as the mean of per-item values."""
         from .racing import should_stop, split_items
 
@@ -206,10 +210,11 @@ class LMEvalEvaluator:
         self.evaluated_items = sum(len(s[0]) for s in stages.values())
         task_of = {key: t.name for t in self.tasks for key, _ in t.metrics}
         means = {key: math.fsum(v.values()) / len(v) for key, v in first.items()}
-        progress = {t.name: (means[t.name], len(stages[t.name][0]), len(self.items(t.name))) for t in self.tasks}
+        paired = {t.name: [first[t.name][d] for d in stages[t.name][0]] for t in self.tasks}
+        sizes = {t.name: len(self.items(t.name)) for t in self.tasks}
         rest = {name: s[1] for name, s in stages.items() if s[1]}
-        if not rest or should_stop(progress, weights, z, best):
-            return means, bool(rest)
+        if not rest or should_stop(paired, best, sizes, weights, z):
+            return means, bool(rest), paired
         second = self._item_values(rest)
         self.evaluated_items += sum(len(s) for s in rest.values())
         out = {}
@@ -219,4 +224,4 @@ class LMEvalEvaluator:
             if len(ordered) != len(self.items(task_of[key])):
                 raise TaskError(f"task {task_of[key]}: {len(ordered)} of {len(self.items(task_of[key]))} items scored")
             out[key] = math.fsum(ordered) / len(ordered)
-        return out, False
+        return out, False, paired

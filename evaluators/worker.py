@@ -38,6 +38,9 @@ class CandidateResult:
     error: Optional[str] = None
     worker: str = ""
     items: int = 0  # items scored
+    # racing: per-item values on the first-stage items (task -> values), what later candidates
+    # are paired with if this one is the best (see evaluators.racing)
+    first_items: Optional[dict] = None
 
 
 def _ray_node_suffix() -> str:
@@ -96,7 +99,8 @@ class CandidateWorker:
 
     def evaluate(self, payload: dict) -> dict:
         """Merge and score one candidate. `payload`: a recipe, or {"recipe": recipe, "race":
-        {"best", "weights", "fraction", "z"}} to race it (see evaluators.racing)."""
+        {"best_items", "weights", "fraction", "z"}} to race it against the best complete candidate's
+        first-stage values `best_items` (None: nothing to beat yet; see evaluators.racing)."""
         from merge_engine.config import parse_config
 
         race = None
@@ -109,16 +113,18 @@ class CandidateWorker:
             stats = self.merger.apply(config, check_finite=True)
             merge_s = time.perf_counter() - start
             t_eval = time.perf_counter()
-            stopped = False
+            stopped, first = False, None
             with self._no_grad():
                 if race is None:
                     metrics = self.evaluator.evaluate()
                 else:
-                    metrics, stopped = self.evaluator.evaluate_raced(race["weights"], race["best"], race["fraction"], race["z"])
+                    metrics, stopped, first = self.evaluator.evaluate_raced(
+                        race["weights"], race["best_items"], race["fraction"], race["z"])
             eval_s = time.perf_counter() - t_eval
             status = "stopped" if stopped else "complete"
             return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
-                                          items=getattr(self.evaluator, "evaluated_items", 0)))
+                                          items=getattr(self.evaluator, "evaluated_items", 0),
+                                          first_items=first))
         except Exception as err:  # a failed candidate is data, not a crash
             log.debug("candidate failed: %s", traceback.format_exc())
             return asdict(

@@ -36,7 +36,7 @@ class Candidate:
 @dataclass
 class Outcome:
     status: str  # "complete" | "failed" | "stopped" (racing: scored on its first items only)
-    fitness: Optional[float]  # for "stopped": the estimate from the items it was scored on
+    fitness: Optional[float]  # for "stopped": the paired estimate from its first items (evaluators.racing)
     metrics: dict = field(default_factory=dict)
     error: Optional[str] = None
     timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
@@ -47,6 +47,10 @@ class Outcome:
     violation: float = 0.0  # > 0: infeasible (constraints), scores kept
     items: int = 0  # evaluated items (documents) this candidate cost
     reused_from: Optional[int] = None  # an identical recipe's candidate whose scores were reused
+    # racing: per-item values on the first-stage items (task -> values), and the best candidate
+    # it was raced against (a stopped one's estimate is relative to it)
+    first_items: Optional[dict] = None
+    paired_with: Optional[int] = None
 
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""

@@ -220,6 +220,26 @@ class CMAESOptimizer(Optimizer):
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(pickle.loads(state["pickle"]))
+        _rehash_solution_dicts(self.es)
+
+
+def _rehash_solution_dicts(es) -> None:
+    """pycma files every sampled solution (its genotype before boundary repair) in dictionaries
+    keyed by hash(x.tobytes()); bytes hashes change from one process to the next, so after a
+    checkpoint is loaded elsewhere tell() would miss them and update from the repaired points
+    instead (a resumed search diverged at the first out-of-bounds sample). Re-key them from the
+    solutions each dictionary keeps."""
+    from cma.utilities.utils import SolutionDict
+
+    holders = [es] + [v for v in vars(es).values() if hasattr(v, "__dict__")]
+    for holder in holders:
+        for d in vars(holder).values():
+            if not isinstance(d, SolutionDict):
+                continue
+            rekey = {old: d.key(x) for old, x in d._unhashed_keys.items()}
+            d.data = {rekey.get(k, k): v for k, v in d.data.items()}
+            d.data_with_same_key = {rekey.get(k, k): v for k, v in d.data_with_same_key.items()}
+            d._unhashed_keys = {rekey[k]: x for k, x in d._unhashed_keys.items()}
 
 
 class OptunaSamplerOptimizer(Optimizer):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from evaluators.racing import paired_estimate
 from merge_engine.errors import ConfigError
 from merge_engine.options import MergeOptions
 from merge_engine.threads import thread_environment
@@ -217,10 +218,12 @@ class PoolRunner:
     A recipe identical to one already evaluated (same `recipe_hash`: weights compared as the
     engine rounds them) is never evaluated again: it gets that candidate's outcome
     (`reused_from`), or waits for it while it is still running. With `race`, each candidate is
-    sent with the best fitness so far and the racing rule (see evaluators.racing)."""
+    sent with the best complete candidate's first-stage values and the racing rule (see
+    evaluators.racing); `best()` gives that candidate as (number, fitness, first-stage values),
+    or None."""
 
     def __init__(self, pool, genome: Genome, scoring: Scoring, known: Optional[dict] = None, race=None,
-                 best: Callable[[], Optional[float]] = lambda: None):
+                 best: Callable[[], Optional[tuple[int, float, dict]]] = lambda: None):
         self.pool = pool
         self.genome = genome
         self.scoring = scoring
@@ -232,6 +235,7 @@ class PoolRunner:
         self.evaluating: dict[str, int] = {}  # recipe hash -> the candidate evaluating it
         self.waiting: dict[int, list[Candidate]] = {}  # that candidate -> identical ones waiting for it
         self.ready: list[tuple[Candidate, Outcome]] = []
+        self.paired: dict[int, tuple[int, float, dict]] = {}  # number -> the best it was raced against
 
     def submit(self, candidate: Candidate) -> None:
         recipe = self.genome.decode(candidate.genotype)
@@ -246,8 +250,11 @@ class PoolRunner:
             self.waiting[candidate.number] = []
             payload = recipe.to_plain()
             if self.race is not None:
+                best = self.best()
+                if best is not None:  # the best may change before this result is in: keep the one sent
+                    self.paired[candidate.number] = best
                 payload = {"recipe": payload, "race": {
-                    "best": self.best(), "weights": self.scoring.signed_weights,
+                    "best_items": None if best is None else best[2], "weights": self.scoring.signed_weights,
                     "fraction": self.race.fraction, "z": self.race.confidence_z,
                 }}
             self.pool.submit(candidate, payload)
@@ -265,7 +272,7 @@ class PoolRunner:
         out = []
         for candidate, result, attempts in self.pool.wait():
             t0, key = self.submitted.pop(candidate.number)
-            outcome = self._outcome(result, attempts, key, time.perf_counter() - t0)
+            outcome = self._outcome(result, attempts, key, time.perf_counter() - t0, self.paired.pop(candidate.number, None))
             out.append((candidate, outcome))
             del self.evaluating[key]
             followers = self.waiting.pop(candidate.number)
@@ -278,21 +285,23 @@ class PoolRunner:
                     self.submit(c)
         return out
 
-    def _outcome(self, result: dict, attempts: int, key: str, total_s: float) -> Outcome:
+    def _outcome(self, result: dict, attempts: int, key: str, total_s: float, paired=None) -> Outcome:
         timings = {"merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0), "total_s": total_s}
         status, error, metrics = result["status"], result.get("error"), result.get("metrics", {})
         fitness, objectives, violation = None, (), 0.0
         if status in ("complete", "stopped"):
             try:
-                if status == "stopped":  # scored on its first items only: the estimate ranks it
-                    fitness = self.scoring.fitness(metrics)
+                if status == "stopped":  # scored on its first items only: the paired estimate ranks it
+                    fitness = paired_estimate(metrics, paired[1], paired[2], self.scoring.signed_weights)
                 else:
                     scored = self.scoring.score(metrics)
                     fitness, objectives, violation = scored.fitness, scored.objectives, scored.violation
             except KeyError as err:
                 status, error = "failed", f"no metric {err}"
         return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
-                       objectives, violation, result.get("items", 0))
+                       objectives, violation, result.get("items", 0),
+                       first_items=result.get("first_items") if status in ("complete", "stopped") else None,
+                       paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None)
 
 
 # -- one run of the driver ------------------------------------------------------------------------
@@ -330,8 +339,14 @@ class SearchRun:
                     f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
                     "(package versions changed?): continue it with the versions in its manifest.json"
                 ) from None
-        best = self.store.best()
-        self.best_value = best.value if best is not None else None
+        # the best as the live run chose it: the first told of the highest feasible fitness (racing
+        # pairs every candidate with it, so a resumed run must pick the same one)
+        best = max((e for e in journal if e.outcome is not None and e.outcome.status == "complete"
+                    and e.outcome.violation <= 0 and e.outcome.fitness is not None and math.isfinite(e.outcome.fitness)),
+                   key=lambda e: (e.outcome.fitness, -e.tell_order), default=None)
+        self.best_value = None if best is None else best.outcome.fitness
+        self.best = None if best is None or not best.outcome.first_items else (
+            best.candidate.number, best.outcome.fitness, best.outcome.first_items)
         self.finished = len(self.store.finished())
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None
@@ -399,7 +414,7 @@ class SearchRun:
         self._start_pool()
         self.scoring = Scoring.for_search(self.config, self.pool.info["directions"])
         self.store.set_directions(self.scoring.directions)
-        runner = PoolRunner(self.pool, self.genome, self.scoring, self.known, self.config.racing, lambda: self.best_value)
+        runner = PoolRunner(self.pool, self.genome, self.scoring, self.known, self.config.racing, lambda: self.best)
         timeout = self.config.budget.timeout
 
         def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
@@ -411,6 +426,7 @@ class SearchRun:
             counts = outcome.status == "complete" and outcome.violation <= 0  # feasible, on every item
             if counts and fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
                 self.best_value = fit
+                self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
                 self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
             stats = self.pool.stats
             note = outcome.error or ("stopped early" if outcome.status == "stopped" else
@@ -514,7 +530,7 @@ def dry_run_report(config: SearchConfig) -> str:
     if config.racing is not None:
         lines.append(
             f"racing: {config.racing.fraction:.0%} of each task's items first; the rest only while the candidate's "
-            f"upper bound (z = {config.racing.confidence_z:g}) can beat the best"
+            f"upper bound (z = {config.racing.confidence_z:g}, paired with the best on those items) can beat the best"
         )
     if config.rescore is not None:
         lines.append(

@@ -322,3 +322,56 @@ def test_a_journal_the_optimizer_does_not_reproduce_is_refused():
     entries[5] = replace(entries[5], candidate=tampered)
     with pytest.raises(JournalMismatch, match="candidate 5: the optimizer proposes"):
         resume(build("cma"), entries, None)
+
+
+_CONTINUE = """
+import json, pickle, sys
+from evolve.optimizers import Result
+optimizer = pickle.loads(sys.stdin.buffer.read())
+state = optimizer.pop("state")
+from tests.test_loop import build_corner, continue_corner
+restored = build_corner()
+restored.load_state_dict(state)
+print(json.dumps(continue_corner(restored)))
+"""
+
+
+def build_corner() -> CMAESOptimizer:
+    # started in a corner of the box: about half the samples are out of bounds and repaired
+    return make_optimizer("cma", SPACE, [0.0, 1.0, -1.0, 2.0], 3, popsize=4)
+
+
+def continue_corner(optimizer) -> list:
+    """Finish the generation, then ask the next one (the update reads pycma's record of the
+    unrepaired samples)."""
+    for _ in range(2):
+        p = optimizer.ask()
+        optimizer.tell(p, Result(score(p.genotype)))
+    return [list(optimizer.ask().genotype) for _ in range(4)]
+
+
+def test_a_cma_checkpoint_loaded_in_another_process_continues_exactly():
+    """pycma keys its record of sampled solutions by hash(bytes), which differs between
+    processes: a checkpoint resumed by a new driver must still find them (it did not: a resumed
+    search diverged at the first generation with repaired samples)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    optimizer = build_corner()
+    for _ in range(3):  # the starting point and two samples of generation 0, told
+        p = optimizer.ask()
+        optimizer.tell(p, Result(score(p.genotype)))
+    state = optimizer.state_dict()
+    want = continue_corner(optimizer)
+    root = Path(__file__).resolve().parents[1]
+    outs = []
+    for seed in ("1", "2"):  # two other processes, two other hash seeds
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-c", _CONTINUE], input=pickle.dumps({"state": state}), env=env,
+                              capture_output=True, cwd=root, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+        outs.append(json.loads(proc.stdout))
+    assert outs[0] == want and outs[1] == want

@@ -4,6 +4,7 @@ study, on a smaller version of the quickstart experiment (tiny models trained in
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -179,6 +180,19 @@ def test_optuna_sampler_search_and_dry_run(quickstart, tmp_path):
     assert (storage / "best_config.yaml").is_file()
 
 
+def _paired_bound(candidate: dict, best: dict, sizes: dict, z: float) -> float:
+    """Independent of evaluators.racing: the upper bound of fitness(candidate) - fitness(best) with
+    unit weights, from the per-item differences (statistics.variance: n - 1 in the denominator)."""
+    import statistics
+
+    mean = variance = 0.0
+    for task, size in sizes.items():
+        d = [c - b for c, b in zip(candidate[task], best[task], strict=True)]
+        mean += statistics.fmean(d)
+        variance += statistics.variance(d) * (size - len(d)) / (size * len(d))
+    return mean + z * math.sqrt(variance)
+
+
 def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
     """Racing stops candidates that cannot beat the best on their first items (pruned trials with
     their estimate), an identical recipe is never evaluated twice, and the top candidates are
@@ -198,14 +212,25 @@ def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
     stopped = [r for r in rows if r["state"] == "PRUNED"]
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert stopped, "racing stopped nothing"
+    weights = {"qs_arithmetic": 1.0, "qs_facts": 1.0}
+    sizes = {"qs_arithmetic": 66, "qs_facts": 20}
     for r in stopped:
         assert r["status"] == "stopped" and r["items"] == round(0.3 * 66) + round(0.3 * 20)
-        assert r["estimate"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
-        # it was stopped because its optimistic bound was below the best finished before it
-        earlier = [c["value"] for c in complete if c["tell_order"] < r["tell_order"]]
-        assert earlier and r["estimate"] < max(earlier)
+        # paired with the best complete candidate told before it, and stopped because its bound is below it
+        best = rows[r["paired_with"]]
+        earlier = [c for c in complete if c["tell_order"] < r["tell_order"]]
+        assert best["value"] == max(c["value"] for c in earlier)
+        assert {t: math.fsum(v) / len(v) for t, v in r["first_items"].items()} == pytest.approx(
+            {t: r["metrics"][t] for t in weights}, abs=1e-12)
+        assert _paired_bound(r["first_items"], best["first_items"], sizes, 1.0) < 0
+        # told as its paired estimate: the best's fitness plus the mean difference on the first items
+        diff = sum(math.fsum(r["first_items"][t]) / len(r["first_items"][t])
+                   - math.fsum(best["first_items"][t]) / len(best["first_items"][t]) for t in weights)
+        assert r["estimate"] == pytest.approx(best["value"] + diff, abs=1e-12) and r["estimate"] < best["value"]
     for r in complete:
         assert r["items"] in (full_items, 0) and r["value"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
+        if r.get("paired_with") is not None and not r.get("reused_from"):  # raced and not stopped
+            assert _paired_bound(r["first_items"], rows[r["paired_with"]]["first_items"], sizes, 1.0) >= 0
     reused = [r for r in rows if r.get("reused_from") is not None]
     for r in reused:
         source = rows[r["reused_from"]]
@@ -271,11 +296,20 @@ def test_raced_evaluation_equals_the_full_one(quickstart):
     ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
     ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
     full = ev.evaluate()
-    raced, stopped = ev.evaluate_raced({"qs_arithmetic": 1.0, "qs_facts": 1.0}, None, 0.25, 1.0)
+    weights = {"qs_arithmetic": 1.0, "qs_facts": 1.0}
+    raced, stopped, values = ev.evaluate_raced(weights, None, 0.25, 1.0)
     assert not stopped and ev.evaluated_items == 86
     assert raced == pytest.approx(full, abs=1e-12)
-    cut, stopped = ev.evaluate_raced({"qs_arithmetic": 1.0, "qs_facts": 1.0}, 10.0, 0.25, 1.0)
-    assert stopped and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
+    # raced against itself: every paired difference is 0, so it is never stopped
+    again, stopped, same = ev.evaluate_raced(weights, values, 0.25, 1.0)
+    assert not stopped and again == raced and same == values
+    # against a best one point higher on every first item: stopped after the first stage
+    better = {t: [v + 1 for v in vs] for t, vs in values.items()}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, better, 0.25, 1.0)
+    assert stopped and cut_values == values and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
     first = {name: split_items(ev.items(name), 0.25, f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
+    assert {t: len(v) for t, v in values.items()} == {t: len(f) for t, f in first.items()}
     ev.samples = first  # an ordinary evaluation of just those items
-    assert cut == pytest.approx(ev.evaluate(), abs=1e-12)
+    plain = ev.evaluate()
+    assert cut == pytest.approx(plain, abs=1e-12)
+    assert {t: math.fsum(v) / len(v) for t, v in values.items()} == pytest.approx(plain, abs=1e-12)
