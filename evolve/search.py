@@ -339,14 +339,10 @@ class SearchRun:
                     f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
                     "(package versions changed?): continue it with the versions in its manifest.json"
                 ) from None
-        # the best as the live run chose it: the first told of the highest feasible fitness (racing
-        # pairs every candidate with it, so a resumed run must pick the same one)
-        best = max((e for e in journal if e.outcome is not None and e.outcome.status == "complete"
-                    and e.outcome.violation <= 0 and e.outcome.fitness is not None and math.isfinite(e.outcome.fitness)),
-                   key=lambda e: (e.outcome.fitness, -e.tell_order), default=None)
-        self.best_value = None if best is None else best.outcome.fitness
-        self.best = None if best is None or not best.outcome.first_items else (
-            best.candidate.number, best.outcome.fitness, best.outcome.first_items)
+        best = self.store.best()  # the one the live run chose: racing pairs with it
+        self.best_value = None if best is None else best.value
+        first_items = None if best is None else best.user_attrs.get("first_items")
+        self.best = (best.number, best.value, first_items) if first_items else None
         self.finished = len(self.store.finished())
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None

@@ -342,9 +342,10 @@ class ExperimentStore:
         return self.study.get_trials(deepcopy=False)[number]
 
     def best(self):
-        """The complete, feasible candidate with the highest fitness (earliest on ties)."""
+        """The complete, feasible candidate with the highest fitness; on ties the first told, as
+        the live run chooses it (racing pairs every candidate with it, so a resume must agree)."""
         complete = [t for t in self.finished() if t.value is not None and t.user_attrs.get("violation", 0.0) <= 0]
-        return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+        return max(complete, key=lambda t: (t.value, -t.user_attrs.get("tell_order", t.number))) if complete else None
 
     def genotype_of(self, trial) -> list[float]:
         return [float(trial.params[n]) for n in self.space.names]
