@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -146,7 +147,8 @@ class ResidentMerger:
         self._aliases: dict[str, tuple[str, ...]] = {}
         self._last = {}
         self._storage_shared: set[int] = set()  # ids of live tensors whose storage another one shares
-        self._finite: dict[int, torch.Tensor] = {}  # inputs found finite, by id
+        # inputs found finite, by id; weak, so an entry goes with its tensor (and its id with it)
+        self._finite: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self.repointed: set[str] = set()  # output names whose parameter IS a resident input now
 
     def _target(self, task: TensorTask, arch: ArchitectureInfo) -> Optional[torch.Tensor]:
@@ -282,7 +284,7 @@ class ResidentMerger:
                 if check_finite and id(shared) not in self._finite:
                     if not all_finite(shared):
                         raise ModelError(f"merged tensor {task.out.name} has non-finite values")
-                    self._finite[id(shared)] = shared  # held: an id is only unique while its tensor lives
+                    self._finite[id(shared)] = shared
                 target.data = shared  # re-pointed: no copy, and the old buffer is freed
                 self.repointed.add(task.out.name)
             elif target is not None:
