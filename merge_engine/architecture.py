@@ -341,7 +341,7 @@ def _disk_cache_path(cls_name: str, config_text: str) -> Optional[Path]:
 def _encode(value):
     if isinstance(value, tuple):
         return [_encode(v) for v in value]
-    if type(value).__name__ in _CACHED_TYPES and dataclasses.is_dataclass(value):
+    if isinstance(value, tuple(_CACHED_TYPES.values())):
         return {"__type__": type(value).__name__, **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     return value
 
