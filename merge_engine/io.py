@@ -19,6 +19,7 @@ import pickle
 import signal
 import shutil
 import struct
+import sys
 import tempfile
 import threading
 import zipfile
@@ -274,9 +275,10 @@ class Checkpoint:
         return buf.view(loc.dtype).reshape(loc.shape)
 
     def map(self, name: str) -> torch.Tensor:
-        """The tensor as a copy-on-write view of the file's pages (no read copy). The mapping is
-        populated up front (MAP_POPULATE) by the calling thread, and released when the tensor is
-        freed, so resident memory still counts only the tensors in flight."""
+        """The tensor as a copy-on-write view of the file's pages (no read copy). The mapping's
+        page-table entries are filled up front by the calling thread (`_populate`), and the
+        mapping is released when the tensor is freed, so resident memory still counts only the
+        tensors in flight."""
         loc = self.tensors[name]
         nbytes = loc.end - loc.begin
         if loc.storage_key is not None or nbytes == 0:
@@ -286,10 +288,11 @@ class Checkpoint:
         itemsize = torch.empty((), dtype=loc.dtype).element_size()
         if skip % itemsize:
             return self.read(name)  # unaligned tensor data: a plain read
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        # writable, so a method that writes into an input gets its own page instead of a fault
         mapping = mmap.mmap(
-            self._fd(loc.file), skip + nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+            self._fd(loc.file), skip + nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start
         )
+        _populate(mapping)
         raw = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=skip)
         return raw.view(loc.dtype).reshape(loc.shape)
 
@@ -317,6 +320,26 @@ class Checkpoint:
             for zf in self._zip_cache.values():
                 zf.close()
             self._zip_cache.clear()
+
+
+# madvise(MADV_POPULATE_READ) (Linux 5.14+; Python's mmap module names it only from 3.13)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def _populate(mapping: mmap.mmap) -> None:
+    """Fill a private writable mapping's page tables with the page cache's pages, read-only.
+
+    MAP_POPULATE would fault a private *writable* mapping in for writing, which copies every
+    page (copy-on-write broken up front): 1-4.5 s per GB here against 0.1 s for a read
+    populate. MADV_POPULATE_READ maps the cached pages shared and leaves the copy to a write
+    that never comes. Where the kernel lacks it, WILLNEED starts the readahead and the pages
+    fault in, read-only, on first use."""
+    if sys.platform != "linux":
+        return
+    try:
+        mapping.madvise(_MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        mapping.madvise(mmap.MADV_WILLNEED)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -374,6 +374,41 @@ def test_sharded_output_names_and_index(tmp_path, llama_models):
     assert_generates(out)
 
 
+def _anonymous_kb(address: int) -> int:
+    """The anonymous (copied, process-private) memory of the mapping holding `address`, in kB."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "Anonymous:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_mapped_inputs_share_the_page_cache_and_writes_stay_private(tmp_path):
+    from merge_engine.io import Checkpoint
+
+    values = torch.arange(3 * 1024 * 1024, dtype=torch.float32).reshape(3, -1)  # 12 MiB, many pages
+    file = tmp_path / "model.safetensors"
+    save_file({"w": values}, str(file))
+    before = file.read_bytes()
+    checkpoint = Checkpoint(tmp_path, "model")
+    mapped = checkpoint.map("w")
+    assert torch.equal(mapped, values)
+    # populated for reading: the file's cached pages, not private copies (a write-populate of
+    # a private mapping would copy all 12 MiB up front)
+    assert _anonymous_kb(mapped.data_ptr()) < 64
+    mapped[1].add_(1.0)  # a method writing into its input gets private pages; the file is untouched
+    assert _anonymous_kb(mapped.data_ptr()) >= 4 * 1024
+    assert torch.equal(mapped[1], values[1] + 1) and torch.equal(mapped[0], values[0])
+    assert file.read_bytes() == before
+    assert torch.equal(checkpoint.map("w"), values)
+    checkpoint.close()
+
+
 def test_single_shard_has_no_index(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     out = merge_cli(tmp_path, linear_yaml((a, 0.5), (b, 0.5)), "--out-shard-size", "1B")
