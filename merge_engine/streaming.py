@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from . import __version__
+from .allocator import keep_freed_buffers
 from .card import render_card
 from .config import MergeConfig
 from .io import atomic_model_output, copy_files
@@ -57,6 +58,7 @@ def execute_plan(
 ) -> None:
     device = torch.device(options.resolved_device())
     tasks = plan.tasks
+    keep_freed_buffers()  # each step's output reuses the last one's pages (merge_engine/allocator.py)
     progress = None
     if not options.quiet:
         from tqdm import tqdm
