@@ -37,14 +37,15 @@ class WeightInfo:
     optional: bool = False
     aliases: tuple[str, ...] = ()  # other names the same tensor has in older checkpoints
     tied_names: tuple[str, ...] = ()  # read these when the tensor itself is absent (tied LM head)
+    # a linear layer's weight stored [in, out] (transformers' Conv1D, the GPT-2 family)
+    transposed: bool = False
 
     def for_layer(self, index: int) -> "WeightInfo":
-        return WeightInfo(
-            self.name.replace(LAYER, str(index)),
-            self.is_embed,
-            self.optional,
-            tuple(a.replace(LAYER, str(index)) for a in self.aliases),
-            tuple(t.replace(LAYER, str(index)) for t in self.tied_names),
+        return dataclasses.replace(
+            self,
+            name=self.name.replace(LAYER, str(index)),
+            aliases=tuple(a.replace(LAYER, str(index)) for a in self.aliases),
+            tied_names=tuple(t.replace(LAYER, str(index)) for t in self.tied_names),
         )
 
     @property
@@ -233,14 +234,30 @@ def resolve_architecture(
     return infer_architecture(names, all_model_names, config)
 
 
+def transposed_weights(config: dict, names: Iterable[str]) -> set[str]:
+    """The checkpoint tensors among `names` that are linear weights stored [in, out] (transformers'
+    `Conv1D`, the GPT-2 family); empty when the architecture is not derivable (a weight is then
+    taken as [out, in])."""
+    present = set(names)
+    try:
+        arch = resolve_architecture(config, present, [present])
+    except ValueError:
+        return set()
+    weights = arch.all_weights(_layers_in(arch, config, present))
+    return {n for w in weights if w.transposed for n in w.all_names if n in present}
+
+
+def _layers_in(arch: ArchitectureInfo, config: dict, present: set[str]) -> int:
+    """The number of layers of a checkpoint: the config's count, else counted from its tensor names."""
+    layers = get_config_value(config, arch.num_layers_key) if arch.num_layers_key else None
+    return layers if isinstance(layers, int) else count_layers(present, layer_prefix_of(arch))
+
+
 def _misfit(arch: ArchitectureInfo, config: dict, present: set[str]) -> tuple[list[str], list[str]]:
     """(checkpoint tensors the description lacks, required weights the checkpoint lacks)"""
-    layers = get_config_value(config, arch.num_layers_key) if arch.num_layers_key else None
-    if not isinstance(layers, int):
-        layers = count_layers(present, layer_prefix_of(arch))
     covered: set[str] = set()
     missing = []
-    for w in arch.all_weights(layers):
+    for w in arch.all_weights(_layers_in(arch, config, present)):
         covered.update(w.all_names)
         if not w.optional and not any(n in present for n in w.all_names):
             missing.append(w.name)
@@ -405,20 +422,6 @@ def transformers_class(config: dict):
     return _transformers_class(CLASS_ALIASES.get(cls_name, cls_name), config) if cls_name else None
 
 
-def meta_model(config: dict):
-    """The model transformers would build for config.json, on the meta device (no memory, no model
-    code beyond transformers' own); None when transformers lacks the class or rejects the config."""
-    cls_name = architecture_class(config)
-    cls = transformers_class(config)
-    if cls is None:
-        return None
-    try:
-        return _meta_model(cls, config)
-    except Exception as err:
-        log.info("cannot build %s on the meta device: %s", cls_name, err)
-        return None
-
-
 def _meta_model(cls, config: dict):
     import torch
 
@@ -575,6 +578,13 @@ def _embedding_names(model, tied: dict[str, str]) -> set[str]:
     return out
 
 
+def _transposed_weights(model) -> set[str]:
+    """State-dict keys of the weights transformers stores [in, out] (its `Conv1D` modules)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {f"{path}.weight" for path, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
 def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
     state = model.state_dict()
     keys = list(state)
@@ -585,6 +595,7 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
     counts = _count_keys(cls, config, stacks)
     tied = _tied_targets(model)
     embeds = _embedding_names(model, tied)
+    transposed = _transposed_weights(model)
     base_prefix = getattr(cls, "base_model_prefix", "") or ""
 
     layouts: list[tuple[str, dict[str, list[str]]]] = []
@@ -604,7 +615,7 @@ def _describe(cls, model, config: dict) -> tuple[ArchitectureInfo, ...]:
                 aliases.append(k)  # the module name, as checkpoints written by other versions hold it
             tied_to = tied.get(k)
             tied_names = tuple(names_of.get(tied_to, [tied_to])) if tied_to else ()
-            return WeightInfo(name, k in embeds, optional or bool(tied_to), tuple(aliases), tied_names)
+            return WeightInfo(name, k in embeds, optional or bool(tied_to), tuple(aliases), tied_names, k in transposed)
 
         stack_infos = []
         templates_by_path = {}
@@ -769,10 +780,10 @@ def _templates(path: str, length: int, keys: list[str], names_of, weight) -> tup
         at = k.find(f"{path}.") + len(path) + 1
         index = k[at:].split(".", 1)[0]
         out.append(
-            WeightInfo(
-                tpl, w.is_embed, w.optional,
-                tuple(_to_template(a, path, index) for a in w.aliases),
-                tuple(_to_template(t, path, index) for t in w.tied_names),
+            dataclasses.replace(
+                w, name=tpl,
+                aliases=tuple(_to_template(a, path, index) for a in w.aliases),
+                tied_names=tuple(_to_template(t, path, index) for t in w.tied_names),
             )
         )
     return tuple(out)
@@ -795,7 +806,7 @@ def _with_prefix_aliases(pre, templates, post, base_prefix: str):
         short = w.name[len(head):] if w.name.startswith(head) else None
         if short is None or short in taken or short in w.aliases:
             return w
-        return WeightInfo(w.name, w.is_embed, w.optional, w.aliases + (short,), w.tied_names)
+        return dataclasses.replace(w, aliases=w.aliases + (short,))
 
     return [add(w) for w in pre], tuple(add(w) for w in templates), [add(w) for w in post]
 

@@ -42,21 +42,10 @@ class Module:
         return self.name.rsplit(".", 1)[-1]
 
 
-def conv1d_modules(config: dict) -> set[str]:
-    """Names of the modules that are transformers' `Conv1D` (GPT-2 family): a linear layer whose weight
-    is stored transposed, [in, out]. Found on the model class built on the meta device; empty when
-    transformers cannot build it (every 2-D weight is then read as [out, in])."""
-    from transformers.pytorch_utils import Conv1D
-
-    from .architecture import meta_model
-
-    model = meta_model(config)
-    return {name for name, mod in model.named_modules() if isinstance(mod, Conv1D)} if model is not None else set()
-
-
-def _modules(names: dict, conv1d: set[str] = frozenset()) -> list[Module]:
+def _modules(names: dict, transposed: set[str] = frozenset()) -> list[Module]:
     """Modules of a checkpoint from its tensor names and shapes (a 2-D weight is a linear layer unless
-    it is an embedding, or a `conv1d` one when named in `conv1d`); order follows the checkpoint."""
+    it is an embedding, or a `conv1d` one when its weight is in `transposed`); order follows the
+    checkpoint."""
     mods: dict[str, Module] = {}
     for name, loc in names.items():
         if not loc.dtype.is_floating_point or not name.endswith((".weight", ".bias")):
@@ -67,7 +56,7 @@ def _modules(names: dict, conv1d: set[str] = frozenset()) -> list[Module]:
             m.tensors.insert(0, name)
             leaf = mod.rsplit(".", 1)[-1]
             if len(loc.shape) == 2:
-                m.kind = "embedding" if leaf in _INPUT_EMBED_KEYS else "conv1d" if mod in conv1d else "linear"
+                m.kind = "embedding" if leaf in _INPUT_EMBED_KEYS else "conv1d" if name in transposed else "linear"
         else:
             m.tensors.append(name)
     return [m for m in mods.values() if m.tensors and m.tensors[0].endswith(".weight")]
@@ -110,6 +99,7 @@ def extract_lora(
     import torch
     from tqdm import tqdm
 
+    from .architecture import transposed_weights
     from .config import ModelReference
     from .io import AtomicOutputDir, OutputTensorSpec, ShardedWriter
     from .sources import open_model
@@ -122,7 +112,9 @@ def extract_lora(
     base = open_model(base_ref, **opening).checkpoint
     dev = torch.device(device)
 
-    modules = _modules(ft.tensors, conv1d_modules(ft_config))
+    # which weights are stored [in, out]: from the architecture description (cached on disk, so
+    # transformers is imported only the first time a model class is seen)
+    modules = _modules(ft.tensors, transposed_weights(ft_config, ft.tensors))
     for m in modules:
         for t in m.tensors:
             if t not in base:

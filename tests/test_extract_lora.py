@@ -184,6 +184,50 @@ def test_bad_input_fails_cleanly(models, tmp_path, case):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_transposed_weights_come_from_the_architecture_description(tmp_path):
+    """The description marks exactly the weights of transformers' Conv1D modules as stored [in, out],
+    under either GPT-2 spelling; a Llama has none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from merge_engine.architecture import transposed_weights
+    from merge_engine.io import Checkpoint
+
+    model_dir = make_model(tmp_path / "gpt2", tiny_config("gpt2"), seed=0)
+    config = json.loads((model_dir / "config.json").read_text())
+    names = set(Checkpoint(model_dir, "gpt2").tensors)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+    expected = {f"{path}.weight" for path, mod in meta.named_modules() if isinstance(mod, Conv1D)}
+    assert len(expected) == 4 * 4 and expected <= names
+    assert transposed_weights(config, names) == expected
+    bare = {n.removeprefix("transformer.") for n in names if n != "lm_head.weight"}  # GPT2Model's spelling
+    assert transposed_weights(config, bare) == {n.removeprefix("transformer.") for n in expected}
+    llama_dir = make_model(tmp_path / "llama", tiny_config("llama"), seed=0)
+    llama_config = json.loads((llama_dir / "config.json").read_text())
+    assert transposed_weights(llama_config, Checkpoint(llama_dir, "llama").tensors) == set()
+
+
+def test_extraction_with_a_cached_architecture_does_not_import_transformers(tmp_path, models):
+    """Which weights are transposed is read from the cached description: a second extraction (new
+    process) never imports transformers, which alone took ~2.4 s."""
+    probe = (
+        "import sys\n"
+        "from merge_engine.extract_lora import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    for i in range(2):
+        out = tmp_path / f"adapter{i}"
+        proc = subprocess.run([sys.executable, "-c", probe, "--model", str(models["ft"]), "--base-model",
+                               str(models["base"]), "--out-path", str(out), "--max-rank", "4", "--quiet"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    assert load_file(tmp_path / "adapter0" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "adapter1" / "adapter_model.safetensors").keys()
+
+
 def test_gpt2_conv1d_layers(tmp_path):
     """GPT-2's Conv1D weights are stored [in, out]: the factors are those of the transposed delta, the
     config says fan_in_fan_out, and PEFT applied to the base reproduces the fine-tune."""
