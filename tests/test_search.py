@@ -284,32 +284,79 @@ def test_pareto_search_with_a_constraint(quickstart, tmp_path):
 
 
 def test_raced_evaluation_equals_the_full_one(quickstart):
-    """The evaluator's two stages add up to exactly what one full evaluation gives, and a stopped
-    candidate's metrics are its means over the first-stage items."""
+    """The evaluator's stages add up to exactly what one full evaluation gives, a stopped
+    candidate's metrics are its means over the items it was scored on, and `items` counts what
+    was scored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
-    from evaluators.racing import split_items
+    from evaluators.racing import split_stages
 
     path = quickstart["models"]["expert_arithmetic"]
     ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
     ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
     full = ev.evaluate()
     weights = {"qs_arithmetic": 1.0, "qs_facts": 1.0}
-    raced, stopped, values = ev.evaluate_raced(weights, None, 0.25, 1.0)
-    assert not stopped and ev.evaluated_items == 86
+    raced, stopped, values = ev.evaluate_raced(weights, None, [0.25], 1.0)
+    assert stopped is None and ev.evaluated_items == 86
     assert raced == pytest.approx(full, abs=1e-12)
     # raced against itself: every paired difference is 0, so it is never stopped
-    again, stopped, same = ev.evaluate_raced(weights, values, 0.25, 1.0)
-    assert not stopped and again == raced and same == values
+    again, stopped, same = ev.evaluate_raced(weights, values, [0.25], 1.0)
+    assert stopped is None and again == raced and same == values
     # against a best one point higher on every first item: stopped after the first stage
     better = {t: [v + 1 for v in vs] for t, vs in values.items()}
-    cut, stopped, cut_values = ev.evaluate_raced(weights, better, 0.25, 1.0)
-    assert stopped and cut_values == values and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
-    first = {name: split_items(ev.items(name), 0.25, f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, better, [0.25], 1.0)
+    assert stopped == 1 and cut_values == values and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
+    first = {name: split_stages(ev.items(name), [0.25], f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
     assert {t: len(v) for t, v in values.items()} == {t: len(f) for t, f in first.items()}
     ev.samples = first  # an ordinary evaluation of just those items
     plain = ev.evaluate()
     assert cut == pytest.approx(plain, abs=1e-12)
     assert {t: math.fsum(v) / len(v) for t, v in values.items()} == pytest.approx(plain, abs=1e-12)
+
+
+def test_two_stage_raced_evaluation(quickstart):
+    """Stages at 20 % and 50 %: a complete candidate keeps its values on the first two stages
+    (stage 1's documents sorted, then stage 2's), equal to plain evaluations of those documents;
+    a candidate stopped at stage 2 has its metrics and values from stages 1 + 2, and is counted
+    for exactly those items; one stopped at stage 1 for stage 1's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
+    from evaluators.racing import split_stages
+
+    path = quickstart["models"]["expert_facts"]
+    ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
+    ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
+    names = ("qs_arithmetic", "qs_facts")
+    stages = {n: split_stages(ev.items(n), [0.2, 0.5], f"0/race/{n}") for n in names}
+    # 66 and 20 items: cumulative round(13.2) = 13, round(33) = 33; round(4) = 4, round(10) = 10
+    assert {n: [len(s) for s in st] for n, st in stages.items()} == {"qs_arithmetic": [13, 20, 33], "qs_facts": [4, 6, 10]}
+    full = ev.evaluate()
+    weights = {n: 1.0 for n in names}
+    raced, stopped, values = ev.evaluate_raced(weights, None, [0.2, 0.5], 1.0)
+    assert stopped is None and ev.evaluated_items == 86 and raced == pytest.approx(full, abs=1e-12)
+    plain = {}
+    for k in (1, 2):  # plain evaluations of stage 1's and stage 2's documents: their per-item values
+        ev.samples = {n: stages[n][k - 1] for n in names}
+        plain[k] = ev._item_values(ev.samples)
+    ev.samples = None
+    for n in names:
+        assert values[n] == [plain[1][n][d] for d in stages[n][0]] + [plain[2][n][d] for d in stages[n][1]]
+    # a best equal on stage 1 and one point higher on stage 2's items: passes stage 1, stopped at 2
+    best = {n: v[:13 if n == "qs_arithmetic" else 4] + [x + 1 for x in v[13 if n == "qs_arithmetic" else 4:]]
+            for n, v in values.items()}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, best, [0.2, 0.5], 1.0)
+    assert stopped == 2 and ev.evaluated_items == 33 + 10 and cut_values == values
+    for n in names:
+        both = stages[n][0] + stages[n][1]
+        assert cut[n] == pytest.approx(math.fsum({**plain[1][n], **plain[2][n]}[d] for d in both) / len(both), abs=1e-12)
+    # one point higher on every item: stopped after stage 1, with stage 1's values only
+    higher = {n: [x + 1 for x in v] for n, v in values.items()}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, higher, [0.2, 0.5], 1.0)
+    assert stopped == 1 and ev.evaluated_items == 13 + 4 and cut_values == {n: values[n][:len(stages[n][0])] for n in names}
+    # the best's list must cover the items scored: a best stored with one stage cannot race two
+    with pytest.raises(ValueError, match="scored values against the best's"):
+        ev.evaluate_raced(weights, cut_values, [0.2, 0.5], 1.0)
