@@ -182,15 +182,50 @@ def test_optuna_sampler_search_and_dry_run(quickstart, tmp_path):
 
 def _paired_bound(candidate: dict, best: dict, sizes: dict, z: float) -> float:
     """Independent of evaluators.racing: the upper bound of fitness(candidate) - fitness(best) with
-    unit weights, from the per-item differences (statistics.variance: n - 1 in the denominator)."""
+    unit weights, from the per-item differences (statistics.variance: n - 1 in the denominator) on
+    the candidate's items (the first as many of the best's)."""
     import statistics
 
     mean = variance = 0.0
     for task, size in sizes.items():
-        d = [c - b for c, b in zip(candidate[task], best[task], strict=True)]
+        d = [c - b for c, b in zip(candidate[task], best[task][:len(candidate[task])], strict=True)]
         mean += statistics.fmean(d)
         variance += statistics.variance(d) * (size - len(d)) / (size * len(d))
     return mean + z * math.sqrt(variance)
+
+
+def check_raced(rows: list[dict], shares: list[float], sizes: dict, z: float = 1.0) -> None:
+    """Every raced trial of a unit-weight search against the rule read independently: a stopped
+    one's items, values and estimate come from the stages it was scored on, its bound is below
+    the best's fitness at its stage and was not at any earlier one; a complete one passed every
+    stage and keeps its values on every stage but the last."""
+    cumulative = {}
+    for task, n in sizes.items():  # items scored after each stage: round(f * N), at least 1, nested
+        counts = [min(max(1, round(f * n)), n) for f in shares]
+        cumulative[task] = [max(counts[:k + 1]) for k in range(len(counts))] + [n]
+    for r in rows:
+        if r.get("paired_with") is None or r.get("reused_from") is not None:
+            continue
+        best = rows[r["paired_with"]]
+        assert best["state"] == "COMPLETE" and all(len(best["first_items"][t]) == cumulative[t][-2] for t in sizes)
+        stopped_at = r.get("stage") if r["state"] == "PRUNED" else len(shares) + 1
+        for k in range(1, min(stopped_at, len(shares)) + 1):
+            prefix = {t: r["first_items"][t][:cumulative[t][k - 1]] for t in sizes}
+            below = _paired_bound(prefix, best["first_items"], sizes, z) < 0
+            assert below == (k == stopped_at), (r["number"], k, stopped_at)
+        if r["state"] == "PRUNED":
+            assert r["status"] == "stopped" and 1 <= r["stage"] <= len(shares)
+            scored = {t: cumulative[t][r["stage"] - 1] for t in sizes}
+            assert r["items"] == sum(scored.values())
+            assert {t: len(v) for t, v in r["first_items"].items()} == scored
+            assert {t: math.fsum(r["first_items"][t]) / scored[t] for t in sizes} == pytest.approx(
+                {t: r["metrics"][t] for t in sizes}, abs=1e-12)
+            diff = sum(math.fsum(r["first_items"][t]) / scored[t] - math.fsum(best["first_items"][t][:scored[t]]) / scored[t]
+                       for t in sizes)
+            assert r["estimate"] == pytest.approx(best["value"] + diff, abs=1e-12)
+        else:
+            assert "stage" not in r and r["items"] == sum(sizes.values())
+            assert {t: len(v) for t, v in r["first_items"].items()} == {t: cumulative[t][-2] for t in sizes}
 
 
 def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
@@ -231,6 +266,7 @@ def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
         assert r["items"] in (full_items, 0) and r["value"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
         if r.get("paired_with") is not None and not r.get("reused_from"):  # raced and not stopped
             assert _paired_bound(r["first_items"], rows[r["paired_with"]]["first_items"], sizes, 1.0) >= 0
+    check_raced(rows, [0.3], sizes)
     reused = [r for r in rows if r.get("reused_from") is not None]
     for r in reused:
         source = rows[r["reused_from"]]
