@@ -204,7 +204,8 @@ class LMEvalEvaluator:
         (1-based) after which the candidate was stopped, None when it was scored on every item.
         `values` (task -> per-item values in stage order) covers the items scored when stopped,
         else every stage but the last: what a later candidate is paired with if this one becomes
-        the best. The metrics are over the items scored, computed as the mean of per-item values."""
+        the best; a stage `best` holds no values for is not checked. The metrics are over the items
+        scored, computed as the mean of per-item values."""
         from .racing import should_stop, split_stages
 
         stages = {t.name: split_stages(self.items(t.name), fractions, f"{self.seed}/race/{t.name}") for t in self.tasks}
@@ -225,7 +226,10 @@ class LMEvalEvaluator:
                         values[name] += [new[name][d] for d in docs]
             if not any(s[k] for s in stages.values() for k in range(j + 1, final + 1)):
                 break  # every item scored
-            if should_stop(values, best, sizes, weights, z):
+            # a best stored with fewer stages (a study resumed under a config that now has more)
+            # cannot be paired beyond them: the candidate goes on, as with no best
+            covered = best is not None and all(len(best[n]) >= len(v) for n, v in values.items())
+            if covered and should_stop(values, best, sizes, weights, z):
                 return {key: math.fsum(v.values()) / len(v) for key, v in scored.items()}, j + 1, values
         task_of = {key: t.name for t in self.tasks for key, _ in t.metrics}
         out = {}

@@ -393,6 +393,9 @@ def test_two_stage_raced_evaluation(quickstart):
     higher = {n: [x + 1 for x in v] for n, v in values.items()}
     cut, stopped, cut_values = ev.evaluate_raced(weights, higher, [0.2, 0.5], 1.0)
     assert stopped == 1 and ev.evaluated_items == 13 + 4 and cut_values == {n: values[n][:len(stages[n][0])] for n in names}
-    # the best's list must cover the items scored: a best stored with one stage cannot race two
-    with pytest.raises(ValueError, match="scored values against the best's"):
-        ev.evaluate_raced(weights, cut_values, [0.2, 0.5], 1.0)
+    # a best stored with one stage (a study resumed under two stages) is paired on stage 1 only,
+    # and stage 2 is not checked: the candidate is scored on every item
+    stage1_only = {n: v[:len(stages[n][0])] for n, v in values.items()}
+    again, stopped, _ = ev.evaluate_raced(weights, stage1_only, [0.2, 0.5], 1.0)
+    assert stopped is None and ev.evaluated_items == 86 and again == raced
+    assert ev.evaluate_raced(weights, {n: [x + 1 for x in v] for n, v in stage1_only.items()}, [0.2, 0.5], 1.0)[1] == 1
