@@ -69,7 +69,7 @@ def test_config_errors_name_the_problem():
     for extra, message in cases:
         with pytest.raises(Exception, match=message):
             config(**extra)
-    assert config(racing=True).racing.fraction == 0.2
+    assert config(racing=True).racing.fractions == [0.2, 0.5]
 
 
 def test_top_candidates_are_distinct_feasible_and_ranked():
