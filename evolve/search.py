@@ -527,11 +527,12 @@ def dry_run_report(config: SearchConfig) -> str:
         lines.append(f"constraint: {c.task} {c.metric or '(its metric)'} {bounds}; candidates outside are never exported")
     if config.racing is not None:
         shares = config.racing.fractions
-        stages = f"{shares[0]:.0%}" if len(shares) == 1 else f"stages of {', '.join(f'{f:.0%}' for f in shares)}"
+        bound = (f"the candidate's upper bound (z = {config.racing.confidence_z:g}, paired with the best on the items "
+                 f"scored) can beat the best")
         lines.append(
-            f"racing: {stages} of each task's items first; the rest only while the candidate's upper bound "
-            f"(z = {config.racing.confidence_z:g}, paired with the best on the items scored) can beat the best"
-            + (" at every stage" if len(shares) > 1 else "")
+            f"racing: {shares[0]:.0%} of each task's items first; the rest only while {bound}" if len(shares) == 1 else
+            f"racing: checks after {', '.join(f'{f:.0%}' for f in shares)} of each task's items; scoring goes on only "
+            f"while {bound}"
         )
     if config.rescore is not None:
         lines.append(
