@@ -12,7 +12,7 @@ sees. The baselines (uniform linear, task arithmetic with weight 1 each, TIES) a
 The score of a model is the mean held-out accuracy over the experiment's skills.
 
 Default optimizers: cma, tpe and random, plus nsga2 when evomerge has it (`evolve.optimizers.OPTIMIZERS`).
-Variants: `name:key=value` sets optimizer options, `+racing[@z[:fraction]]` turns racing on (with another confidence_z and fraction), `+pareto` makes
+Variants: `name:key=value` sets optimizer options, `+racing[@z[:fraction[/fraction...]]]` turns racing on (with another confidence_z and fraction; `0.2/0.5`: stages at 20 % and 50 %), `+pareto` makes
 every task an objective, and `+ps` (with a layer-path --search-yml) is PS+DFS: the seed's
 parameter-space search (the experiment's search.yml with CMA-ES, cached as the plain `cma` run)
 runs first and its final_model becomes the layer path's first model, so the layer-path search
@@ -145,7 +145,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def parse_variant(spec: str) -> tuple[str, dict, set]:
-    """`name[:key=value/...][+racing[@z[:fraction]]][+pareto][+ps]` -> (optimizer name or "default", optimizer
+    """`name[:key=value/...][+racing[@z[:fraction[/fraction...]]]][+pareto][+ps]` -> (optimizer name or "default", optimizer
     options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
     base, *mods = spec.split("+")
     name, _, opts = base.partition(":")
@@ -171,9 +171,11 @@ def search_yml_copy(source: Path, optimizer: str, seed: int, budget: int, layer_
     doc["optimizer"] = {**opt, **options, "seed": seed, **({} if name == "default" else {"name": name})}
     doc["budget"] = {**(doc.get("budget") or {}), "max_fevals": budget}
     for mod in mods:
-        if mod.startswith("racing"):  # racing, or racing@Z[:F] for another confidence_z (and fraction)
+        if mod.startswith("racing"):  # racing, or racing@Z[:F[/F2...]] for another confidence_z (and stages)
             z, _, fraction = mod.partition("@")[2].partition(":")
-            doc["racing"] = {**({"confidence_z": float(z)} if z else {}), **({"fraction": float(fraction)} if fraction else {})} or True
+            shares = [float(f) for f in fraction.split("/")] if fraction else []
+            doc["racing"] = {**({"confidence_z": float(z)} if z else {}),
+                             **({"fraction": shares[0] if len(shares) == 1 else shares} if shares else {})} or True
     if "pareto" in mods:
         doc["objectives"] = "pareto"
     if layer_source is not None:
@@ -314,7 +316,8 @@ def main(argv=None) -> int:
     # seed-major order: a change in the machine's load falls on every optimiser alike
     for seed in range(args.seeds):
         for opt in optimizers:
-            run_dir = work / "runs" / f"{opt.replace(':', '_').replace('=', '').replace(',', '_')}-seed{seed}-b{budget}"
+            run_name = opt.replace(':', '_').replace('=', '').replace(',', '_').replace('/', '-')
+            run_dir = work / "runs" / f"{run_name}-seed{seed}-b{budget}"
             layer_source = None
             if "ps" in parse_variant(opt)[2]:
                 # PS+DFS: this seed's parameter-space search first (the experiment's own search.yml,

@@ -196,32 +196,46 @@ class LMEvalEvaluator:
                 out[key] = {int(r["doc_id"]): float(r[name]) for r in rows}
         return out
 
-    def evaluate_raced(self, weights: dict[str, float], best: Optional[dict[str, list[float]]], fraction: float,
-                       z: float) -> tuple[dict, bool, dict[str, list[float]]]:
-        """(metrics, stopped, first): `first` is this candidate's per-item values on the first
-        stage's items (task -> values by document order), what a later candidate is paired with
-        if this one becomes the best; `best` is the best complete candidate's (None: nothing to
-        beat yet). The metrics are over the first stage's items only when stopped (see
-        evaluators.racing), else over every item, computed as the mean of per-item values."""
-        from .racing import should_stop, split_items
+    def evaluate_raced(self, weights: dict[str, float], best: Optional[dict[str, list[float]]],
+                       fractions: Sequence[float], z: float) -> tuple[dict, Optional[int], dict[str, list[float]]]:
+        """(metrics, stopped_at, values): scored stage by stage (`fractions`: the stage boundaries,
+        see evaluators.racing), checked after every stage but the last against `best`, the best
+        complete candidate's per-item values (None: nothing to beat yet). `stopped_at` is the stage
+        (1-based) after which the candidate was stopped, None when it was scored on every item.
+        `values` (task -> per-item values in stage order) covers the items scored when stopped,
+        else every stage but the last: what a later candidate is paired with if this one becomes
+        the best; a stage `best` holds no values for is not checked. The metrics are over the items
+        scored, computed as the mean of per-item values."""
+        from .racing import should_stop, split_stages
 
-        stages = {t.name: split_items(self.items(t.name), fraction, f"{self.seed}/race/{t.name}") for t in self.tasks}
-        first = self._item_values({name: s[0] for name, s in stages.items()})
-        self.evaluated_items = sum(len(s[0]) for s in stages.values())
-        task_of = {key: t.name for t in self.tasks for key, _ in t.metrics}
-        means = {key: math.fsum(v.values()) / len(v) for key, v in first.items()}
-        paired = {t.name: [first[t.name][d] for d in stages[t.name][0]] for t in self.tasks}
+        stages = {t.name: split_stages(self.items(t.name), fractions, f"{self.seed}/race/{t.name}") for t in self.tasks}
         sizes = {t.name: len(self.items(t.name)) for t in self.tasks}
-        rest = {name: s[1] for name, s in stages.items() if s[1]}
-        if not rest or should_stop(paired, best, sizes, weights, z):
-            return means, bool(rest), paired
-        second = self._item_values(rest)
-        self.evaluated_items += sum(len(s) for s in rest.values())
+        scored: dict[str, dict[int, float]] = {}  # result key -> {document: value}
+        values: dict[str, list[float]] = {t.name: [] for t in self.tasks}
+        self.evaluated_items = 0
+        final = len(fractions)  # the last stage's index
+        for j in range(final + 1):
+            samples = {name: s[j] for name, s in stages.items() if s[j]}
+            if samples:
+                new = self._item_values(samples)
+                self.evaluated_items += sum(len(docs) for docs in samples.values())
+                for key, by_doc in new.items():
+                    scored.setdefault(key, {}).update(by_doc)
+                if j < final:  # the last stage's values are never paired with
+                    for name, docs in samples.items():
+                        values[name] += [new[name][d] for d in docs]
+            if not any(s[k] for s in stages.values() for k in range(j + 1, final + 1)):
+                break  # every item scored
+            # a best stored with fewer stages (a study resumed under a config that now has more)
+            # cannot be paired beyond them: the candidate goes on, as with no best
+            covered = best is not None and all(len(best[n]) >= len(v) for n, v in values.items())
+            if covered and should_stop(values, best, sizes, weights, z):
+                return {key: math.fsum(v.values()) / len(v) for key, v in scored.items()}, j + 1, values
+        task_of = {key: t.name for t in self.tasks for key, _ in t.metrics}
         out = {}
-        for key, values in first.items():
-            values = {**values, **second.get(key, {})}
-            ordered = [values[d] for d in sorted(values)]  # one summation order for every candidate
-            if len(ordered) != len(self.items(task_of[key])):
-                raise TaskError(f"task {task_of[key]}: {len(ordered)} of {len(self.items(task_of[key]))} items scored")
+        for key, by_doc in scored.items():
+            ordered = [by_doc[d] for d in sorted(by_doc)]  # one summation order for every candidate
+            if len(ordered) != sizes[task_of[key]]:
+                raise TaskError(f"task {task_of[key]}: {len(ordered)} of {sizes[task_of[key]]} items scored")
             out[key] = math.fsum(ordered) / len(ordered)
-        return out, False, paired
+        return out, None, values

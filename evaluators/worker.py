@@ -38,9 +38,11 @@ class CandidateResult:
     error: Optional[str] = None
     worker: str = ""
     items: int = 0  # items scored
-    # racing: per-item values on the first-stage items (task -> values), what later candidates
-    # are paired with if this one is the best (see evaluators.racing)
+    # racing: per-item values (task -> values in stage order) on the items scored when stopped,
+    # else on every stage but the last: what later candidates are paired with if this one is the
+    # best (see evaluators.racing); `stage`: the stage after which a stopped candidate stopped
     first_items: Optional[dict] = None
+    stage: Optional[int] = None
 
 
 def _ray_node_suffix() -> str:
@@ -99,8 +101,8 @@ class CandidateWorker:
 
     def evaluate(self, payload: dict) -> dict:
         """Merge and score one candidate. `payload`: a recipe, or {"recipe": recipe, "race":
-        {"best_items", "weights", "fraction", "z"}} to race it against the best complete candidate's
-        first-stage values `best_items` (None: nothing to beat yet; see evaluators.racing)."""
+        {"best_items", "weights", "fractions", "z"}} to race it against the best complete candidate's
+        per-item values `best_items` (None: nothing to beat yet; see evaluators.racing)."""
         from merge_engine.config import parse_config
 
         race = None
@@ -113,18 +115,18 @@ class CandidateWorker:
             stats = self.merger.apply(config, check_finite=True)
             merge_s = time.perf_counter() - start
             t_eval = time.perf_counter()
-            stopped, first = False, None
+            stage, first = None, None
             with self._no_grad():
                 if race is None:
                     metrics = self.evaluator.evaluate()
                 else:
-                    metrics, stopped, first = self.evaluator.evaluate_raced(
-                        race["weights"], race["best_items"], race["fraction"], race["z"])
+                    metrics, stage, first = self.evaluator.evaluate_raced(
+                        race["weights"], race["best_items"], race["fractions"], race["z"])
             eval_s = time.perf_counter() - t_eval
-            status = "stopped" if stopped else "complete"
+            status = "complete" if stage is None else "stopped"
             return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
                                           items=getattr(self.evaluator, "evaluated_items", 0),
-                                          first_items=first))
+                                          first_items=first, stage=stage))
         except Exception as err:  # a failed candidate is data, not a crash
             log.debug("candidate failed: %s", traceback.format_exc())
             return asdict(

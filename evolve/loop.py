@@ -35,8 +35,8 @@ class Candidate:
 
 @dataclass
 class Outcome:
-    status: str  # "complete" | "failed" | "stopped" (racing: scored on its first items only)
-    fitness: Optional[float]  # for "stopped": the paired estimate from its first items (evaluators.racing)
+    status: str  # "complete" | "failed" | "stopped" (racing: scored on some stages' items only)
+    fitness: Optional[float]  # for "stopped": the paired estimate from the items scored (evaluators.racing)
     metrics: dict = field(default_factory=dict)
     error: Optional[str] = None
     timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
@@ -47,10 +47,12 @@ class Outcome:
     violation: float = 0.0  # > 0: infeasible (constraints), scores kept
     items: int = 0  # evaluated items (documents) this candidate cost
     reused_from: Optional[int] = None  # an identical recipe's candidate whose scores were reused
-    # racing: per-item values on the first-stage items (task -> values), and the best candidate
-    # it was raced against (a stopped one's estimate is relative to it)
+    # racing: per-item values in stage order (task -> values; stopped: the items scored, complete:
+    # every stage but the last), the best candidate it was raced against (a stopped one's
+    # estimate is relative to it) and the stage after which a stopped one stopped (1-based)
     first_items: Optional[dict] = None
     paired_with: Optional[int] = None
+    stage: Optional[int] = None
 
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""

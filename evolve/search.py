@@ -218,8 +218,8 @@ class PoolRunner:
     A recipe identical to one already evaluated (same `recipe_hash`: weights compared as the
     engine rounds them) is never evaluated again: it gets that candidate's outcome
     (`reused_from`), or waits for it while it is still running. With `race`, each candidate is
-    sent with the best complete candidate's first-stage values and the racing rule (see
-    evaluators.racing); `best()` gives that candidate as (number, fitness, first-stage values),
+    sent with the best complete candidate's per-item values and the racing rule (see
+    evaluators.racing); `best()` gives that candidate as (number, fitness, per-item values),
     or None."""
 
     def __init__(self, pool, genome: Genome, scoring: Scoring, known: Optional[dict] = None, race=None,
@@ -255,7 +255,7 @@ class PoolRunner:
                     self.paired[candidate.number] = best
                 payload = {"recipe": payload, "race": {
                     "best_items": None if best is None else best[2], "weights": self.scoring.signed_weights,
-                    "fraction": self.race.fraction, "z": self.race.confidence_z,
+                    "fractions": self.race.fractions, "z": self.race.confidence_z,
                 }}
             self.pool.submit(candidate, payload)
 
@@ -291,8 +291,8 @@ class PoolRunner:
         fitness, objectives, violation = None, (), 0.0
         if status in ("complete", "stopped"):
             try:
-                if status == "stopped":  # scored on its first items only: the paired estimate ranks it
-                    fitness = paired_estimate(metrics, paired[1], paired[2], self.scoring.signed_weights)
+                if status == "stopped":  # scored on some stages only: the paired estimate ranks it
+                    fitness = paired_estimate(result["first_items"], paired[1], paired[2], self.scoring.signed_weights)
                 else:
                     scored = self.scoring.score(metrics)
                     fitness, objectives, violation = scored.fitness, scored.objectives, scored.violation
@@ -301,7 +301,8 @@ class PoolRunner:
         return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
                        objectives, violation, result.get("items", 0),
                        first_items=result.get("first_items") if status in ("complete", "stopped") else None,
-                       paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None)
+                       paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None,
+                       stage=result.get("stage") if status == "stopped" else None)
 
 
 # -- one run of the driver ------------------------------------------------------------------------
@@ -425,7 +426,8 @@ class SearchRun:
                 self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
                 self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
             stats = self.pool.stats
-            note = outcome.error or ("stopped early" if outcome.status == "stopped" else
+            note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.stage else
+                                     "stopped early" if outcome.status == "stopped" else
                                      f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
                                      f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else None)
             status.update(candidate.number, self.finished, fit, note, self.best_value, outcome.timings,
@@ -524,9 +526,13 @@ def dry_run_report(config: SearchConfig) -> str:
         bounds = " and ".join(b for b in (c.min is not None and f">= {c.min}", c.max is not None and f"<= {c.max}") if b)
         lines.append(f"constraint: {c.task} {c.metric or '(its metric)'} {bounds}; candidates outside are never exported")
     if config.racing is not None:
+        shares = config.racing.fractions
+        bound = (f"the candidate's upper bound (z = {config.racing.confidence_z:g}, paired with the best on the items "
+                 f"scored) can beat the best")
         lines.append(
-            f"racing: {config.racing.fraction:.0%} of each task's items first; the rest only while the candidate's "
-            f"upper bound (z = {config.racing.confidence_z:g}, paired with the best on those items) can beat the best"
+            f"racing: {shares[0]:.0%} of each task's items first; the rest only while {bound}" if len(shares) == 1 else
+            f"racing: checks after {', '.join(f'{f:.0%}' for f in shares)} of each task's items; scoring goes on only "
+            f"while {bound}"
         )
     if config.rescore is not None:
         lines.append(

@@ -198,6 +198,7 @@ class ExperimentStore:
                 attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
                 objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
                 reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
+                stage=a.get("stage"),
             )
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
@@ -300,7 +301,8 @@ class ExperimentStore:
                     "first_items": outcome.first_items}
         attrs.update({k: v for k, v in optional.items() if v})
         # candidate 0 is a valid number
-        attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with)) if v is not None})
+        attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
+                                        ("stage", outcome.stage)) if v is not None})
         finite = outcome.fitness is not None and math.isfinite(outcome.fitness)
         if outcome.status == "stopped" and finite:
             attrs["estimate"] = outcome.fitness  # the fitness told to the optimiser: the paired estimate

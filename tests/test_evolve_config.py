@@ -442,6 +442,25 @@ def test_dry_run_report_in_process(tmp_path):
     assert (size, pop, gens) == (10, cma_popsize(10), generations(50, cma_popsize(10)))
 
 
+def test_racing_fraction_one_number_or_increasing_stages(tmp_path):
+    from evolve.search import dry_run_report
+
+    assert parse({**with_genome(), "racing": True}).racing.fractions == [0.2, 0.5]  # the default: two checks
+    assert parse({**with_genome(), "racing": {"confidence_z": 2}}).racing.fractions == [0.2, 0.5]
+    one = parse({**with_genome(), "racing": {"fraction": 0.3}}).racing
+    assert one.fraction == 0.3 and one.fractions == [0.3]  # a number stays a number: stored configs read alike
+    assert parse({**with_genome(), "racing": {"fraction": [0.15, 0.4]}}).racing.fractions == [0.15, 0.4]
+    for bad, words in (([0.5, 0.2], "strictly increasing"), ([0.2, 0.2], "strictly increasing"), (1.0, "(0, 1)"),
+                       (0, "(0, 1)"), ([], "(0, 1)"), ([0.2, 1.5], "(0, 1)"), (True, "(0, 1)"), ("half", "(0, 1)")):
+        msg = error({**with_genome(), "racing": {"fraction": bad}})
+        assert msg.startswith("search.yml: racing.fraction: ") and words in msg, msg
+    models = [fake_model(tmp_path, n, 4) for n in ("a", "b")]
+    cfg = {"genome": {"models": models, "merge_method": "linear"}, "tasks": ["t"], "optimizer": "cma"}
+    assert "racing: 20% of each task's items first;" in dry_run_report(parse({**cfg, "racing": {"fraction": 0.2}}))
+    line = [x for x in dry_run_report(parse({**cfg, "racing": True})).splitlines() if x.startswith("racing")]
+    assert line[0].startswith("racing: checks after 20%, 50% of each task's items; scoring goes on only while")
+
+
 def test_cli_dry_run_warns_unknown_keys_with_their_path(tmp_path, models32):
     cfg = {"genome": {"models": models32[:2], "merge_method": "linear", "mutation": 1},
            "tasks": [{"name": "t", "wieght": 2}], "population": 5}

@@ -10,7 +10,7 @@ import random
 import optuna
 import pytest
 
-from evaluators.racing import paired_difference, paired_estimate, should_stop, split_items
+from evaluators.racing import paired_difference, paired_estimate, should_stop, split_stages
 from evolve.config import parse_search_config
 from evolve.objectives import Scoring
 from evolve.optimizers import Result, SearchSpace, make_optimizer
@@ -69,7 +69,7 @@ def test_config_errors_name_the_problem():
     for extra, message in cases:
         with pytest.raises(Exception, match=message):
             config(**extra)
-    assert config(racing=True).racing.fraction == 0.2
+    assert config(racing=True).racing.fractions == [0.2, 0.5]
 
 
 def test_top_candidates_are_distinct_feasible_and_ranked():
@@ -118,8 +118,8 @@ def test_paired_racing_rule_numbers():
     assert should_stop(cand, best, sizes, weights, threshold * 0.999)
     assert not should_stop(cand, best, sizes, weights, threshold * 1.001)
     assert not should_stop(cand, None, sizes, weights, 0.01)  # nothing to beat yet
-    # the stopped candidate's estimate: best fitness + sum of w * (its first mean - the best's)
-    assert paired_estimate({"a": 0.6, "b": 0.3}, 0.9, best, weights) == pytest.approx(0.9 + (0.6 - 0.6) - 0.5 * (0.3 - 0.1))
+    # the stopped candidate's estimate: best fitness + sum of w * (its mean - the best's on the same items)
+    assert paired_estimate(cand, 0.9, best, weights) == pytest.approx(0.9 + (0.6 - 0.6) - 0.5 * (0.3 - 0.1), abs=1e-15)
 
 
 def test_paired_rule_edge_cases():
@@ -134,8 +134,10 @@ def test_paired_rule_edge_cases():
     assert paired_difference({"t": [0]}, {"t": [1]}, {"t": 5}, w) == (-1.0, math.inf)
     assert paired_difference({"t": [0], "u": [1, 1]}, {"t": [1], "u": [0, 0]}, {"t": 5, "u": 2}, {"t": 1.0, "u": 2.0}) == (1.0, math.inf)
     assert not should_stop({"t": [0]}, {"t": [1]}, {"t": 5}, w, 0.1)
-    with pytest.raises(ValueError, match="task t: 3 first-stage values against the best's 4"):
-        paired_difference({"t": [0, 1, 1]}, same, {"t": 40}, w)
+    with pytest.raises(ValueError, match="task t: 5 scored values against the best's 4"):
+        paired_difference({"t": [0, 1, 1, 1, 1]}, same, {"t": 40}, w)
+    with pytest.raises(ValueError, match="task t: 5 scored values against the best's 4"):
+        paired_estimate({"t": [0, 1, 1, 1, 1]}, 1.0, same, w)
 
 
 def test_paired_bound_has_its_stated_coverage():
@@ -151,20 +153,73 @@ def test_paired_bound_has_its_stated_coverage():
     truth = math.fsum(d) / size
     misses, draws = 0, 4000
     for k in range(draws):
-        first, _ = split_items(range(size), 0.25, f"coverage/{k}")
+        first, _ = split_stages(range(size), [0.25], f"coverage/{k}")
         mean, variance = paired_difference({"t": [candidate[i] for i in first]}, {"t": [best[i] for i in first]},
                                            {"t": size}, {"t": 1.0})
         misses += mean + math.sqrt(variance) < truth
     assert 0.14 < misses / draws < 0.18
 
 
-def test_split_items_is_seeded_disjoint_and_complete():
+def test_split_stages_one_stage_is_the_split_stored_studies_used():
+    """One fraction: a seeded share (at least one item) and the rest, both sorted, exactly the
+    split studies stored before there were several stages (so they resume pairing alike)."""
     items = list(range(3, 103))
-    first, rest = split_items(items, 0.25, "0/race/t")
-    assert len(first) == 25 and sorted(first + rest) == items and not set(first) & set(rest)
-    assert split_items(items, 0.25, "0/race/t") == (first, rest)
-    assert split_items(items, 0.25, "1/race/t")[0] != first
-    assert split_items([7], 0.25, "s") == ([7], [])
+    first, rest = split_stages(items, [0.25], "0/race/t")
+    order = list(items)
+    random.Random("0/race/t").shuffle(order)  # the stored rule: shuffle with the seed, cut at round(f * N)
+    assert first == sorted(order[:25]) and rest == sorted(order[25:])
+    assert split_stages(items, [0.25], "0/race/t") == [first, rest]
+    assert split_stages(items, [0.25], "1/race/t")[0] != first
+    assert split_stages([7], [0.25], "s") == [[7], []]
+    assert split_stages(range(10), [0.01], "s")[0] != []  # at least one item first
+
+
+def test_split_stages_are_nested_prefixes_of_one_order():
+    items = list(range(200, 297))  # 97 items
+    stages = split_stages(items, [0.2, 0.5], "0/race/t")
+    order = list(items)
+    random.Random("0/race/t").shuffle(order)
+    # cumulative counts round(0.2 * 97) = 19 and round(0.5 * 97) = 48 (round half to even), then the rest
+    assert [len(s) for s in stages] == [19, 29, 49]
+    assert stages == [sorted(order[:19]), sorted(order[19:48]), sorted(order[48:])]
+    assert sorted(stages[0] + stages[1] + stages[2]) == items
+    # the first stage is the one-stage split's first stage, the first two that of fraction 0.5
+    assert stages[0] == split_stages(items, [0.2], "0/race/t")[0]
+    assert sorted(stages[0] + stages[1]) == split_stages(items, [0.5], "0/race/t")[0]
+    assert [len(s) for s in split_stages(items, [0.15, 0.4, 0.7], "x")] == [15, 24, 29, 29]
+    # few items: a stage that rounding leaves empty stays in its place (stage numbers agree across tasks)
+    assert [len(s) for s in split_stages(range(3), [0.2, 0.5], "s")] == [1, 1, 1]
+    assert [len(s) for s in split_stages(range(2), [0.2, 0.3], "s")] == [1, 0, 1]
+    assert [len(s) for s in split_stages(range(1), [0.2, 0.5], "s")] == [1, 0, 0]
+
+
+def test_two_stage_stop_rule_against_a_float64_hand_computation():
+    """After stage 2 the bound uses every item scored so far (n_t = stages 1 + 2) and the best's
+    values on the same items: the prefix of its stage-ordered list."""
+    weights = {"a": 1.0, "b": -2.0}
+    sizes = {"a": 10, "b": 6}
+    best = {"a": [1, 0, 1, 1, 0, 1, 0], "b": [0.5, 0.25, 0.75, 0.5]}  # stages 1 + 2 (+ a 3rd's: never read)
+    stage1 = {"a": [1, 1, 0], "b": [0.5, 0.5]}
+    stage2 = {"a": [1, 1, 0, 0, 0], "b": [0.5, 0.5, 0.75, 0.25]}
+    # stage 1: a: d = 0 1 -1, m = 0, s^2 = 1, term 1 * 1 * (1 - 3/10) / 3 = 0.7/3
+    #          b: d = 0 0.25, m = 0.125, s^2 = 0.03125, term 4 * 0.03125 * (1 - 2/6) / 2 = 1/24
+    # mean -0.25; bound at z = 1: -0.25 + sqrt(0.7/3 + 1/24) = 0.2744: not stopped
+    mean1, var1 = paired_difference(stage1, best, sizes, weights)
+    assert mean1 == -0.25 and var1 == pytest.approx(0.7 / 3 + 1 / 24, rel=1e-15)
+    assert not should_stop(stage1, best, sizes, weights, 1.0)
+    # stage 2: a: d = 0 1 -1 -1 0, m = -0.2, s^2 = (0.04 + 1.44 + 0.64 + 0.64 + 0.04) / 4 = 0.7,
+    #          term 0.7 * (1 - 5/10) / 5 = 0.07
+    #          b: d = 0 0.25 0 -0.25, m = 0, s^2 = 0.125 / 3, term 4 * (0.125/3) * (1 - 4/6) / 4 = 0.125/9
+    # mean -0.2; bound -0.2 + sqrt(0.07 + 0.125/9) = 0.0897 at z = 1: not stopped; at z = 0.5 stopped
+    mean2, var2 = paired_difference(stage2, best, sizes, weights)
+    assert mean2 == pytest.approx(-0.2, abs=1e-15) and var2 == pytest.approx(0.07 + 0.125 / 9, rel=1e-14)
+    threshold = 0.2 / math.sqrt(0.07 + 0.125 / 9)
+    assert should_stop(stage2, best, sizes, weights, threshold * 0.999)
+    assert not should_stop(stage2, best, sizes, weights, threshold * 1.001)
+    # stopped after stage 2: the estimate is the best's fitness plus the difference on stages 1 + 2
+    assert paired_estimate(stage2, 1.5, best, weights) == pytest.approx(1.5 - 0.2 - 2.0 * 0.0, abs=1e-15)
+    # ... not the one on stage 1 (which the best's first values alone would give)
+    assert paired_estimate(stage1, 1.5, best, weights) == pytest.approx(1.5 - 0.25, abs=1e-15)
 
 
 def test_recipe_hash_counts_weights_as_the_engine_rounds_them():

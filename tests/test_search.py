@@ -182,15 +182,50 @@ def test_optuna_sampler_search_and_dry_run(quickstart, tmp_path):
 
 def _paired_bound(candidate: dict, best: dict, sizes: dict, z: float) -> float:
     """Independent of evaluators.racing: the upper bound of fitness(candidate) - fitness(best) with
-    unit weights, from the per-item differences (statistics.variance: n - 1 in the denominator)."""
+    unit weights, from the per-item differences (statistics.variance: n - 1 in the denominator) on
+    the candidate's items (the first as many of the best's)."""
     import statistics
 
     mean = variance = 0.0
     for task, size in sizes.items():
-        d = [c - b for c, b in zip(candidate[task], best[task], strict=True)]
+        d = [c - b for c, b in zip(candidate[task], best[task][:len(candidate[task])], strict=True)]
         mean += statistics.fmean(d)
         variance += statistics.variance(d) * (size - len(d)) / (size * len(d))
     return mean + z * math.sqrt(variance)
+
+
+def check_raced(rows: list[dict], shares: list[float], sizes: dict, z: float = 1.0) -> None:
+    """Every raced trial of a unit-weight search against the rule read independently: a stopped
+    one's items, values and estimate come from the stages it was scored on, its bound is below
+    the best's fitness at its stage and was not at any earlier one; a complete one passed every
+    stage and keeps its values on every stage but the last."""
+    cumulative = {}
+    for task, n in sizes.items():  # items scored after each stage: round(f * N), at least 1, nested
+        counts = [min(max(1, round(f * n)), n) for f in shares]
+        cumulative[task] = [max(counts[:k + 1]) for k in range(len(counts))] + [n]
+    for r in rows:
+        if r.get("paired_with") is None or r.get("reused_from") is not None:
+            continue
+        best = rows[r["paired_with"]]
+        assert best["state"] == "COMPLETE" and all(len(best["first_items"][t]) == cumulative[t][-2] for t in sizes)
+        stopped_at = r.get("stage") if r["state"] == "PRUNED" else len(shares) + 1
+        for k in range(1, min(stopped_at, len(shares)) + 1):
+            prefix = {t: r["first_items"][t][:cumulative[t][k - 1]] for t in sizes}
+            below = _paired_bound(prefix, best["first_items"], sizes, z) < 0
+            assert below == (k == stopped_at), (r["number"], k, stopped_at)
+        if r["state"] == "PRUNED":
+            assert r["status"] == "stopped" and 1 <= r["stage"] <= len(shares)
+            scored = {t: cumulative[t][r["stage"] - 1] for t in sizes}
+            assert r["items"] == sum(scored.values())
+            assert {t: len(v) for t, v in r["first_items"].items()} == scored
+            assert {t: math.fsum(r["first_items"][t]) / scored[t] for t in sizes} == pytest.approx(
+                {t: r["metrics"][t] for t in sizes}, abs=1e-12)
+            diff = sum(math.fsum(r["first_items"][t]) / scored[t] - math.fsum(best["first_items"][t][:scored[t]]) / scored[t]
+                       for t in sizes)
+            assert r["estimate"] == pytest.approx(best["value"] + diff, abs=1e-12)
+        else:
+            assert "stage" not in r and r["items"] == sum(sizes.values())
+            assert {t: len(v) for t, v in r["first_items"].items()} == {t: cumulative[t][-2] for t in sizes}
 
 
 def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
@@ -231,6 +266,7 @@ def test_racing_rescoring_and_identical_recipes(quickstart, tmp_path):
         assert r["items"] in (full_items, 0) and r["value"] == pytest.approx(r["metrics"]["qs_arithmetic"] + r["metrics"]["qs_facts"])
         if r.get("paired_with") is not None and not r.get("reused_from"):  # raced and not stopped
             assert _paired_bound(r["first_items"], rows[r["paired_with"]]["first_items"], sizes, 1.0) >= 0
+    check_raced(rows, [0.3], sizes)
     reused = [r for r in rows if r.get("reused_from") is not None]
     for r in reused:
         source = rows[r["reused_from"]]
@@ -284,32 +320,82 @@ def test_pareto_search_with_a_constraint(quickstart, tmp_path):
 
 
 def test_raced_evaluation_equals_the_full_one(quickstart):
-    """The evaluator's two stages add up to exactly what one full evaluation gives, and a stopped
-    candidate's metrics are its means over the first-stage items."""
+    """The evaluator's stages add up to exactly what one full evaluation gives, a stopped
+    candidate's metrics are its means over the items it was scored on, and `items` counts what
+    was scored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
-    from evaluators.racing import split_items
+    from evaluators.racing import split_stages
 
     path = quickstart["models"]["expert_arithmetic"]
     ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
     ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
     full = ev.evaluate()
     weights = {"qs_arithmetic": 1.0, "qs_facts": 1.0}
-    raced, stopped, values = ev.evaluate_raced(weights, None, 0.25, 1.0)
-    assert not stopped and ev.evaluated_items == 86
+    raced, stopped, values = ev.evaluate_raced(weights, None, [0.25], 1.0)
+    assert stopped is None and ev.evaluated_items == 86
     assert raced == pytest.approx(full, abs=1e-12)
     # raced against itself: every paired difference is 0, so it is never stopped
-    again, stopped, same = ev.evaluate_raced(weights, values, 0.25, 1.0)
-    assert not stopped and again == raced and same == values
+    again, stopped, same = ev.evaluate_raced(weights, values, [0.25], 1.0)
+    assert stopped is None and again == raced and same == values
     # against a best one point higher on every first item: stopped after the first stage
     better = {t: [v + 1 for v in vs] for t, vs in values.items()}
-    cut, stopped, cut_values = ev.evaluate_raced(weights, better, 0.25, 1.0)
-    assert stopped and cut_values == values and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
-    first = {name: split_items(ev.items(name), 0.25, f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, better, [0.25], 1.0)
+    assert stopped == 1 and cut_values == values and ev.evaluated_items == round(0.25 * 66) + round(0.25 * 20)
+    first = {name: split_stages(ev.items(name), [0.25], f"0/race/{name}")[0] for name in ("qs_arithmetic", "qs_facts")}
     assert {t: len(v) for t, v in values.items()} == {t: len(f) for t, f in first.items()}
     ev.samples = first  # an ordinary evaluation of just those items
     plain = ev.evaluate()
     assert cut == pytest.approx(plain, abs=1e-12)
     assert {t: math.fsum(v) / len(v) for t, v in values.items()} == pytest.approx(plain, abs=1e-12)
+
+
+def test_two_stage_raced_evaluation(quickstart):
+    """Stages at 20 % and 50 %: a complete candidate keeps its values on the first two stages
+    (stage 1's documents sorted, then stage 2's), equal to plain evaluations of those documents;
+    a candidate stopped at stage 2 has its metrics and values from stages 1 + 2, and is counted
+    for exactly those items; one stopped at stage 1 for stage 1's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators.lm_eval_tasks import LMEvalEvaluator, TaskSpec
+    from evaluators.racing import split_stages
+
+    path = quickstart["models"]["expert_facts"]
+    ev = LMEvalEvaluator([TaskSpec("qs_arithmetic"), TaskSpec("qs_facts")], include_paths=[str(quickstart["tasks"])], racing=True)
+    ev.attach(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
+    names = ("qs_arithmetic", "qs_facts")
+    stages = {n: split_stages(ev.items(n), [0.2, 0.5], f"0/race/{n}") for n in names}
+    # 66 and 20 items: cumulative round(13.2) = 13, round(33) = 33; round(4) = 4, round(10) = 10
+    assert {n: [len(s) for s in st] for n, st in stages.items()} == {"qs_arithmetic": [13, 20, 33], "qs_facts": [4, 6, 10]}
+    full = ev.evaluate()
+    weights = {n: 1.0 for n in names}
+    raced, stopped, values = ev.evaluate_raced(weights, None, [0.2, 0.5], 1.0)
+    assert stopped is None and ev.evaluated_items == 86 and raced == pytest.approx(full, abs=1e-12)
+    plain = {}
+    for k in (1, 2):  # plain evaluations of stage 1's and stage 2's documents: their per-item values
+        ev.samples = {n: stages[n][k - 1] for n in names}
+        plain[k] = ev._item_values(ev.samples)
+    ev.samples = None
+    for n in names:
+        assert values[n] == [plain[1][n][d] for d in stages[n][0]] + [plain[2][n][d] for d in stages[n][1]]
+    # a best equal on stage 1 and one point higher on stage 2's items: passes stage 1, stopped at 2
+    best = {n: v[:13 if n == "qs_arithmetic" else 4] + [x + 1 for x in v[13 if n == "qs_arithmetic" else 4:]]
+            for n, v in values.items()}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, best, [0.2, 0.5], 1.0)
+    assert stopped == 2 and ev.evaluated_items == 33 + 10 and cut_values == values
+    for n in names:
+        both = stages[n][0] + stages[n][1]
+        assert cut[n] == pytest.approx(math.fsum({**plain[1][n], **plain[2][n]}[d] for d in both) / len(both), abs=1e-12)
+    # one point higher on every item: stopped after stage 1, with stage 1's values only
+    higher = {n: [x + 1 for x in v] for n, v in values.items()}
+    cut, stopped, cut_values = ev.evaluate_raced(weights, higher, [0.2, 0.5], 1.0)
+    assert stopped == 1 and ev.evaluated_items == 13 + 4 and cut_values == {n: values[n][:len(stages[n][0])] for n in names}
+    # a best stored with one stage (a study resumed under two stages) is paired on stage 1 only,
+    # and stage 2 is not checked: the candidate is scored on every item
+    stage1_only = {n: v[:len(stages[n][0])] for n, v in values.items()}
+    again, stopped, _ = ev.evaluate_raced(weights, stage1_only, [0.2, 0.5], 1.0)
+    assert stopped is None and ev.evaluated_items == 86 and again == raced
+    assert ev.evaluate_raced(weights, {n: [x + 1 for x in v] for n, v in stage1_only.items()}, [0.2, 0.5], 1.0)[1] == 1

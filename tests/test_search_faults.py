@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_search import ENV, EVOLVE, quickstart, search_yaml, trials  # noqa: F401 (fixture)
+from test_search import ENV, EVOLVE, check_raced, quickstart, search_yaml, trials  # noqa: F401 (fixture)
 
 BUDGET = 22
 
@@ -162,11 +162,12 @@ def test_a_worker_killed_mid_search_is_replaced_and_nothing_fails(quickstart, tm
 
 def test_a_raced_search_killed_twice_resumes_to_the_uninterrupted_run(quickstart, tmp_path):
     """Racing pairs every candidate with the best complete one so far: a resumed driver must
-    find the same best (with its first-stage values, read back from the study) and so stop the
-    same candidates, with the same estimates, as the run that was never stopped."""
+    find the same best (with its per-item values, read back from the study) and so stop the
+    same candidates, at the same stages, with the same estimates, as the run that was never
+    stopped. Two stages (20 % and 50 % of the items, then the rest)."""
     cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=16, popsize=5)
     data = yaml.safe_load(cfg.read_text())
-    data["racing"] = {"fraction": 0.3, "confidence_z": 1.0}
+    data["racing"] = {"fraction": [0.2, 0.5], "confidence_z": 1.0}
     cfg.write_text(yaml.safe_dump(data))
     reference = tmp_path / "reference"
     proc = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(reference), "--task-search-path",
@@ -189,10 +190,13 @@ def test_a_raced_search_killed_twice_resumes_to_the_uninterrupted_run(quickstart
     assert last.returncode == 0, last.stderr[-3000:]
 
     def raced(rows):
-        return [(*comparable([r])[0], r.get("estimate"), r.get("paired_with"), r.get("first_items")) for r in rows]
+        return [(*comparable([r])[0], r.get("estimate"), r.get("paired_with"), r.get("first_items"), r.get("stage"),
+                 r.get("items")) for r in rows]
 
     got, want = trials(storage), trials(reference)
-    assert any(r["state"] == "PRUNED" for r in want)  # racing stopped something: the comparison covers it
+    # racing stopped candidates at both stages: the comparison covers both
+    assert {r.get("stage") for r in want if r["state"] == "PRUNED"} == {1, 2}
+    check_raced(want, [0.2, 0.5], {"qs_arithmetic": 66, "qs_facts": 20})
     assert raced(got) == raced(want)
     assert params(storage) == params(reference)
     assert (storage / "best_config.yaml").read_text() == (reference / "best_config.yaml").read_text()
