@@ -40,16 +40,21 @@ Also measured once: the startup floor (a fresh python importing torch and merge_
 every plain-loop and CLI time includes.
 Exit status: 0 when every target passes, 1 otherwise.
 
-Measured (2-core machine, quiet, --repeats 3, best of 3, derived architecture cached on disk):
-I/O floor 1.73 s for linear (its three repeats: 6.28, 1.73, 1.85 s: how fast the page cache takes
-2.2 GB of writes varies that much), startup 1.69 s, `mergekit-yaml` linear 7.56 s (4.36x the
-floor; the target 1.2x is missed), ties 9.72 s (1.28x linear: met), both well under the plain
-loop (0.73x and 0.07x). Where the linear merge's time goes beyond the floor (perf): the startup
-(python + torch) alone is about 1x this floor; the page-cache copy of the 2.2 GB written (as in
-the floor); the copy-on-write population of the inputs' private mappings (the engine maps inputs
-writable so no method can fault by writing into one); page faults and unmapping of fresh tensor
-buffers; the lerp itself about 6 %. On a floor of 4-6 s (other runs of the same machine) the
-ratio was 1.2-1.3x.
+Measured (2-core machine, quiet, derived architecture cached on disk, --skip-plain):
+--repeats 3: I/O floor 3.82 s (repeats 5.92, 3.84, 3.82 s), startup 1.75 s, `mergekit-yaml`
+linear 3.85 s (1.01x the floor: met), ties 7.75 s (2.01x linear: the 1.3x target is missed);
+--repeats 1: floor 5.91 s, linear 3.98 s (0.67x), ties 8.36 s (2.10x linear). The floor is the
+noisiest row: how fast the kernel takes 2.2 GB of page-cache writes varied 0.4-5.6 s between
+identical runs (it depends on what the page cache must reclaim first), so the linear ratio swings
+with it. What made linear 2x faster (it took 7.56 s, 4.36x a 1.73 s floor, before): the inputs'
+private writable mappings were populated with MAP_POPULATE, which copies every page; they are now
+populated for reading (MADV_POPULATE_READ); and freed output buffers stay in glibc's heap instead
+of a fresh mapping (and page faults) per tensor (merge_engine/allocator.py). ties took 9.72 s
+before: the ratio got worse because linear got faster. Its remaining time is arithmetic: the
+magnitude histograms for the top-k thresholds (2.8 s of 5.6 s computing, one scattered
+increment per entry and task vector) and the combine kernel, on 2 cores shared with the writer
+thread's page-cache copy (the histogram kernel runs ~1.8 G entries/s alone, ~0.8 beside it).
+The plain loop (last measured beside other work): linear CLI 0.40x it, ties CLI 0.05x.
 """
 
 from __future__ import annotations
