@@ -426,8 +426,7 @@ class SearchRun:
                 self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
                 self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
             stats = self.pool.stats
-            note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.stage else
-                                     "stopped early" if outcome.status == "stopped" else
+            note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.status == "stopped" else
                                      f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
                                      f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else None)
             status.update(candidate.number, self.finished, fit, note, self.best_value, outcome.timings,
