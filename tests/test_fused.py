@@ -152,6 +152,87 @@ def test_magnitude_histograms_equal_bincount(dtype, are_deltas):
         assert torch.equal(got[0], want) and int(want.sum()) > 1000
 
 
+def band_inputs(count, seed, rows=640, cols=1700):
+    """bf16 tensors above BAND_MIN_NUMEL (1.09M entries) shaped like fine-tunes: small changes
+    scaled per row, so deltas are multiples of the base's bf16 spacing (many equal magnitudes),
+    some exactly zero, and neighbouring entries alike."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    scale = torch.rand(rows, 1, generator=g) * 0.5 + 0.75
+    xs = []
+    for m in range(count):
+        x = (base.float() + torch.randn(rows, cols, generator=g) * 0.002 * scale).to(torch.bfloat16)
+        x.view(-1)[m::7] = base.view(-1)[m::7]
+        xs.append(x)
+    return base, xs
+
+
+@pytest.mark.parametrize("are_deltas", [True, False])
+def test_top_k_bands_equal_full_histograms(are_deltas):
+    """The sampled band gives exactly the threshold, quota and tie cutoff of the full-histogram
+    search, over densities from 0.01 to 0.99."""
+    base, xs = band_inputs(3, seed=11)
+    assert base.numel() >= fused.BAND_MIN_NUMEL
+    sources = [x - base for x in xs] if are_deltas else xs
+    vectors = ta._TaskVectors(base, deltas=[x - base for x in xs])
+    n = base.numel()
+    for densities in ([0.01, 0.5, 0.95], [0.3, 0.6, 0.05]):
+        ks = [int(d * n) for d in densities]
+        got = fused.top_k_bands(base.view(-1), [s.view(-1) for s in sources], are_deltas, ks)
+        want = [ta._top_k_threshold(vectors, i, k, {}) for i, k in enumerate(ks)]
+        cutoffs = fused.tie_cutoffs(base.view(-1), [s.view(-1) for s in sources], are_deltas, [w[0] for w in want], [w[1] for w in want])
+        assert got == [(t, q, c) for (t, q), c in zip(want, cutoffs)], densities
+
+
+def sample_positions(n):
+    """The sampled entries, as `_sample_start` documents them: per window of SAMPLE_WINDOW
+    entries, SAMPLE_RUN entries from offset (w * 2654435761 mod 2^32) mod (slots + 1)."""
+    picked = torch.zeros(n, dtype=torch.bool)
+    for w, start in enumerate(range(0, n, fused.SAMPLE_WINDOW)):
+        slots = min(fused.SAMPLE_WINDOW, n - start) - fused.SAMPLE_RUN
+        offset = (w * 2654435761 % 2**32) % (slots + 1) if slots > 0 else 0
+        picked[start + offset : start + offset + fused.SAMPLE_RUN] = True
+    return picked
+
+
+def test_sample_histograms_count_the_documented_runs():
+    base, xs = band_inputs(2, seed=3, rows=101, cols=2001)  # the last window is partial
+    got = fused.sample_histograms(base.view(-1), [x.view(-1) for x in xs], False)
+    picked = sample_positions(base.numel())
+    assert int(picked.sum()) == int(got[0].sum()) > base.numel() // 17
+    for k, x in enumerate(xs):
+        magnitudes = (x - base).abs().view(torch.int16).view(-1)[picked].to(torch.int64)
+        assert np.array_equal(got[k], torch.bincount(magnitudes, minlength=1 << 15).numpy()), k
+
+
+def test_streaming_ties_takes_the_band_and_equals_eager(monkeypatch):
+    base, xs = band_inputs(2, seed=7)
+    found = []
+    real = fused.top_k_bands
+    monkeypatch.setattr(fused, "top_k_bands", lambda *a: found.append(real(*a)) or found[-1])
+    model_params = [{}, {"weight": 0.45, "density": 0.35}, {"weight": 0.8, "density": 0.6}]
+    eager, result, used = run_both(monkeypatch, lambda: call("ties", [base] + xs, 0, {"normalize": True}, model_params))
+    assert used and len(found) == 1 and None not in found[0]
+    assert torch.equal(bits(result), bits(eager)), f"{int((bits(result) != bits(eager)).sum())} entries differ"
+
+
+def test_a_missed_band_falls_back_to_full_histograms(monkeypatch):
+    """A sample unlike the rest (the sampled runs hold the smallest deltas) misses the band:
+    that task vector's threshold then comes from full histograms, with the same result."""
+    base, xs = band_inputs(2, seed=9)
+    sampled = sample_positions(base.numel()).view(base.shape)
+    xs[0] = torch.where(sampled, base + (xs[0] - base) / 64, xs[0]).to(torch.bfloat16)
+    found = []
+    real = fused.top_k_bands
+    monkeypatch.setattr(fused, "top_k_bands", lambda *a: found.append(real(*a)) or found[-1])
+    model_params = [{}, {"weight": 0.5, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    eager, result, used = run_both(monkeypatch, lambda: call("ties", [base] + xs, 0, {"normalize": True}, model_params))
+    assert used and found[0][0] is None and found[0][1] is not None
+    assert torch.equal(bits(result), bits(eager))
+    reference = ref_gta(base, xs, [0.5, 0.5], densities=[0.5, 0.5], sparsify="magnitude", consensus=True, normalize=True)
+    assert torch.equal(result, reference)
+
+
 def test_writes_into_the_given_output_buffer():
     base, xs = make_inputs(torch.bfloat16, 2, seed=9)
     out = torch.empty_like(base)

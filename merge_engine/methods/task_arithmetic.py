@@ -162,12 +162,17 @@ def _histograms(vectors: _TaskVectors, i: int, bucket: int, cache: dict) -> list
     return [(i, hist)]
 
 
-def _magnitude_threshold(vectors: _TaskVectors, i: int, density: float, ctx: TensorContext, cache: Optional[dict]) -> tuple[int, int]:
-    """`_top_k_threshold` for the int(density * numel) largest entries (mergekit's k)."""
+def _kept_count(vectors: _TaskVectors, density: float, ctx: TensorContext) -> int:
+    """mergekit's k for a density: int(density * numel), at least 1."""
     k = int(density * vectors.numel)
     if k <= 0:
         raise ModelError(f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density")
-    return _top_k_threshold(vectors, i, k, cache)
+    return k
+
+
+def _magnitude_threshold(vectors: _TaskVectors, i: int, density: float, ctx: TensorContext, cache: Optional[dict]) -> tuple[int, int]:
+    """`_top_k_threshold` for the int(density * numel) largest entries (mergekit's k)."""
+    return _top_k_threshold(vectors, i, _kept_count(vectors, density, ctx), cache)
 
 
 class _TopK:
@@ -513,6 +518,12 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
     sources = vectors.deltas if vectors.deltas is not None else vectors.inputs
     if not fused.usable([vectors.base_flat, *sources]):
         return None
+    # a one-shot merge (no cache to fill for later candidates) of a large 16-bit tensor finds its
+    # thresholds and cutoffs from a sampled band; full histograms only where that misses
+    one_shot = cache is None and not random and vectors.numel >= fused.BAND_MIN_NUMEL and base.element_size() == 2
+    todo = [i for i in range(vectors.count) if sparsified[i]] if one_shot else []
+    ks = [_kept_count(vectors, densities[i], ctx) for i in todo]
+    bands = dict(zip(todo, fused.top_k_bands(vectors.base_flat, [sources[i] for i in todo], vectors.deltas is not None, ks))) if todo else {}
     cache = {} if cache is None else cache
     thresholds, cutoffs = [], []
     cutoff_keys: dict[int, tuple] = {}  # model index -> its tie cutoff's cache key
@@ -535,6 +546,11 @@ def _merge_fused(vectors: _TaskVectors, base, weights, densities, params, varian
         if not sparsified[i]:
             thresholds.append(-1)
             cutoffs.append(-1)
+            continue
+        if bands.get(i) is not None:
+            threshold, _, cutoff = bands[i]
+            thresholds.append(threshold)
+            cutoffs.append(cutoff)
             continue
         threshold, quota = _magnitude_threshold(vectors, i, density, ctx, cache)
         thresholds.append(threshold)
