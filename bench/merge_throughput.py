@@ -40,20 +40,21 @@ Also measured once: the startup floor (a fresh python importing torch and merge_
 every plain-loop and CLI time includes.
 Exit status: 0 when every target passes, 1 otherwise.
 
-Measured (2-core machine, quiet, derived architecture cached on disk, --skip-plain):
---repeats 3: I/O floor 3.82 s (repeats 5.92, 3.84, 3.82 s), startup 1.75 s, `mergekit-yaml`
-linear 3.85 s (1.01x the floor: met), ties 7.75 s (2.01x linear: the 1.3x target is missed);
---repeats 1: floor 5.91 s, linear 3.98 s (0.67x), ties 8.36 s (2.10x linear). The floor is the
-noisiest row: how fast the kernel takes 2.2 GB of page-cache writes varied 0.4-5.6 s between
-identical runs (it depends on what the page cache must reclaim first), so the linear ratio swings
-with it. What made linear 2x faster (it took 7.56 s, 4.36x a 1.73 s floor, before): the inputs'
-private writable mappings were populated with MAP_POPULATE, which copies every page; they are now
-populated for reading (MADV_POPULATE_READ); and freed output buffers stay in glibc's heap instead
-of a fresh mapping (and page faults) per tensor (merge_engine/allocator.py). ties took 9.72 s
-before: the ratio got worse because linear got faster. Its remaining time is arithmetic: the
-magnitude histograms for the top-k thresholds (2.8 s of 5.6 s computing, one scattered
-increment per entry and task vector) and the combine kernel, on 2 cores shared with the writer
-thread's page-cache copy (the histogram kernel runs ~1.8 G entries/s alone, ~0.8 beside it).
+Measured (2-core machine, quiet, derived architecture cached on disk, --skip-plain, --repeats 3):
+I/O floor 3.38 s, startup 1.75-1.79 s, `mergekit-yaml` linear 3.62 s (1.07x the floor: met),
+ties 6.91 s (1.91x linear: the 1.3x target is missed). The floor is the noisiest row: how fast the
+kernel takes 2.2 GB of page-cache writes varied 0.4-5.6 s between identical runs, and the machine
+reclaims cold page-cache pages (a base model that only ties reads may have to come from disk
+again), so compare rows of one run. What made linear 2x faster (7.56 s, 4.36x a 1.73 s floor,
+before): the inputs' private writable mappings were populated with MAP_POPULATE, which copies
+every page; they are now populated for reading (MADV_POPULATE_READ); and freed output buffers
+stay in glibc's heap instead of a fresh mapping (and page faults) per tensor
+(merge_engine/allocator.py). ties went from 9.72 s to 7.75 s with those, and to 6.91 s when its
+top-k thresholds came from a sampled band instead of full magnitude histograms (threshold search
+2.9 s -> 0.9 s of kernel time; docs/methods.md). What keeps it at ~1.9x: on 2 cores both merges
+are CPU-bound, and ties uses 8.7 CPU-s (5.1 user, 3.6 sys: it also maps the base) against
+linear's 4.1. The combine kernel alone (~100 vector ops per entry, bf16 rounding emulated
+exactly) takes 1.0 s beside the writer thread, the threshold search 0.9 s.
 The plain loop (last measured beside other work): linear CLI 0.40x it, ties CLI 0.05x.
 """
 

@@ -205,14 +205,15 @@ def test_sample_histograms_count_the_documented_runs():
         assert np.array_equal(got[k], torch.bincount(magnitudes, minlength=1 << 15).numpy()), k
 
 
-def test_streaming_ties_takes_the_band_and_equals_eager(monkeypatch):
-    base, xs = band_inputs(2, seed=7)
+@pytest.mark.parametrize("count", [2, 3])  # the two-model kernel and the general one
+def test_streaming_ties_takes_the_band_and_equals_eager(monkeypatch, count):
+    base, xs = band_inputs(count, seed=7)
     found = []
     real = fused.top_k_bands
     monkeypatch.setattr(fused, "top_k_bands", lambda *a: found.append(real(*a)) or found[-1])
-    model_params = [{}, {"weight": 0.45, "density": 0.35}, {"weight": 0.8, "density": 0.6}]
+    model_params = [{}] + [{"weight": w, "density": d} for w, d in zip([0.45, 0.8, -0.3], [0.35, 0.6, 0.2])][:count]
     eager, result, used = run_both(monkeypatch, lambda: call("ties", [base] + xs, 0, {"normalize": True}, model_params))
-    assert used and len(found) == 1 and None not in found[0]
+    assert used and len(found) == 1 and len(found[0]) == count and None not in found[0]
     assert torch.equal(bits(result), bits(eager)), f"{int((bits(result) != bits(eager)).sum())} entries differ"
 
 
