@@ -234,6 +234,21 @@ def test_a_missed_band_falls_back_to_full_histograms(monkeypatch):
     assert torch.equal(result, reference)
 
 
+
+@pytest.mark.parametrize("method,params", [("breadcrumbs_ties", {"normalize": True}), ("ties", {"normalize": True, "lambda": 0.5})])
+def test_eager_path_histograms_every_task_vector_once(monkeypatch, method, params):
+    """Outside the kernel (breadcrumbs: two thresholds per model; TIES with lambda), one
+    histogram pass per tensor serves every task vector: each model's thresholds reuse it."""
+    base, xs = band_inputs(2, seed=5, rows=200, cols=1000)
+    passes = []
+    real = fused.magnitude_histograms
+    monkeypatch.setattr(fused, "magnitude_histograms", lambda *a: passes.append(len(a[1])) or real(*a))
+    model_params = [{}] + [{"weight": 0.6, "density": 0.4, "gamma": 0.05}, {"weight": 0.5, "density": 0.7, "gamma": 0.02}]
+    result = call(method, [base] + xs, 0, params, model_params)
+    assert passes == [2]  # one pass, both task vectors
+    monkeypatch.setenv("EVOMERGE_EAGER", "1")  # bincount histograms instead, same thresholds
+    assert torch.equal(bits(call(method, [base] + xs, 0, params, model_params)), bits(result))
+
 def test_writes_into_the_given_output_buffer():
     base, xs = make_inputs(torch.bfloat16, 2, seed=9)
     out = torch.empty_like(base)

@@ -481,6 +481,9 @@ def _merge(
     fused_result = _merge_fused(vectors, base, weights, densities, params, variant, ctx, cache)
     if fused_result is not None:
         return fused_result
+    # shared by this tensor's task vectors: one histogram pass serves all of them (and both
+    # thresholds of breadcrumbs), instead of one pass over every model per threshold
+    cache = {} if cache is None else cache
     streams = []
     for i, density in enumerate(densities):
         if variant.sparsify is not None and density < 1:
