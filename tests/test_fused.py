@@ -205,6 +205,16 @@ def test_sample_histograms_count_the_documented_runs():
         assert np.array_equal(got[k], torch.bincount(magnitudes, minlength=1 << 15).numpy()), k
 
 
+
+def test_band_candidates_stay_within_15_bits():
+    """A sample whose largest magnitudes sit on the top 15-bit value (0x7FFF, a NaN) proposes no
+    candidate above it: an int16 comparison with 2^15 would wrap around and count everything."""
+    hist = np.zeros(1 << 15, dtype=np.int64)
+    hist[15000], hist[0x7FFF] = 60_000, 5_000
+    candidates = fused._band_candidates(hist, 5_000 * 16, 65_000 * 16)
+    assert candidates and max(candidates) == 0x7FFF and 15000 in candidates
+
+
 @pytest.mark.parametrize("count", [2, 3])  # the two-model kernel and the general one
 def test_streaming_ties_takes_the_band_and_equals_eager(monkeypatch, count):
     base, xs = band_inputs(count, seed=7)

@@ -589,7 +589,8 @@ def _band_candidates(hist: np.ndarray, k: int, n: int) -> list[int]:
     low = int(np.nonzero(above >= expected + margin)[0].max(initial=0))
     high = int(np.nonzero(above >= max(expected - margin, 1))[0].max(initial=0))
     seen = np.nonzero(hist[low : high + 1])[0] + low
-    candidates = sorted({low, low + 1, high + 1} | set(seen.tolist()) | set((seen + 1).tolist()))
+    candidates = {low, low + 1, high + 1} | set(seen.tolist()) | set((seen + 1).tolist())
+    candidates = sorted(v for v in candidates if v < len(hist))  # 15 bits: nothing lies above
     return candidates if len(candidates) <= MAX_CANDIDATES else []
 
 
