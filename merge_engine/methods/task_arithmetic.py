@@ -163,7 +163,7 @@ def _histograms(vectors: _TaskVectors, i: int, bucket: int, cache: dict) -> list
 
 
 def _kept_count(vectors: _TaskVectors, density: float, ctx: TensorContext) -> int:
-    """mergekit's k for a density: int(density * numel), at least 1."""
+    """mergekit's k for a density: int(density * numel); an error where that keeps nothing."""
     k = int(density * vectors.numel)
     if k <= 0:
         raise ModelError(f"density {density} keeps no entry of tensor {ctx.name} ({vectors.numel} entries): raise the density")
