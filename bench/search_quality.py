@@ -207,7 +207,7 @@ def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: i
     storage = run_dir / "evolve"
     cmd = [str(BIN / "mergekit-evolve"), str(cfg), "--storage-path", str(storage), "--task-search-path", str(task_dir),
            "-j", str(threads), "--quiet"]
-    if (storage / "checkpoint.pkl").exists():
+    if (storage / "study.db").exists():
         cmd.append("--resume")  # an earlier bench run stopped inside this search
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

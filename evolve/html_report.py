@@ -71,11 +71,12 @@ def _backup(src: sqlite3.Connection, dest: Path) -> None:
 def _load_study(root: Path, workdir: Path):
     import optuna
 
-    from .store import STUDY_NAME
+    from .store import STUDY_NAME, check_study_file
 
     db = root / "study.db"
     if not db.is_file():
         raise ConfigError(f"{root}: no study here ({db.name} not found); pass the --storage-path of a search")
+    check_study_file(db)
     copy = workdir / "study.db"
     try:
         copy_study(db, copy)

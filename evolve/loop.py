@@ -8,10 +8,11 @@ Pure: no Ray, no Optuna, no files, no printing. It takes
 Candidates are numbered in the order they are asked. The journal holds, per candidate, its
 proposal, how many results had been told to the optimiser when it was asked (`told_before`) and,
 once finished, its outcome and its place in the order of tells (`tell_order`). That is the exact
-interleaving of asks and tells the optimiser saw, so `resume()` can rebuild the optimiser by
-replaying it (from the latest checkpoint on), whatever the timing of the workers was. The recorder
-writes journal entries and checkpoints in the order it receives them, so a checkpoint never runs
-ahead of the journal; a lost tail of the journal is work that is simply done again.
+interleaving of asks and tells the optimiser saw, so `resume()` rebuilds the optimiser by
+replaying it from the start, whatever the timing of the workers was. No optimiser state is ever
+saved (evolve.optimizers): the journal is plain data, and the only thing a resume reads. The
+recorder writes journal entries in the order it receives them; a lost tail of the journal is work
+that is simply done again.
 """
 
 from __future__ import annotations
@@ -90,26 +91,15 @@ class Recorder(Protocol):
 
     def told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None: ...
 
-    def checkpoint(self, optimizer: Optimizer, state: LoopState) -> None:
-        """Offered after every round of results; the recorder decides whether to snapshot
-        (`optimizer.state_dict()` and a copy of `state`, taken now) and keeps it behind the
-        journal entries it already holds."""
-
 
 class JournalMismatch(Exception):
     """The optimiser does not re-propose what the journal recorded (a changed config or version)."""
 
 
-def resume(optimizer: Optimizer, journal: Sequence[JournalEntry], checkpoint: Optional[dict] = None) -> LoopState:
-    """Bring a freshly built optimiser to the state it had at the end of the journal.
-
-    `checkpoint` is a snapshot made by `snapshot()`;
-    the journal entries after it are replayed: asks re-asked (and checked against the journal),
-    tells re-told with the recorded outcomes."""
+def resume(optimizer: Optimizer, journal: Sequence[JournalEntry]) -> LoopState:
+    """Bring a freshly built optimiser to the state it had at the end of the journal: asks re-asked
+    (and checked against the journal), tells re-told with the recorded outcomes, in their order."""
     state = LoopState()
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = LoopState(checkpoint["asked"], checkpoint["told"], dict(checkpoint["pending"]))
     entries = {e.candidate.number: e for e in journal}
     tells = sorted((e for e in journal if e.tell_order is not None and e.tell_order >= state.told),
                    key=lambda e: e.tell_order)
@@ -172,12 +162,6 @@ def run_loop(
             recorder.told(candidate, outcome, state.told)
             state.told += 1
             on_outcome(candidate, outcome)
-        recorder.checkpoint(optimizer, state)
-
-
-def snapshot(optimizer: Optimizer, state: LoopState) -> dict:
-    """What a checkpoint holds: the optimiser's state and the loop's position, taken together."""
-    return {"optimizer": optimizer.state_dict(), "asked": state.asked, "told": state.told, "pending": dict(state.pending)}
 
 
 def outcomes_in_order(journal: Iterable[JournalEntry]) -> list[tuple[int, Optional[float]]]:

@@ -12,10 +12,13 @@ Lifecycle of an optimiser during a search:
    the items: Optuna samplers record it as a pruned trial, CMA-ES ranks it by the estimate).
    `ask()` may return None: "nothing to propose until more results are told" (only the classic
    CMA-ES generation barrier does that).
-3. `state_dict()` returns everything needed to continue exactly, every random state included, as
-   plain picklable data; `load_state_dict()` on a freshly built optimiser (same name, space, x0,
-   seed and options) restores it. After a restore, the same sequence of tells yields the same
-   proposals as the optimiser that was never stopped.
+3. Nothing of an optimiser is ever saved: a freshly built one (same name, space, x0, seed and
+   options), asked and told again in the journal's recorded order, is in exactly the state of the
+   one that was never stopped (`evolve.loop.resume`). So an optimiser must be a deterministic
+   function of its arguments and the sequence of asks and tells: every random draw comes from a
+   generator it seeds itself. This is why a resume never unpickles anything from an experiment
+   directory (they travel between people), and why no library's private internals are stored
+   (they change between versions: Optuna 5.1 stopped pickling studies).
 
 `generational` says whether the optimiser works in populations (pycma) or one candidate at a time
 (Optuna samplers); it only changes what reports say, never how the loop drives it.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -80,14 +82,6 @@ class Optimizer(ABC):
     def tell(self, proposal: Proposal, result: Result) -> None:
         """The result of a proposal. Any order, each proposal once."""
 
-    @abstractmethod
-    def state_dict(self) -> dict:
-        """Everything needed to continue exactly (random states included), picklable."""
-
-    @abstractmethod
-    def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()` output into an optimiser built with the same arguments."""
-
 
 def _finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
@@ -96,8 +90,8 @@ def _finite(value: Optional[float]) -> bool:
 @contextlib.contextmanager
 def _numpy_global_rng(holder: dict):
     """For any draw pycma still makes from numpy's global generator: swap in the optimiser's own
-    state for the duration of a call and take it back out afterwards, so that state is part of the
-    checkpoint and nothing else in the process can shift the optimiser's random stream."""
+    state for the duration of a call and take it back out afterwards, so nothing else in the
+    process can shift the optimiser's random stream (a replay must draw the same numbers)."""
     import numpy as np
 
     outside = np.random.get_state()
@@ -133,8 +127,8 @@ class CMAESOptimizer(Optimizer):
         import cma
         import numpy as np
 
-        # pycma draws from numpy's global generator unless given its own: a private generator,
-        # pickled with the strategy, makes the random stream part of the checkpoint
+        # pycma draws from numpy's global generator unless given its own: a private seeded
+        # generator makes the random stream a function of the seed alone
         self._random = np.random.RandomState(seed + 1)  # seed + 1: pycma's seed 0 means "from the clock"
         opts = {
             "bounds": [list(space.lower), list(space.upper)],
@@ -215,38 +209,11 @@ class CMAESOptimizer(Optimizer):
         self.batch = []  # unhanded samples of the old distribution are dropped, never evaluated
         self.handed = 0
 
-    def state_dict(self) -> dict:
-        return {"pickle": pickle.dumps(self.__dict__)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(pickle.loads(state["pickle"]))
-        _rehash_solution_dicts(self.es)
-
-
-def _rehash_solution_dicts(es) -> None:
-    """pycma files every sampled solution (its genotype before boundary repair) in dictionaries
-    keyed by hash(x.tobytes()); bytes hashes change from one process to the next, so after a
-    checkpoint is loaded elsewhere tell() would miss them and update from the repaired points
-    instead (a resumed search diverged at the first out-of-bounds sample). Re-key them from the
-    solutions each dictionary keeps."""
-    from cma.utilities.utils import SolutionDict
-
-    holders = [es] + [v for v in vars(es).values() if hasattr(v, "__dict__")]
-    for holder in holders:
-        for d in vars(holder).values():
-            if not isinstance(d, SolutionDict):
-                continue
-            rekey = {old: d.key(x) for old, x in d._unhashed_keys.items()}
-            d.data = {rekey.get(k, k): v for k, v in d.data.items()}
-            d.data_with_same_key = {rekey.get(k, k): v for k, v in d.data_with_same_key.items()}
-            d._unhashed_keys = {rekey[k]: x for k, x in d._unhashed_keys.items()}
-
 
 class OptunaSamplerOptimizer(Optimizer):
     """An Optuna sampler (TPE, NSGA-II, CMA-ES, random) over a private in-memory study: one
-    candidate per ask. The experiment's SQLite study is written by the store, not here, so the
-    optimiser's state (its study and the sampler's random state) is exactly what its checkpoint
-    holds. With `objectives > 1` the study has one maximised direction per objective; with
+    candidate per ask. The experiment's SQLite study is written by the store, not here: this study
+    lives only in memory and is rebuilt by replay on resume. With `objectives > 1` the study has one maximised direction per objective; with
     `constraints` the sampler is given each trial's violation (TPE and NSGA-II use it)."""
 
     def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, sampler: str = "tpe",
@@ -285,12 +252,6 @@ class OptunaSamplerOptimizer(Optimizer):
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             self.study.tell(trial, list(map(float, values)))
-
-    def state_dict(self) -> dict:
-        return {"pickle": pickle.dumps(self.study)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.study = pickle.loads(state["pickle"])
 
 
 def _tpe(seed: int, x0: dict, popsize: Optional[int]):

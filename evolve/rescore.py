@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from merge_engine.errors import ConfigError
+
 from .objectives import Scoring
 
 RESCORE_FILE = "rescore.json"
@@ -42,9 +44,14 @@ def top_candidates(rows: Sequence[dict], top_k: int) -> list[dict]:
 def read_rescore(root: Path) -> Optional[dict]:
     path = Path(root) / RESCORE_FILE
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: unreadable re-scoring table ({err}); delete it to score the held-out tasks again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ConfigError(f"{path}: not an evomerge re-scoring table; delete it to score the held-out tasks again")
+    return data
 
 
 class Rescoring:

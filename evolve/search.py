@@ -3,12 +3,12 @@
     genome (search_spaces) ─ optimizer (evolve.optimizers) ─ loop (evolve.loop)
                                          │                        │
                             store (evolve.store)         pool of Ray workers (evolve.pool,
-                            journal + checkpoint          evolve.cluster, evaluators.worker)
+                            journal (SQLite)              evolve.cluster, evaluators.worker)
 
 The driver never loads model weights: it reads config.json files, decodes genotypes into recipes
 and sends them to workers, each of which holds a resident model. A stopped run (Ctrl-C, SIGTERM,
 a killed process, a timeout) continues with `--resume` exactly where it stopped: the optimiser is
-rebuilt from its checkpoint and the journal, and no finished candidate is evaluated again.
+rebuilt by replaying the journal, and no finished candidate is evaluated again.
 """
 
 from __future__ import annotations
@@ -334,7 +334,7 @@ class SearchRun:
                       if e.outcome is not None and e.outcome.status in ("complete", "stopped") and e.outcome.recipe_hash}
         if options.resume:
             try:
-                self.state = resume(self.optimizer, journal, self.store.load_checkpoint())
+                self.state = resume(self.optimizer, journal)
             except JournalMismatch as err:
                 raise ConfigError(
                     f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
@@ -437,7 +437,6 @@ class SearchRun:
             should_stop=lambda: timeout is not None and time.monotonic() - started >= timeout,
             on_outcome=on_outcome,
         )
-        self.store.checkpoint(self.optimizer, self.state, force=True)
         self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
 
     def _rescore(self) -> None:

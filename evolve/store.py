@@ -4,15 +4,18 @@
                         number; params = genotype; user attributes = the journal (see evolve.loop)
                         plus per-task metrics, recipe hash, timings, attempts and errors.
                         `optuna-dashboard sqlite:///DIR/study.db` reads it.
-    checkpoint.pkl      the optimiser's state and the loop's position (see evolve.loop.snapshot)
     manifest.json       package versions, seeds, the search config's hash and text
     best_config.yaml    the best recipe so far, with the user's own model references
     fitness.png         fitness over evaluations (written at the end)
     final_model/        the best recipe merged by the streaming engine (at the end)
 
+Nothing here is pickled, and nothing read back can run code: the study is SQLite rows of JSON,
+the other files are JSON and YAML. A resume rebuilds the optimiser by replaying the journal
+(evolve.loop.resume). A `checkpoint.pkl` left by an older evomerge is never opened.
+
 This module owns every Optuna object of the experiment and the one writer thread. Writes are
 queued and applied in order by that thread, at low priority (on a small machine the workers get
-the CPU first), so a checkpoint is never on disk before the journal entries it counts.
+the CPU first).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import platform
 import threading
 import time
@@ -33,15 +35,14 @@ from typing import Optional, Sequence
 from merge_engine.config import MergeConfig
 from merge_engine.errors import ConfigError
 
-from .loop import Candidate, JournalEntry, LoopState, Outcome, snapshot
-from .optimizers import Optimizer, Proposal, SearchSpace
+from .loop import Candidate, JournalEntry, Outcome
+from .optimizers import Proposal, SearchSpace
 
 log = logging.getLogger(__name__)
 
 STUDY_NAME = "evomerge"
 STORE_FORMAT = 2  # 2: trial number = candidate number, with the ask/tell journal in user attributes
 FINAL_MODEL = "final_model"  # DIR/final_model: an ordinary model folder, usable as a model reference
-CHECKPOINT_EVERY_S = 5.0  # the journal replays whatever happened since the last checkpoint
 
 
 def is_experiment(folder: Path) -> bool:
@@ -98,6 +99,65 @@ def _versions() -> dict:
     return out
 
 
+def read_manifest(root: Path) -> dict:
+    """The experiment's manifest ({} where there is none); anything else than the JSON object an
+    evomerge experiment writes is refused with a line naming the file."""
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: not an evomerge manifest (unreadable JSON: {err})") from None
+    if not isinstance(manifest, dict) or "config_hash" not in manifest:
+        raise ConfigError(f"{path}: not an evomerge manifest (no config_hash): is {path.parent} another tool's folder?")
+    return manifest
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_study_file(path: Path) -> None:
+    """Refuse a study file that is missing, not SQLite, damaged or not an evomerge study, with a line
+    naming it, before Optuna opens it (Optuna would answer with a long SQLAlchemy traceback, or
+    add its tables to a foreign database). Read-only: the file is left as it was."""
+    import sqlite3
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing: the experiment's study (its journal) is not there")
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise ConfigError(f"{path}: not an SQLite database (damaged, or not written by evomerge)")
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+        try:
+            problems = [row[0] for row in con.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise ConfigError(f"{path}: damaged SQLite database ({problems[0]})")
+            names = [row[0] for row in con.execute("SELECT study_name FROM studies")]
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise ConfigError(f"{path}: damaged or foreign SQLite database ({err})") from None
+    if STUDY_NAME not in names:
+        raise ConfigError(f"{path}: holds no evomerge study (studies: {', '.join(names) or 'none'})")
+
+
+def open_study(path: Path, create: bool):
+    """The experiment's Optuna study in `path` (SQLite); `create`: make it if it is not there."""
+    import optuna
+
+    storage = f"sqlite:///{Path(path).resolve()}"
+    try:
+        if create:
+            return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except Exception as err:  # SQLAlchemy, Optuna's schema checks: one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: cannot open the experiment's study: {first}") from None
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -127,14 +187,12 @@ class ExperimentStore:
         self.study = None
         self._writer: Optional[ThreadPoolExecutor] = None
         self._pending: list[Future] = []
-        self._last_checkpoint = 0.0
         self._trials_in_study = 0  # kept by the writer thread: no study query per new trial
 
     # -- opening ----------------------------------------------------------------------------------
 
     def manifest(self) -> dict:
-        path = self.root / "manifest.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        return read_manifest(self.root)
 
     def open(self, config_text: str, seeds: dict, resume: bool, extra: Optional[dict] = None) -> None:
         """`extra`: facts fixed when the experiment starts (the optimiser chosen), kept in the manifest."""
@@ -146,7 +204,7 @@ class ExperimentStore:
         if resume:
             if not manifest_path.exists():
                 raise ConfigError(f"--resume: {self.root} holds no experiment (no manifest.json)")
-            manifest = json.loads(manifest_path.read_text())
+            manifest = read_manifest(self.root)
             if manifest.get("config_hash") != config_hash:
                 raise ConfigError(
                     f"--resume: the search config differs from the one {self.root} was started with "
@@ -174,8 +232,9 @@ class ExperimentStore:
                 **(extra or {}),
             }
             _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
-        storage = f"sqlite:///{(self.root / 'study.db').resolve()}"
-        self.study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
+        if resume:
+            check_study_file(self.root / "study.db")
+        self.study = open_study(self.root / "study.db", create=not resume)
         self._trials_in_study = len(self.study.get_trials(deepcopy=False))
 
     # -- reading the journal ----------------------------------------------------------------------
@@ -203,18 +262,6 @@ class ExperimentStore:
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
 
-    def load_checkpoint(self) -> Optional[dict]:
-        path = self.checkpoint_path
-        if not path.exists():
-            return None
-        # our own file, written by checkpoint() into the experiment directory
-        with open(path, "rb") as f:
-            return pickle.load(f)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.root / "checkpoint.pkl"
-
     # -- writing (the loop's Recorder) ------------------------------------------------------------
 
     def asked(self, candidate: Candidate) -> None:
@@ -222,14 +269,6 @@ class ExperimentStore:
 
     def told(self, candidate: Candidate, outcome: Outcome, tell_order: int) -> None:
         self._submit(self._write_told, candidate, outcome, tell_order)
-
-    def checkpoint(self, optimizer: Optimizer, state: LoopState, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_checkpoint < CHECKPOINT_EVERY_S:
-            return
-        self._last_checkpoint = now
-        data = pickle.dumps(snapshot(optimizer, state))  # taken now: consistent with the journal so far
-        self._submit(_atomic_write, self.checkpoint_path, data)
 
     def write_best_config(self, config: MergeConfig, fitness: float, metrics: dict, number: int) -> None:
         header = f"# best recipe so far: trial {number}, fitness {fitness:.6g}, metrics {json.dumps(metrics)}\n"

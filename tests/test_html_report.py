@@ -86,7 +86,6 @@ def run_search(root: Path, models: dict, budget: int = BUDGET, pause: float = 0.
     store.open(text, {"optimizer": 0}, resume=False)
     optimizer = build_optimizer(config, genome, genome.initial())
     state = run_loop(optimizer, MetricRunner(genome, config), store, budget, on_outcome=lambda c, o: time.sleep(pause))
-    store.checkpoint(optimizer, state, force=True)
     store.close()
     append_run(root, RunRecord(started="2026-01-01T00:00:00", ended="2026-01-01T00:01:00", stop_reason="budget spent",
                                evaluated=budget))
