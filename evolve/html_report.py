@@ -1,7 +1,11 @@
 """DIR/report.html: one static page about a search (no server, no script, images inline).
 
     fitness over evaluations        the same figure as fitness.png (evolve.report.plot_fitness)
-    best recipe, per layer group    a heat map of its parameters: rows model x parameter, columns layer groups
+    best recipe                     as its genome explains it (search_spaces SearchGenome.explain): the merge
+                                    method (picked by a method gene or fixed), the models switch genes leave
+                                    in, a layer path (which model's layer at each output layer, scales), and a
+                                    heat map of the per-layer-group genes (rows model x parameter, columns
+                                    layer groups)
     Pareto front                    DIR/pareto/front.json when present, else computed over the per-task metrics
     parameter importance            Optuna's fANOVA over the complete trials
     re-scoring                      DIR/rescore.json when present
@@ -71,17 +75,26 @@ def _backup(src: sqlite3.Connection, dest: Path) -> None:
 def _load_study(root: Path, workdir: Path):
     import optuna
 
-    from .store import STUDY_NAME, check_study_file
+    from .store import SQLITE_HEADER, STUDY_NAME, check_study_file
 
     db = root / "study.db"
     if not db.is_file():
         raise ConfigError(f"{root}: no study here ({db.name} not found); pass the --storage-path of a search")
-    check_study_file(db)
+    with open(db, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            check_study_file(db)  # raises: not an SQLite database (read as bytes, no SQLite involved)
     copy = workdir / "study.db"
     try:
         copy_study(db, copy)
-    except sqlite3.DatabaseError as err:
+    except sqlite3.DatabaseError as err:  # damaged beyond copying, or a writer's lock held past READ_TIMEOUT_S
         raise ConfigError(f"{db}: cannot read the study: {err}") from None
+    # the checks (an integrity check reads every page) run on the copy, page for page the study: on
+    # the study itself they would hold a read lock that long, and give up on a writer's lock after
+    # SQLite's default 5 s instead of READ_TIMEOUT_S. Their messages name the study, not the copy.
+    try:
+        check_study_file(copy)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace(str(copy), str(db))) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(f"sqlite:///{copy}")
     try:
@@ -168,37 +181,47 @@ def _color(fraction: float) -> tuple[str, str]:
     return to_hex((r, g, b)), ("#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff")
 
 
-def _heat_map(names: list[str], values: list[float], bounds: list[tuple[float, float]], columns: Optional[list[str]]) -> str:
-    """Dimension names are `g<group>.<rest>` (search_spaces.genome): rows are the distinct rests
-    (model.parameter.filter, or t / select / filter_wise), columns the layer groups."""
-    cells: dict[tuple[str, int], tuple[str, float, tuple[float, float]]] = {}
+def _heat_map(genes: list, groups: list[tuple[int, int]]) -> str:
+    """genes: search_spaces.genome.GeneValue's; rows are their distinct `row`s (model.parameter.filter,
+    or t / select / filter_wise), columns the layer groups (`groups`: first and last layer of each)."""
+    cells = {}
     rows: list[str] = []
-    groups = 0
-    for name, value, bound in zip(names, values, bounds):
-        head, _, rest = name.partition(".")
-        group = int(head[1:]) if head[:1] == "g" and head[1:].isdigit() else 0
-        rest = rest or name
-        if rest not in rows:
-            rows.append(rest)
-        groups = max(groups, group + 1)
-        cells[(rest, group)] = (name, value, bound)
-    columns = columns if columns and len(columns) == groups else [f"group {g}" for g in range(groups)]
+    for gene in genes:
+        if gene.row not in rows:
+            rows.append(gene.row)
+        cells[(gene.row, gene.group)] = gene
+    count = max([len(groups)] + [g.group + 1 for g in genes])
+    columns = [f"layers {first}-{last}" for first, last in groups] if len(groups) == count else [f"group {g}" for g in range(count)]
     out = ['<table class="heatmap"><tr><th></th>' + "".join(f"<th>{_esc(c)}</th>" for c in columns) + "</tr>"]
     for row in rows:
         tds = []
-        for g in range(groups):
-            if (row, g) not in cells:
+        for g in range(count):
+            gene = cells.get((row, g))
+            if gene is None:
                 tds.append("<td></td>")
                 continue
-            name, value, (low, high) = cells[(row, g)]
+            low, high, value = gene.low, gene.high, gene.value
             bg, fg = _color((value - low) / (high - low) if high > low else 0.5)
             tds.append(
-                f'<td class="heat" data-dim="{_esc(name)}" data-value="{value!r}" title="{_esc(name)} = {value:.6g} '
+                f'<td class="heat" data-dim="{_esc(gene.name)}" data-value="{value!r}" title="{_esc(gene.name)} = {value:.6g} '
                 f'(range {low:g} to {high:g})" style="background:{bg};color:{fg}">{value:.3f}</td>'
             )
         out.append(f"<tr><th>{_esc(row)}</th>{''.join(tds)}</tr>")
     out.append("</table>")
     return "\n".join(out)
+
+
+def _raw_genes(names, values, lower, upper) -> list:
+    """A genotype as heat-map genes when the genome cannot be rebuilt: a name `g<group>.<row>`
+    (a parameter genome's layout) goes to its group's column; any other gene is a row of its own."""
+    from search_spaces.genome import GeneValue
+
+    out = []
+    for name, value, low, high in zip(names, values, lower, upper):
+        head, _, row = name.partition(".")
+        grouped = head[:1] == "g" and head[1:].isdigit() and row
+        out.append(GeneValue(name, row if grouped else name, int(head[1:]) if grouped else 0, value, low, high))
+    return out
 
 
 def _table(headers: list[str], rows: list[tuple[str, list[str]]]) -> str:
@@ -318,6 +341,8 @@ def _render(root: Path, study, tmp: Path) -> str:
         ("started", _esc((manifest or {}).get("created", "?"))),
         ("optimizer", _esc((manifest or {}).get("optimizer") or (config.optimizer.name if config else None) or "?")),
         ("tasks", _esc(", ".join(f"{t} ({directions.get(t, 'maximize')})" for t in tasks))),
+        *([("objectives", _esc("Pareto front over " + ", ".join(t.name for t in config.objective_tasks)))]
+          if config is not None and config.objective_tasks else []),
         ("trials", f"{len(finished)} finished ({len(complete)} complete, {failed} failed), {running} running"),
         ("best fitness", f'<span id="best-fitness" data-value="{best.value!r}">{best.value:.6g}</span> (trial {best.number})'
          if best is not None else "none yet"),
@@ -357,7 +382,13 @@ def _render(root: Path, study, tmp: Path) -> str:
     return page.html(f"Merge search: {root.resolve().name}")
 
 
+HEAT_NOTE = "<p>Colour: where the value lies in its gene's range (dark: low end, yellow: high end).</p>"
+
+
 def _best_recipe(store, best, genome) -> str:
+    """The best trial's recipe as the genome sees it (SearchGenome.explain, which every genome kind
+    answers): its merge method, the models a switch leaves in, the layer path, the per-layer-group
+    genes; then the recipe's YAML."""
     if best is None:
         return '<p class="note">No candidate has completed yet.</p>'
     genotype = store.genotype_of(best)
@@ -365,19 +396,54 @@ def _best_recipe(store, best, genome) -> str:
     metrics = best.user_attrs.get("metrics", {})
     if metrics:
         intro += " (" + ", ".join(f"{_esc(k)} {v:.4g}" for k, v in metrics.items()) + ")"
-    intro += ". Colour: where the value lies in its gene's range (dark: low end, yellow: high end).</p>"
-    bounds = list(zip(store.space.lower, store.space.upper))
+    intro += ".</p>"
     if genome is None:
         note = ('<p class="note">The genome\'s models could not be read from here (run the report from where the '
                 "search was started): the values shown are the trial's genotype.</p>")
-        return intro + note + _heat_map(list(store.space.names), genotype, bounds, None)
+        space = store.space
+        return intro + note + HEAT_NOTE + _heat_map(_raw_genes(space.names, genotype, space.lower, space.upper), [])
+    view = genome.explain(genotype)
     recipe = genome.decode(genotype)
-    # the values back out of the decoded recipe: what is merged, per gene
-    values = genome.encode(recipe)
-    size = genome.num_layers // genome.num_groups
-    columns = [f"layers {g * size}-{(g + 1) * size - 1}" for g in range(genome.num_groups)]
-    heat = _heat_map([d.name for d in genome.dimensions], values, bounds, columns)
-    return intro + heat + f"<details><summary>recipe (YAML)</summary><pre>{_esc(recipe.to_yaml())}</pre></details>"
+    parts = [intro, _method(view)]
+    if view.models:
+        rows = [(f' class="model-switch" data-model="{_esc(label)}" data-in="{str(merged).lower()}"',
+                 [_esc(label), "in" if merged else "out (weight 0)"]) for label, merged in view.models]
+        parts.append(f"<p>Models in the merge (switch genes): {sum(m for _, m in view.models)} of {len(view.models)}.</p>"
+                     + _table(["model", "merged"], rows))
+    if view.path:
+        parts.append(_layer_path(view.path))
+    if view.genes:
+        parts.append(HEAT_NOTE + _heat_map(list(view.genes), list(view.groups)))
+    parts.append(f"<details><summary>recipe (YAML)</summary><pre>{_esc(recipe.to_yaml())}</pre></details>")
+    return "\n".join(parts)
+
+
+def _method(view) -> str:
+    text = f'<p>Merge method: <b id="merge-method" data-method="{_esc(view.method)}">{_esc(view.method)}</b>'
+    if view.methods:
+        others = [m for m in view.methods if m != view.method]
+        text += f" (picked by the method gene; the other choice(s): {_esc(', '.join(others))})"
+    return text + ".</p>"
+
+
+def _layer_path(path) -> str:
+    """Which model's layer each output layer is (and its scale); runs of consecutive layers of one
+    model are what the recipe's slices hold."""
+    scaled = any(scale is not None for _, _, scale in path)
+    counts: dict[str, int] = {}
+    for label, _, _ in path:
+        counts[label] = counts.get(label, 0) + 1
+    note = (f"<p>Layer path: {len(path)} output layers, "
+            + ", ".join(f"{n} from {_esc(label)}" for label, n in counts.items()) + ".</p>")
+    rows = []
+    for i, (label, layer, scale) in enumerate(path):
+        attrs = f' class="path-position" data-position="{i}" data-model="{_esc(label)}" data-layer="{layer}"'
+        cells = [str(i), _esc(label), str(layer)]
+        if scaled:
+            attrs += f' data-scale="{scale!r}"'
+            cells.append(f"{scale:.3f}")
+        rows.append((attrs, cells))
+    return note + _table(["output layer", "model", "its layer"] + (["scale"] if scaled else []), rows)
 
 
 def _pareto(root: Path, complete: list, tasks: list[str], directions: dict) -> str:

@@ -42,6 +42,31 @@ class Dimension:
     initial: float
 
 
+@dataclass(frozen=True)
+class GeneValue:
+    """One per-layer-group gene of a decoded genotype (GenotypeView.genes)."""
+
+    name: str  # the dimension's name, as the optimiser and the study know it
+    row: str  # what it sets, without its layer group: `<model>.<parameter>.<filter>`, `t.<filter>`, ...
+    group: int  # its layer group (GenotypeView.groups)
+    value: float  # the value the decoded recipe holds
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class GenotypeView:
+    """What a genotype decodes to, in the genome's own terms: what a report shows of a recipe.
+    Every genome kind returns one (SearchGenome.explain); a field a layout does not have is empty."""
+
+    method: str  # the recipe's merge method
+    methods: tuple[str, ...] = ()  # the choices of a method gene (empty: the method is fixed)
+    groups: tuple[tuple[int, int], ...] = ()  # output layers (first, last) of each layer group
+    genes: tuple[GeneValue, ...] = ()  # the per-layer-group genes of the method in use
+    models: tuple[tuple[str, bool], ...] = ()  # switch genes in use: (model, whether it is merged)
+    path: tuple[tuple[str, int, Optional[float]], ...] = ()  # layer path: (model, its layer, scale or None) per output layer
+
+
 def model_label(ref: ModelReference) -> str:
     return os.path.basename(os.path.normpath(ref.model.path)) or str(ref)
 
@@ -166,6 +191,10 @@ class SearchGenome:
 
     def describe(self) -> list[str]:
         """The dry run's account of the genes: one line per kind of gene."""
+        raise NotImplementedError
+
+    def explain(self, x: Sequence[float]) -> GenotypeView:
+        """What genotype `x` decodes to, for reports (evolve.html_report)."""
         raise NotImplementedError
 
 
@@ -322,6 +351,28 @@ class Genome(SearchGenome):
         if self.switched:
             lines.append(switch_line(len(self.models)))
         return lines
+
+    def explain(self, x: Sequence[float]) -> GenotypeView:
+        x = self._check(x)
+        return GenotypeView(self.method, groups=self.layer_groups(), genes=self.gene_values(self.decode(x)),
+                            models=self._switch_view(x[self.num_params :]) if self.switched else ())
+
+    def layer_groups(self) -> tuple[tuple[int, int], ...]:
+        size = self.num_layers // self.num_groups
+        return tuple((g * size, (g + 1) * size - 1) for g in range(self.num_groups))
+
+    def gene_values(self, recipe: MergeConfig, prefix: str = "") -> tuple[GeneValue, ...]:
+        """The layout's genes as `recipe` holds them (read back by `encode`: what is merged, so a
+        switched-off model's weights are 0); dimension names get `prefix`."""
+        values = self.encode(recipe)
+        out = []
+        for d, v in zip(self.dimensions[: self.num_params], values):
+            head, _, row = d.name.partition(".")  # every layout gene is named g<group>.<row>
+            out.append(GeneValue(prefix + d.name, row, int(head[1:]), v, d.low, d.high))
+        return tuple(out)
+
+    def _switch_view(self, genes: Sequence[float]) -> tuple[tuple[str, bool], ...]:
+        return tuple((self.labels[m], not o) for m, o in zip(self.models, switched_off(genes)))
 
     def decode_plain(self, x: list[float]) -> dict:
         recipe = self._decode_layout(x[: self.num_params])
@@ -552,6 +603,17 @@ class MethodChoiceGenome(SearchGenome):
             weighted = [m for m, sub in zip(self.methods, self.choices) if "weight" in sub.params]
             lines.append(switch_line(len(self.models)) + f"; used by {', '.join(weighted)}")
         return lines
+
+    def explain(self, x: Sequence[float]) -> GenotypeView:
+        x = self._check(x)
+        i = self.chosen(x)
+        sub = self.choices[i]
+        switches = ()
+        if self.switched and "weight" in sub.params:  # the other methods ignore the switches
+            labels = _unique_labels(self.models)
+            switches = tuple((labels[m], not o) for m, o in zip(self.models, switched_off(x[self.num_params :])))
+        return GenotypeView(self.methods[i], methods=tuple(self.methods), groups=sub.layer_groups(),
+                            genes=sub.gene_values(self.decode(x), prefix=f"{self.methods[i]}."), models=switches)
 
     def decode_plain(self, x: list[float]) -> dict:
         i = self.chosen(x)

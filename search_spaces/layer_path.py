@@ -37,7 +37,7 @@ from typing import Sequence
 from merge_engine.config import MergeConfig, ParameterScope, lookup_parameter
 from merge_engine.errors import ConfigError
 
-from .genome import Dimension, SearchGenome, _unique_labels, category
+from .genome import Dimension, GenotypeView, SearchGenome, _unique_labels, category
 
 
 class LayerPathGenome(SearchGenome):
@@ -107,6 +107,11 @@ class LayerPathGenome(SearchGenome):
             used[(m, layer)] += 1
             out.append((m, layer, scale))
         return out
+
+    def explain(self, x: Sequence[float]) -> GenotypeView:
+        path = self.path(self._check(x))
+        return GenotypeView("passthrough", path=tuple(
+            (self.labels[self.models[m]], layer, scale if self.scale_filters else None) for m, layer, scale in path))
 
     def _scale_setting(self, scale: float) -> list:
         return [{"filter": f, "value": scale} for f in self.scale_filters] + [{"value": 1.0}]
