@@ -278,47 +278,94 @@ def test_cli_report_subcommand(experiment, tmp_path):
 
 
 HOLD = """
-import sqlite3, sys, time
+import sqlite3, sys
 con = sqlite3.connect(sys.argv[1], isolation_level=None)
 con.execute("BEGIN " + sys.argv[2])
 con.execute("UPDATE trial_values SET value = value + 100")  # uncommitted
 print("locked", flush=True)
-time.sleep(float(sys.argv[3]))
+sys.stdin.readline()  # holds the lock until the test says so
 con.execute("ROLLBACK" if sys.argv[2] == "IMMEDIATE" else "COMMIT")
 print("released", flush=True)
 """
 
 
-def _hold(db: Path, mode: str, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(db), mode, str(seconds)], stdout=subprocess.PIPE, text=True)
+def _hold(db: Path, mode: str) -> subprocess.Popen:
+    """Another process inside a write transaction on `db` (`mode`: IMMEDIATE or EXCLUSIVE) until
+    `_release` is called: no timing involved."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(db), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
 
-def test_reading_while_another_process_writes(experiment, tmp_path):
+def _release(proc: subprocess.Popen) -> None:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "released" and proc.wait(timeout=60) == 0
+
+
+def _write_locked(db: Path) -> bool:
+    """Whether another process holds a write lock on `db` now (a writer without waiting gets none)."""
+    con = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as err:
+        assert "locked" in str(err)
+        return True
+    finally:
+        con.close()  # rolls back a transaction it got
+    return False
+
+
+def test_reading_while_another_process_writes(experiment, tmp_path, monkeypatch):
     import shutil
+    import threading
+
+    from evolve import html_report
 
     root = tmp_path / "copy"
     shutil.copytree(experiment[0], root)
     db = root / "study.db"
     best = max(r["value"] for r in study_rows(root) if r["value"] is not None)
 
-    # a writer inside its transaction (RESERVED lock): the report reads the committed state at once
-    holder = _hold(db, "IMMEDIATE", 30)
+    # a writer inside its transaction (RESERVED lock) that ends only when told to: the report,
+    # written while the lock is still held (checked before and after), shows the committed state
+    holder = _hold(db, "IMMEDIATE")
     try:
-        t0 = time.monotonic()
+        assert _write_locked(db)
         text = write_report(root).read_text()
-        assert time.monotonic() - t0 < 25
+        assert holder.poll() is None and _write_locked(db)  # the writer's transaction never ended meanwhile
         assert f'data-value="{best!r}"' in text
+        _release(holder)  # rolled back
     finally:
-        holder.kill()
-        holder.wait()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
 
-    # a writer committing (EXCLUSIVE lock, readers shut out for 2 s): the report waits for it
-    holder = _hold(db, "EXCLUSIVE", 2)
-    text = write_report(root).read_text()
-    assert holder.stdout.readline().strip() == "released" and holder.wait() == 0
-    assert f'data-value="{best + 100!r}"' in text  # the committed values
+    # a writer committing (EXCLUSIVE lock: readers are shut out): the report, reading while it is
+    # held, cannot finish before the commit; it waits for it and shows the committed values
+    reading = threading.Event()
+    backup = html_report._backup
+
+    def signalled_backup(src, dest):
+        reading.set()
+        return backup(src, dest)
+
+    monkeypatch.setattr(html_report, "_backup", signalled_backup)
+    holder = _hold(db, "EXCLUSIVE")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(text=write_report(root).read_text()), daemon=True)
+    try:
+        thread.start()
+        assert reading.wait(timeout=60)  # the report has begun to copy the study
+        assert thread.is_alive() and "text" not in result  # and cannot end while the lock is held
+        _release(holder)  # committed
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and f'data-value="{best + 100!r}"' in result["text"]  # the committed values
 
     # the report leaves no lock behind: a writer gets an exclusive lock without waiting
     con = sqlite3.connect(db, timeout=0, isolation_level=None)
@@ -352,8 +399,9 @@ def test_reports_during_a_running_search(llama_models, tmp_path):
             if (root / "study.db").exists():
                 try:
                     text = write_report(root).read_text()
-                except Exception as err:  # the study exists before Optuna has created its tables
-                    if "no study named" not in str(err) and "no such table" not in str(err):
+                except Exception as err:  # study.db exists before Optuna has created the study in it
+                    if not any(m in str(err) for m in ("no study named", "no such table", "holds no evomerge study",
+                                                      "not an SQLite database")):
                         raise
                     continue
                 finished = int(text.split(" finished (")[0].rsplit(">", 1)[1])
