@@ -49,6 +49,12 @@ def load_tasks(names: Sequence[str], include_paths: Sequence[str] = ()):
     return manager.load(list(names))
 
 
+def reported_metrics(task_obj) -> list[str]:
+    """The `metric,filter` keys a loaded task reports (what TaskDefinition.metric names)."""
+    filters = [getattr(f, "name", "none") for f in getattr(task_obj, "_filters", None) or ()] or ["none"]
+    return [f"{metric},{kept}" for metric in task_obj.aggregation() for kept in filters]
+
+
 def higher_is_better(task_obj, metric: str) -> bool:
     name = metric.split(",")[0]
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -79,7 +80,7 @@ def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals
     apply_environment(kw)
 
     def action() -> None:
-        from merge_engine.errors import ConfigError
+        from merge_engine.errors import ConfigError, RunFailure
 
         from .config import load_search_config
 
@@ -114,26 +115,44 @@ def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals
         )
         search = SearchRun(config, text, options)
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # a scheduler's stop: export, then exit
+        failure = None
         try:
             search.run()
+        except RunFailure as err:  # reported after what was done so far is exported
+            failure = err
         finally:
             signal.signal(signal.SIGTERM, previous)
-            # whatever stopped the search, the work done so far is exported
-            if not quiet:
-                click.echo(f"search stopped: {search.record.stop_reason}; {search.finished} evaluations in {storage_path}"
-                           + (f" ({faults})" if (faults := faults_text(search.record.retried, search.record.replaced, search.record.timed_out)) else ""))
-                if search.overhead_report():
-                    click.echo(search.overhead_report())
-            out = search.export()
-            chosen = search.chosen()
-            if chosen is not None:
-                click.echo(f"exported trial {chosen['number']} (search fitness {chosen['fitness']:.6g}); "
-                           f"recipe: {Path(storage_path) / 'best_config.yaml'}")
-            if out is not None:
-                click.echo(f"final model: {out}")
-            _write_report(Path(storage_path), quiet)
+        # whatever stopped the search, the work done so far is exported
+        try:
+            chosen = _export(search, Path(storage_path), quiet)
+        except (RunFailure, OSError) as err:
+            if failure is not None:
+                raise failure from None  # the first cause (a full disk fails the export too)
+            raise err if isinstance(err, RunFailure) else RunFailure(f"{storage_path}: export failed: {err}") from None
+        if failure is not None:
+            raise failure
+        if chosen is None:
+            raise RunFailure(f"no candidate completed in {storage_path}: nothing was exported")
 
     run_cli(verbose, action)
+
+
+def _export(search, storage_path: Path, quiet: bool) -> Optional[dict]:
+    """best_config.yaml, final_model/ and report.html from what the search did; the exported row."""
+    if not quiet:
+        click.echo(f"search stopped: {search.record.stop_reason}; {search.finished} evaluations in {storage_path}"
+                   + (f" ({faults})" if (faults := faults_text(search.record.retried, search.record.replaced, search.record.timed_out)) else ""))
+        if search.overhead_report():
+            click.echo(search.overhead_report())
+    out = search.export()
+    chosen = search.chosen()
+    if chosen is not None:
+        click.echo(f"exported trial {chosen['number']} (search fitness {chosen['fitness']:.6g}); "
+                   f"recipe: {storage_path / 'best_config.yaml'}")
+    if out is not None:
+        click.echo(f"final model: {out}")
+    _write_report(storage_path, quiet)
+    return chosen
 
 
 def _write_report(root: Path, quiet: bool) -> None:

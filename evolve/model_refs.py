@@ -99,3 +99,20 @@ def _offline_reason(part: ModelPath, err: BaseException) -> str:
         f"{where} {state} ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; download it first "
         f"(`hf download {part.path}" + (f" --revision {part.revision}" if part.revision else "") + "`) or unset HF_HUB_OFFLINE"
     )
+
+
+def check_template_recipe(recipe, merge_options) -> None:
+    """Plan the recipe every worker starts from (headers and config.json files only, no tensor
+    data): what would stop each worker at start (an expert of another size, a missing tensor, an
+    architecture mismatch) is one line naming the tensor or model, before any worker starts."""
+    from merge_engine.plan import build_plan
+
+    try:
+        plan = build_plan(
+            recipe, allow_crimes=merge_options.allow_crimes, lazy_unpickle=merge_options.lazy_unpickle,
+            lora_merge_cache=merge_options.lora_merge_cache, lora_merge_dtype=merge_options.lora_merge_dtype,
+        )
+    except MergeError as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"genome: the models cannot be merged: {detail}") from None
+    plan.close()

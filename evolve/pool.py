@@ -22,10 +22,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
 
+from merge_engine.errors import RunFailure
+
 log = logging.getLogger(__name__)
 
 
-class PoolError(Exception):
+class PoolError(RunFailure):
     """Workers cannot be started."""
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from evaluators.racing import paired_estimate
-from merge_engine.errors import ConfigError
+from merge_engine.errors import ConfigError, RunFailure
 from merge_engine.options import MergeOptions
 from merge_engine.threads import thread_environment
 from search_spaces.genome import SearchGenome as Genome, parameter_genome, read_num_layers
 from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig
-from .model_refs import check_experiment_references, check_genome_models
+from .model_refs import check_experiment_references, check_genome_models, check_template_recipe
 from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
 from .objectives import Scoring, extra_metrics
 from .optimizers import Optimizer, SearchSpace, make_optimizer
@@ -111,6 +111,8 @@ def starting_point(config: SearchConfig, genome: Genome) -> list[float]:
 # both experiments, at 7 and 12 evaluations per gene. Below a few evaluations per gene CMA-ES has
 # too few generations to adapt (not measured: a judgement), so TPE takes those budgets.
 CMA_MIN_EVALS_PER_GENE = 5
+# candidates that must fail with one and the same error, before any succeeded, to stop a search
+SAME_FAILURES_TO_STOP = 3
 DEFAULT_SIGMA0 = 1 / 6  # relative to each gene's range
 
 
@@ -143,10 +145,15 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Op
 
 
 def check_tasks(config: SearchConfig, options: EvolveOptions) -> None:
-    """Unknown tasks and benchmark tasks are refused before any model is loaded."""
-    names = [t.name for t in config.tasks]
+    """Every task the config names (`tasks`, `rescore.tasks`, `constraints`) is loaded here, in the
+    driver, and must report every metric asked of it: a mistake is one line naming the key before
+    any worker starts (a worker would fail every candidate with it, burning the whole budget)."""
+    keyed = [(f"tasks[{i}]", t) for i, t in enumerate(config.tasks)]
+    if config.rescore is not None:
+        keyed += [(f"rescore.tasks[{i}]", t) for i, t in enumerate(config.rescore.tasks)]
     if not options.allow_benchmark_tasks:
-        flagged = [n for n in names if n.startswith(BENCHMARK_PREFIXES) and not n.endswith("_train")]
+        flagged = [t.name for _, t in keyed[:len(config.tasks)]
+                   if t.name.startswith(BENCHMARK_PREFIXES) and not t.name.endswith("_train")]
         if flagged:
             raise ConfigError(
                 f"tasks: {', '.join(flagged)} look like public benchmarks; optimising on a test set "
@@ -161,12 +168,30 @@ def check_tasks(config: SearchConfig, options: EvolveOptions) -> None:
         manager = TaskManager(
             include_path=list(options.task_search_path) or None, include_defaults=not options.task_search_path
         )
-        unknown = [n for n in names if n not in manager.all_tasks]
+        known = manager.all_tasks
     except Exception as err:  # lm-eval could not index the tasks
         raise ConfigError(f"tasks: cannot index lm-eval tasks: {err}") from None
-    if unknown:
-        where = f" (searched {', '.join(options.task_search_path)})" if options.task_search_path else ""
-        raise ConfigError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}")
+    where = f" (searched {', '.join(options.task_search_path)})" if options.task_search_path else ""
+    for key, task in keyed:
+        if task.name not in known:
+            raise ConfigError(f"{key}: unknown lm-eval task {task.name!r}{where}")
+    names = list(dict.fromkeys(t.name for _, t in keyed))
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()  # the driver's console shows the search, not dataset builds
+        loaded = manager.load(names)["tasks"]
+    except Exception as err:  # a task whose definition or data lm-eval cannot load
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"tasks: lm-eval cannot load {', '.join(names)}: {detail}") from None
+    from evaluators.lm_eval_tasks import reported_metrics
+
+    asked = [(f"{key}.metric", t.name, t.metric) for key, t in keyed]
+    asked += [(f"constraints[{i}].metric", c.task, c.metric) for i, c in enumerate(config.constraints) if c.metric]
+    for key, name, metric in asked:
+        reported = reported_metrics(loaded[name]) if name in loaded else []
+        if name in loaded and metric not in reported:
+            raise ConfigError(f"{key}: task {name} reports no metric {metric!r} (it reports: {', '.join(reported)})")
 
 
 def evaluator_spec(config: SearchConfig, options: EvolveOptions, tasks=None) -> dict:
@@ -317,6 +342,8 @@ class SearchRun:
         # every model resolves (hub ids cached or downloaded once, model+lora merged) before any worker starts
         check_genome_models(config.genome, options.lora_cache, options.merge.lora_merge_dtype)
         self.genome = build_genome(config)
+        self.x0 = starting_point(config, self.genome)
+        check_template_recipe(self.genome.decode(self.x0), options.merge_options())
         check_tasks(config, options)
         self.store = ExperimentStore(options.storage_path, search_space(self.genome))
         started_with = self.store.manifest().get("optimizer") if options.resume else None
@@ -325,7 +352,6 @@ class SearchRun:
             config_text, {"optimizer": config.optimizer.seed, "evaluation": config.seed, "merge": options.merge.random_seed},
             options.resume, {"optimizer": config.optimizer.name},
         )
-        self.x0 = starting_point(config, self.genome)
         self.optimizer = build_optimizer(config, self.genome, self.x0)
         self.state = LoopState()
         journal = self.store.journal() if options.resume else []  # read once: resume and reuse both need it
@@ -345,6 +371,9 @@ class SearchRun:
         first_items = None if best is None else best.user_attrs.get("first_items")
         self.best = (best.number, best.value, first_items) if first_items else None
         self.finished = len(self.store.finished())
+        # a resumed search that completed a candidate before is past the early-failure check
+        self.any_success = any(e.outcome is not None and e.outcome.status != "failed" for e in journal)
+        self.same_failures, self.last_failure = 0, None
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None
         self.seconds: dict[str, float] = {}  # this run's candidate timings, summed
@@ -375,7 +404,10 @@ class SearchRun:
             try:
                 self.store.close()
             finally:
-                append_run(self.store.root, self.record)
+                try:
+                    append_run(self.store.root, self.record)
+                except OSError as err:  # a full disk: the journal's own error (if any) says it
+                    log.info("%s: run record not written (%s)", self.store.root / "runs.jsonl", err)
 
     def _shutdown_pool(self) -> None:
         if self.pool is not None:
@@ -415,6 +447,7 @@ class SearchRun:
         timeout = self.config.budget.timeout
 
         def on_outcome(candidate: Candidate, outcome: Outcome) -> None:
+            self._stop_if_failing_alike(outcome)
             self.finished += 1
             self.record.evaluated += 1
             for key, value in outcome.timings.items():
@@ -438,6 +471,22 @@ class SearchRun:
             on_outcome=on_outcome,
         )
         self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
+
+    def _stop_if_failing_alike(self, outcome: Outcome) -> None:
+        """The first SAME_FAILURES_TO_STOP candidates of a search all failed with one error: that
+        error comes from the configuration (a metric, a model, a task), not from the candidates,
+        and every later one would fail alike, burning the budget. Stop with that error."""
+        if self.any_success:
+            return
+        if outcome.status != "failed":
+            self.any_success = True
+            return
+        self.same_failures = self.same_failures + 1 if outcome.error == self.last_failure else 1
+        self.last_failure = outcome.error
+        if self.same_failures >= SAME_FAILURES_TO_STOP:
+            self.record.stop_reason = "every candidate failed alike"
+            raise RunFailure(f"the first {self.same_failures} candidates all failed with: {outcome.error}; "
+                             "search stopped (fix the cause and start again)")
 
     def _rescore(self) -> None:
         """Score the top candidates on the held-out tasks (see evolve.rescore); resumable."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from merge_engine.config import MergeConfig
-from merge_engine.errors import ConfigError
+from merge_engine.errors import ConfigError, RunFailure
 
 from .loop import Candidate, JournalEntry, Outcome
 from .optimizers import Proposal, SearchSpace
@@ -167,6 +167,15 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+def _write_or_fail(target: Path, fn, *args):
+    try:
+        return fn(*args)
+    except Exception as err:  # OSError, SQLite's "disk I/O error" through SQLAlchemy and Optuna
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunFailure(f"{target}: cannot write ({detail}); what was written before is kept: free the space "
+                         "(or fix the cause) and continue with --resume") from err
+
+
 def _lower_thread_priority() -> None:
     """Lower this thread's scheduling priority (Linux: niceness is per thread)."""
     try:
@@ -272,7 +281,8 @@ class ExperimentStore:
 
     def write_best_config(self, config: MergeConfig, fitness: float, metrics: dict, number: int) -> None:
         header = f"# best recipe so far: trial {number}, fitness {fitness:.6g}, metrics {json.dumps(metrics)}\n"
-        self._submit(_atomic_write, self.root / "best_config.yaml", (header + config.to_yaml()).encode())
+        path = self.root / "best_config.yaml"
+        self._submit(_atomic_write, path, (header + config.to_yaml()).encode(), target=path)
 
     def flush(self) -> None:
         """Wait until every queued write is on disk (and raise a write's error)."""
@@ -288,11 +298,16 @@ class ExperimentStore:
                 self._writer.shutdown()
                 self._writer = None
 
-    def _submit(self, fn, *args) -> None:
+    def _submit(self, fn, *args, target: Optional[Path] = None) -> None:
+        """Queue a write of `target` (default: the study). A write that failed (disk full, say) is
+        raised here, at the search's next ask or tell, as one line naming the file: nothing
+        finished before it is lost, and `--resume` goes on from there once the cause is fixed."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="study-writer", initializer=_lower_thread_priority)
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
-        self._pending.append(self._writer.submit(fn, *args))
+        if any(f.done() for f in self._pending):
+            self.flush()
+        self._pending.append(self._writer.submit(_write_or_fail, target or self.root / "study.db", fn, *args))
 
     def _trial_id(self, number: int) -> int:
         return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)

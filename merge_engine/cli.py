@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import MergeError
+from .errors import MergeError, RunFailure
 from .options import merge_options, options_from_flags
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -41,6 +41,11 @@ def run_cli(verbose: int, action) -> None:
             logging.exception("merge failed")
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except RunFailure as err:
+        if verbose:
+            logging.exception("run failed")
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         io = sys.modules.get(f"{__package__}.io")  # not imported yet: no output folder was made
         if io is not None:

@@ -11,3 +11,9 @@ class ConfigError(MergeError):
 
 class ModelError(MergeError):
     """An input model is missing, unreadable, or does not fit the recipe (tensor, shape, layers)."""
+
+
+class RunFailure(Exception):
+    """A run that cannot finish for a reason outside the user's files (workers that cannot start,
+    every candidate failing alike, nothing to export): the CLIs print the message as one line and
+    exit with code 1. Work already done is kept."""

@@ -11,6 +11,7 @@ that rebuilds tensors and plain containers and refuses everything else.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import mmap
@@ -30,7 +31,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, RunFailure
 
 log = logging.getLogger(__name__)
 
@@ -505,6 +506,10 @@ def discard_incomplete() -> None:
         _INCOMPLETE.discard(path)
 
 
+# what a full, limited or broken disk answers to a write
+WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 class AtomicOutputDir:
     """A temporary directory next to the target, renamed into place only when complete.
 
@@ -570,8 +575,11 @@ def atomic_model_output(out_path: Path, overwrite: bool, specs: Sequence[OutputT
         writer = ShardedWriter(out.path, specs, shard_size, safe_serialization)
         yield out.path, writer
         out.commit()
-    except BaseException:
+    except BaseException as err:
         if writer is not None:
             writer.abort()
         out.discard()
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            raise RunFailure(f"{out_path}: cannot write the model ({os.strerror(err.errno)}); nothing was left "
+                             "there") from err
         raise
