@@ -1,5 +1,6 @@
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,55 @@ def llama_models(tmp_path_factory):
     a = make_model(root / "ft_a", cfg, seed=1, base=base)
     b = make_model(root / "ft_b", cfg, seed=2, base=base)
     return {"base": base, "a": a, "b": b}
+
+
+# Trained models are built once per test run: the session fixtures below build into a folder that
+# every pytest-xdist worker of the run shares (the run's base temp), under a file lock, so the
+# first worker that needs them trains them and the others wait and reuse them (the builders
+# themselves reuse a finished build: `build.json`). Tests must not modify these models.
+
+def _run_dir(tmp_path_factory) -> Path:
+    """The base temp of this run, the same for all xdist workers (each worker has a subfolder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _once(tmp_path_factory, name: str, make):
+    """make(folder) under a lock shared by the run's workers; its result is reused by the others."""
+    from filelock import FileLock
+
+    root = _run_dir(tmp_path_factory) / "shared" / name
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):
+        return make(root)
+
+
+def _quickstart(root: Path) -> dict:
+    from experiments.quickstart.build_models import build
+    from experiments.quickstart.skills import write_lm_eval_tasks
+
+    tasks, done = root / "tasks", root / "tasks.done"
+    if not done.exists():  # written once: another worker's search may be reading them
+        write_lm_eval_tasks(tasks)
+        done.touch()
+    return {"root": root, "models": build(root / "models", steps_scale=0.6), "tasks": tasks}
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The quickstart experiment at reduced training (steps_scale 0.6): base, expert_arithmetic,
+    expert_facts, and its lm-eval task folder; one build per test run."""
+    return _once(tmp_path_factory, "quickstart", _quickstart)
+
+
+@pytest.fixture(scope="session")
+def quickstart_models(quickstart):
+    return quickstart
+
+
+@pytest.fixture(scope="session")
+def reduced_build(tmp_path_factory):
+    """The conflict experiment's models at steps_scale 0.04; one build per test run."""
+    from experiments.conflict.build_models import build
+
+    return _once(tmp_path_factory, "conflict_models", lambda root: build(root, steps_scale=0.04))

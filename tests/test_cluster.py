@@ -238,17 +238,6 @@ def stop_cluster(token: str, known) -> list[tuple[int, int]]:
     return alive(procs | marked(token))
 
 
-@pytest.fixture(scope="module")
-def quickstart_models(tmp_path_factory):
-    from experiments.quickstart.build_models import build
-    from experiments.quickstart.skills import write_lm_eval_tasks
-
-    root = tmp_path_factory.mktemp("quickstart")
-    tasks = root / "tasks"
-    write_lm_eval_tasks(tasks)
-    return {"root": root, "models": build(root / "models", steps_scale=0.6), "tasks": tasks}
-
-
 def test_join_existing_two_node_cluster(tmp_path, quickstart_models):
     port = free_port()
     address = f"127.0.0.1:{port}"

@@ -62,12 +62,6 @@ def test_lm_eval_tasks_load_with_include_path(tmp_path):
     assert not held_questions & search_questions
 
 
-@pytest.fixture(scope="module")
-def reduced_build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("conflict_models")
-    return build(root, steps_scale=0.04)
-
-
 def test_reduced_build_saves_loadable_llamas_changed_only_in_layers(reduced_build):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

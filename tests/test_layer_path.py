@@ -26,7 +26,6 @@ from evolve.config import parse_search_config
 from merge_engine.config import parse_config
 from merge_engine.errors import ConfigError
 from search_spaces.layer_path import LayerPathGenome
-from test_search import quickstart  # noqa: F401  (the fixture: tiny trained models and lm-eval tasks)
 
 A, B, C = "/m/ft_a", "/m/ft_b", "/m/ft_c"
 REPO = Path(__file__).resolve().parents[1]

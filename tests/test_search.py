@@ -16,20 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from experiments.quickstart.build_models import build
-from experiments.quickstart.skills import write_lm_eval_tasks
-
 EVOLVE = str(Path(sys.executable).parent / "mergekit-evolve")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE="disabled")
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart")
-    models = build(root / "models", steps_scale=0.6)
-    tasks = root / "tasks"
-    write_lm_eval_tasks(tasks)
-    return {"root": root, "models": models, "tasks": tasks}
 
 
 def search_yaml(qs, path: Path, optimizer: str = "cma", budget: int = 17, popsize: int = 8, method: str = "task_arithmetic") -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_search import ENV, EVOLVE, check_raced, quickstart, search_yaml, trials  # noqa: F401 (fixture)
+from test_search import ENV, EVOLVE, check_raced, search_yaml, trials
 
 BUDGET = 22
 
