@@ -23,7 +23,7 @@ import click
 
 from .cli import apply_environment, run_cli, setup_logging
 from .options import NO_EFFECT, merge_options, options_from_flags
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ class Spilled:
     source: Optional[str] = None
 
 
+def check_regexes(include_regexes: tuple, exclude_regexes: tuple) -> None:
+    for flag, patterns in (("--include-regex", include_regexes), ("--exclude-regex", exclude_regexes)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"{flag} {pattern!r}: not a valid regular expression ({err})") from None
+
+
 def extract_lora(
     model: str,
     base_model: str,
@@ -96,6 +105,7 @@ def extract_lora(
     write_model_card: bool = True,
 ) -> dict:
     """Write the adapter to `out_path` (atomically); returns the adapter config."""
+    check_regexes(include_regexes, exclude_regexes)
     import torch
     from tqdm import tqdm
 
@@ -386,6 +396,7 @@ def main(model, base_model, out_path, max_rank, distribute_scale, embed_lora, sa
         from .cli import check_device
         from .threads import set_num_threads
 
+        check_regexes(include_regexes, exclude_regexes)
         options = options_from_flags(kw)
         check_device(options)
         set_num_threads(options.num_threads)

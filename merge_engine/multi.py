@@ -183,16 +183,35 @@ def _dependency_order(recipes: list[Recipe], path: Path) -> list[Recipe]:
 # Running
 
 
-def run_multi(config_path: Path, intermediate_dir: Path, out_path: Optional[Path], options, lazy: bool = True) -> list[Path]:
-    """Runs every recipe; returns the folders written or reused (the final merge last, if any)."""
-    from .streaming import run_merge
-
+def check_recipes(config_path: Path, out_path: Optional[Path], options) -> list[Recipe]:
+    """Every check that needs no model and no torch: the recipes (in dependency order), --out-path."""
     recipes = load_recipes(config_path)
     has_final = any(r.name is None for r in recipes)
     if has_final and out_path is None:
         raise ConfigError(f"{config_path}: the unnamed (final) recipe needs --out-path")
+    if has_final and not options.overwrite:
+        # refused here, before any intermediate is merged, not after them
+        target = Path(out_path).expanduser()
+        if target.is_dir() and any(target.iterdir()):
+            raise ConfigError(
+                f"{config_path}: final recipe: output directory {out_path} already exists and is not empty "
+                "(choose a new path, or pass --overwrite to replace it once the merge completes)"
+            )
     if not has_final and out_path is not None:
         log.warning("%s: every recipe is named, so nothing is written to --out-path %s", config_path, out_path)
+    return recipes
+
+
+def run_multi(
+    config_path: Path, intermediate_dir: Path, out_path: Optional[Path], options, lazy: bool = True,
+    recipes: Optional[list[Recipe]] = None,
+) -> list[Path]:
+    """Runs every recipe; returns the folders written or reused (the final merge last, if any).
+    `recipes`: those `check_recipes` returned for the same arguments (checked here otherwise)."""
+    if recipes is None:
+        recipes = check_recipes(config_path, out_path, options)
+    from .streaming import run_merge
+
     intermediate_dir = Path(intermediate_dir).expanduser().resolve()
     locations = {r.name: str(intermediate_dir / r.name) for r in recipes if r.name}
     written: list[Path] = []
@@ -226,10 +245,10 @@ def main(config_file: str, intermediate_dir: str, out_path: Optional[str], lazy:
 
     def action() -> None:
         options = options_from_flags(kw)
+        out = Path(out_path) if out_path else None
+        recipes = check_recipes(Path(config_file), out, options)  # answers before torch is imported
         check_device(options)
-        written = run_multi(
-            Path(config_file), Path(intermediate_dir), Path(out_path) if out_path else None, options, lazy=lazy
-        )
+        written = run_multi(Path(config_file), Path(intermediate_dir), out, options, lazy=lazy, recipes=recipes)
         if not options.quiet:
             click.echo(f"merged model written to {written[-1]}" if out_path and written else
                        "merged models written to " + ", ".join(str(p) for p in written))

@@ -297,6 +297,13 @@ def render_moe_card(config: MoEConfig, arch: str, config_text: str, out_dir: Pat
 
 def build_moe(config: MoEConfig, config_text: str, out_path: Path, options: MergeOptions, source: str, understood: bool) -> Path:
     validate(config, source, understood)
+    target = Path(out_path)
+    if not options.overwrite and target.is_dir() and any(target.iterdir()):
+        # refused before the routers are computed (minutes for hidden-state routers of a big base)
+        raise ModelError(
+            f"output directory {out_path} already exists and is not empty "
+            "(choose a new path, or pass --overwrite to replace it once the merge completes)"
+        )
     set_num_threads(options.num_threads)
     models = open_models(
         config.referenced_models(),
