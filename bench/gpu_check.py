@@ -1,29 +1,34 @@
 #!/usr/bin/env python3
-"""The first-GPU check: install, CUDA tests, a `--device cuda` streaming merge, resident candidates.
+"""The first-GPU check: install, CUDA tests, `--device cuda` streaming merges, resident candidates.
 
     bash bench/gpu_check.sh [--dry-run] [--budget S] [--work-dir DIR] [--layers N] [--repeats N]
+                            [--no-density] [--device cpu|cuda] [--shape 7b|tiny] [--wheels DIR]
 
 (`gpu_check.sh` only picks the interpreter and puts a hard time limit around this driver;
 docs/gpu.md is the user's page.) On a bare GPU machine (Python 3.12, torch with CUDA,
 transformers, numba, safetensors; no package index) it runs, each step in its own process under its
 own timeout, within one overall budget:
 
-1. `wheels`: installs from bench_output/gpu_wheels (made here by bench/gpu_wheels.sh) what the
-   engine and the tests need and the machine lacks, into a private folder put first on PYTHONPATH.
+1. `wheels`: from bench_output/gpu_wheels (made here by bench/gpu_wheels.sh), installs into a
+   private folder put first on PYTHONPATH the wheels of every package the engine and the tests
+   import (ROOTS) that the machine lacks or has too old, with the requirements their metadata
+   lists, followed the same way; what the machine has stays in use.
 2. `env`: imports every engine module the check uses, reports versions and the GPU.
 3. `cuda tests`: pytest on the tests that need CUDA (tests/test_cuda_paths.py and the older CUDA
    test in tests/test_outputs.py).
 4. `generate`: three Llama-2-7B-shaped bf16 checkpoints (hidden 4096, intermediate 11008, 32
    heads, vocab 32000; 4 of the 32 layers: 1.07B parameters, 2.14 GB each), a base and two
    fine-tunes, drawn on the GPU and written through the engine's writer.
-5. `startup` (python + torch + merge_engine + CUDA init) and `io floor` (plain reads of the three
-   inputs, a plain write of one output's bytes: bench/merge_throughput.py's I/O floor).
+5. `startup` (python + torch + merge_engine + CUDA init; the process then derives the model's
+   architecture once, which the engine caches on disk, untimed) and `io floor` (plain reads of the
+   three inputs, a plain write of one output's bytes: bench/merge_throughput.py's I/O floor).
 6. `stream linear|ties|dare_ties`: `mergekit-yaml --device cuda` (python -m merge_engine.cli),
    recipes of bench/merge_throughput.py; ratio = (wall - startup) / the I/O floor of its inputs.
-7. `resident linear|ties|dare_ties`: bench/resident_merge.py's candidates in a ResidentMerger on the
-   GPU; first the recipe itself, compared bit for bit with the streaming output; then candidates
-   with new weights (and, `+density`, new densities), each timed against the copy floor
-   (`dst.copy_(src)` over every parameter, interleaved): the HBM copy floor on a GPU.
+7. `resident linear|ties|dare_ties` (one process): bench/resident_merge.py's candidates in a
+   ResidentMerger on the GPU; first the recipe itself, compared bit for bit with the streaming
+   output; then candidates with new weights (and, rows `+dens`, new densities too), each timed
+   against the copy floor (`dst.copy_(src)` over every parameter, interleaved): the HBM copy floor
+   on a GPU.
 8. `extract-lora`: `mergekit-extract-lora --device cuda --max-rank 32` of one fine-tune, and the
    randomized SVD's error against the exact rank-32 optimum on two modules.
 
@@ -32,8 +37,9 @@ $OUT/gpu_check.txt (the table, rewritten after every step), gpu_check.json (ever
 gpu_check.log (the steps' output) and gpu_tests.txt (pytest's output). Exit 0 when every step
 passed.
 
-`--dry-run`: the same steps on CPU at a tiny shape (hidden 256, 2 layers), no wheel install; well
-under a minute (tests/test_gpu_check.py runs it).
+`--dry-run`: the same steps on CPU at a tiny shape (hidden 256, 2 layers), no wheel install
+(tests/test_gpu_check.py runs it). `--device cpu --shape tiny` with PYTHON set to a bare
+interpreter rehearses the whole check, install included, on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -69,9 +75,6 @@ LORA_RANK = 32
 LORA_RANK_TINY = 8
 CUDA_TESTS = ("tests/test_cuda_paths.py", "tests/test_outputs.py::test_cuda_merge_matches_cpu")
 WHEEL_DIR = REPO / "bench_output" / "gpu_wheels"
-# installed only where the machine's transformers is missing or not 5.x (bench/gpu_wheels.sh)
-TRANSFORMERS_GROUP = {"transformers", "huggingface-hub", "tokenizers", "safetensors", "regex", "httpx2",
-                      "httpcore2", "h11", "idna", "truststore"}
 
 # per-step time limits (s) on the GPU machine; the overall budget cuts them further
 LIMITS = {"wheels": 90, "env": 120, "cuda tests": 200, "generate": 150, "startup": 60, "io floor": 90,
@@ -102,8 +105,7 @@ def fmt_seconds(s: Optional[float]) -> str:
 
 
 def render(rows: list[Row], header: list[str]) -> str:
-    wide = max(len(r.result) for r in rows) if rows else 10
-    wide = min(max(wide, 10), 90)
+    wide = max([10, *(len(r.result) for r in rows)])
     lines = list(header)
     lines.append(f"{'step':<24} {'status':<7} {'result':<{wide}} {'time':>9} {'ratio':>11}")
     lines.append("-" * (24 + 1 + 7 + 1 + wide + 1 + 9 + 1 + 11))
@@ -116,12 +118,25 @@ def render(rows: list[Row], header: list[str]) -> str:
 # Wheels: which carried wheels this machine needs (stdlib only: runs before anything is installed)
 
 
+# What the engine and this check import, with the lowest versions that will do (pyproject.toml):
+# the machine's own copy is used wherever it satisfies these; a carried wheel is installed only
+# for a package that is missing or too old, and then with the requirements its metadata lists.
+ROOTS = {"pydantic": ">=2.5", "click": ">=8.1", "pyyaml": ">=6", "tqdm": ">=4.66", "pytest": ">=8",
+         "transformers": ">=5,<6"}
+
+# Hard requirements in the metadata of the carried transformers group that nothing here imports:
+# left out of the wheel set (a bare virtualenv imported transformers' model classes, the hub and
+# the tokenizers without them; docs/gpu.md).
+UNNEEDED = {"hf-xet": "hub downloads through Xet storage (the check is offline)",
+            "typer": "the transformers and hub command lines", "kernels": "hub-hosted compute kernels"}
+
+
 def norm_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def release(version: str) -> tuple[int, ...]:
-    m = re.match(r"\d+(\.\d+)*", version)
+    m = re.match(r"\d+(\.\d+)*", version.strip())
     return tuple(int(x) for x in m.group().split(".")) if m else ()
 
 
@@ -136,9 +151,76 @@ def installed_version(name: str) -> Optional[str]:
     return None
 
 
-def select_wheels(wheel_dir: Path) -> tuple[list[Path], list[str], list[str]]:
-    """(wheels to install, 'name have' for those present, notes). A wheel is installed where the
-    package is missing or older; the transformers group only where transformers is not 5.x."""
+def satisfies(version: str, spec: str) -> bool:
+    """`version` against a PEP 440 specifier such as '>=2.4,<3' (release numbers only: pre- and
+    dev-release tags are ignored, which is all these pins need)."""
+    v = release(version)
+    for clause in filter(None, (c.strip() for c in spec.split(","))):
+        m = re.fullmatch(r"(~=|===|==|!=|<=|>=|<|>)\s*(\S+)", clause)
+        if not m:
+            raise ValueError(f"unsupported version specifier {clause!r}")
+        op, target = m.groups()
+        if op in ("==", "!=") and target.endswith(".*"):
+            prefix = release(target[:-2])
+            ok = v[: len(prefix)] == prefix
+            if ok != (op == "=="):
+                return False
+            continue
+        t = release(target)
+        width = max(len(v), len(t))
+        a, b = v + (0,) * (width - len(v)), t + (0,) * (width - len(t))
+        ok = {"==": a == b, "===": a == b, "!=": a != b, "<=": a <= b, ">=": a >= b, "<": a < b, ">": a > b,
+              "~=": a >= b and v[: len(t) - 1] == t[:-1]}[op]
+        if not ok:
+            return False
+    return True
+
+
+def marker_applies(marker: str) -> bool:
+    """A Requires-Dist environment marker on this interpreter; requirements of extras never apply."""
+    import platform
+
+    if re.search(r"\bextra\b", marker):
+        return False
+    env = {"python_version": "%d.%d" % sys.version_info[:2], "python_full_version": platform.python_version(),
+           "platform_machine": platform.machine(), "sys_platform": sys.platform, "platform_system": platform.system(),
+           "os_name": os.name, "implementation_name": sys.implementation.name,
+           "platform_python_implementation": platform.python_implementation()}
+
+    def compare(m) -> str:
+        var, op, value = m.group(1), m.group(2), m.group(3)
+        if var in ("python_version", "python_full_version"):
+            return str(satisfies(env[var], op + value))
+        have = env.get(var, "")
+        return str({"==": have == value, "!=": have != value, "in": have in value, "not in": have not in value}.get(op, False))
+
+    expr = re.sub(r"(\w+)\s*(==|!=|<=|>=|<|>|~=|not in|in)\s*[\"']([^\"']*)[\"']", compare, marker)
+    if not re.fullmatch(r"[\s()]*((True|False|and|or|not)[\s()]*)*", expr):
+        raise ValueError(f"unsupported environment marker {marker!r}")
+    return bool(eval(expr, {"__builtins__": {}}))  # only True/False/and/or/not/parentheses remain
+
+
+def wheel_requirements(path: Path) -> list[tuple[str, str]]:
+    """(name, specifier) of a wheel's Requires-Dist lines that apply here."""
+    with zipfile.ZipFile(path) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA") and n.count("/") == 1)
+        text = z.read(meta).decode("utf-8", "replace")
+    out = []
+    for line in text.split("\n\n")[0].splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req, _, marker = line[len("Requires-Dist:"):].partition(";")
+        if marker.strip() and not marker_applies(marker):
+            continue
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?", req)
+        out.append((norm_name(m.group(1)), m.group(3).replace(" ", "")))
+    return out
+
+
+def select_wheels(wheel_dir: Path, roots: Optional[dict] = None) -> tuple[list[Path], list[str], list[str]]:
+    """(wheels to install, 'name version' of what the machine already has, notes): the carried
+    wheels of every root package the machine lacks or has too old, with their requirements,
+    followed the same way."""
     wheels: dict[str, tuple[str, Path]] = {}
     for w in sorted(wheel_dir.glob("*.whl")):
         name, version = w.name.split("-")[:2]
@@ -146,21 +228,41 @@ def select_wheels(wheel_dir: Path) -> tuple[list[Path], list[str], list[str]]:
         if key in wheels:
             raise SystemExit(f"two wheels of {key} in {wheel_dir}: keep one version (bench/gpu_wheels.sh)")
         wheels[key] = (version, w)
-    have_tf = installed_version("transformers")
-    tf_ok = have_tf is not None and release(have_tf)[:1] == (5,)
-    install, present, notes = [], [], []
-    if not tf_ok:
-        notes.append(f"transformers {have_tf or 'missing'}: carried 5.x group used")
-    for key, (version, path) in wheels.items():
-        have = installed_version(key)
-        if key in TRANSFORMERS_GROUP and tf_ok:
-            present.append(f"{key} {have}")
-            continue
-        if have is None or release(have) < release(version):
-            install.append(path)
-        else:
-            present.append(f"{key} {have}")
-    return install, present, notes
+    chosen: dict[str, Path] = {}
+    present: dict[str, str] = {}
+    skipped: set[str] = set()
+
+    def require(name: str, spec: str, why: str) -> None:
+        name = norm_name(name)
+        if name in UNNEEDED and why != "the engine":
+            skipped.add(name)
+            return
+        if name in chosen:
+            if not satisfies(wheels[name][0], spec):
+                raise SystemExit(f"{why} needs {name}{spec}; the carried {wheels[name][1].name} does not fit")
+            return
+        have = installed_version(name)
+        if have is not None and satisfies(have, spec):
+            present[name] = have
+            return
+        if name not in wheels:
+            raise SystemExit(f"{why} needs {name}{spec}: this machine has {have or 'none'} and no wheel is carried")
+        if not satisfies(wheels[name][0], spec):
+            raise SystemExit(f"{why} needs {name}{spec}: the carried {wheels[name][1].name} does not fit")
+        chosen[name] = wheels[name][1]
+        present.pop(name, None)
+        for dep, dep_spec in wheel_requirements(wheels[name][1]):
+            require(dep, dep_spec, f"{name} {wheels[name][0]}")
+
+    for name, spec in (ROOTS if roots is None else roots).items():
+        require(name, spec, "the engine")
+    notes = []
+    if "transformers" in chosen:
+        have = installed_version("transformers")
+        notes.append(f"transformers {have or 'missing'} here: the carried {wheels['transformers'][0]} is used")
+    if skipped:
+        notes.append("left out: " + ", ".join(sorted(skipped)))
+    return list(chosen.values()), [f"{k} {v}" for k, v in sorted(present.items())], notes
 
 
 def install_wheels(wheels: list[Path], target: Path, log) -> str:
@@ -455,11 +557,12 @@ class Check:
     def __init__(self, args):
         self.args = args
         self.dry = args.dry_run
-        self.device = "cpu" if self.dry else "cuda"
-        self.spec = dict(TINY if self.dry else SEVEN_B)
+        self.device = args.device or ("cpu" if self.dry else "cuda")
+        self.tiny = (args.shape or ("tiny" if self.dry else "7b")) == "tiny"
+        self.spec = dict(TINY if self.tiny else SEVEN_B)
         if args.layers:
             self.spec["num_hidden_layers"] = args.layers
-        self.limits = DRY_LIMITS if self.dry else LIMITS
+        self.limits = DRY_LIMITS if self.tiny else LIMITS
         self.start = time.monotonic()
         self.deadline = self.start + args.budget
         self.work = Path(args.work_dir or REPO / "bench_output" / ("gpu_check_dry" if self.dry else "gpu_check")).resolve()
@@ -480,7 +583,7 @@ class Check:
         for name, value in THREAD_ENVIRONMENT.items():
             self.env.setdefault(name, value)
         self.child: Optional[subprocess.Popen] = None
-        self.results: dict = {"mode": "dry-run" if self.dry else "gpu", "spec": self.spec, "steps": {}}
+        self.results: dict = {"mode": "dry-run" if self.dry else "full", "device": self.device, "spec": self.spec, "steps": {}}
         self.log_path = self.work / "gpu_check.log"
         self.log_path.write_text("")
 
@@ -583,7 +686,7 @@ class Check:
         row.data.update(install=names, present=present, notes=notes)
         if self.dry:
             row.status = "skip"
-            row.result = f"dry run: would install {len(install)} of {len(install) + len(present)} here"
+            row.result = f"dry run: {len(install)} of the {len(list(wheel_dir.glob('*.whl')))} carried wheels needed here"
             row.seconds = time.monotonic() - t0
             return self.progress(row)
         site = Path(self.args.site)
@@ -595,8 +698,10 @@ class Check:
         else:
             how = "-"
         row.status = "ok"
-        row.result = f"{len(install)} installed ({how}): {', '.join(names) or 'none'}; {len(present)} present"
-        row.result += "".join(f"; {n}" for n in notes)
+        shown = ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else "")  # all of them: gpu_check.json
+        row.result = f"{len(install)} installed ({how}{': ' + shown if names else ''}), {len(present)} present"
+        if "transformers" in names:
+            row.result += "; transformers: the carried one"  # why, and what was left out: gpu_check.json
         row.seconds = time.monotonic() - t0
         self.progress(row)
 
@@ -614,7 +719,7 @@ class Check:
             f"{' (%.0f GB)' % data['gpu_memory_gb'] if data.get('gpu_memory_gb') else ''}, {data['cpus']} CPUs; "
             f"python {data['python']}, torch {data['torch']} (CUDA {data['torch_cuda']}), transformers {data['transformers']}, "
             f"numba {data['numba']}, pydantic {data['pydantic']}")
-        if not self.dry and not data["cuda_available"]:
+        if self.device.startswith("cuda") and not data["cuda_available"]:
             row.status, row.result = "FAIL", "torch.cuda.is_available() is False"
             self.progress(row)
             return False
@@ -628,9 +733,11 @@ class Check:
         notes = self.work / "test_notes.jsonl"
         notes.unlink(missing_ok=True)
         self.env["GPU_CHECK_NOTES"] = str(notes)
+        # the machine's own pytest plugins (xdist, cov, benchmark, ...) stay out: none is needed
+        self.env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *CUDA_TESTS]
         rc, output, seconds = self.run(cmd, "cuda tests", "cuda tests")
-        del self.env["GPU_CHECK_NOTES"]
+        del self.env["GPU_CHECK_NOTES"], self.env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"]
         if self.out:
             (self.out / "gpu_tests.txt").write_text(output[-2_000_000:])
         counts = {}
@@ -653,7 +760,7 @@ class Check:
             row.result = f"killed after {seconds:.0f}s; " + row.result
         elif rc != 0 or failed or errors:
             row.status = "FAIL"
-        elif not self.dry and skipped:
+        elif self.device.startswith("cuda") and skipped:
             row.status, row.result = "FAIL", row.result + " (a CUDA test skipped on a CUDA machine)"
         elif not summary:
             row.status, row.result = "FAIL", f"exit {rc}, no pytest summary"
@@ -663,7 +770,7 @@ class Check:
 
     def step_generate(self) -> Optional[dict]:
         row = self.step_rows("generate")
-        models = self.work / "models" / f"{'tiny' if self.dry else 'llama7b'}-L{self.spec['num_hidden_layers']}"
+        models = self.work / "models" / f"{'tiny' if self.tiny else 'llama7b'}-L{self.spec['num_hidden_layers']}"
         rc, data, output, seconds = self.worker("_generate", "generate", "generate", "--spec", json.dumps(self.spec),
                                                 "--dir", str(models))
         if data is None:
@@ -800,7 +907,7 @@ class Check:
 
     def step_extract(self, dirs: dict) -> None:
         row = self.step_rows("extract-lora")
-        rank = LORA_RANK_TINY if self.dry else LORA_RANK
+        rank = LORA_RANK_TINY if self.tiny else LORA_RANK
         out = self.work / "lora"
         cmd = [sys.executable, "-m", "merge_engine.extract_lora", "--model", str(dirs["ft_a"]), "--base-model",
                str(dirs["base"]), "--out-path", str(out), "--max-rank", str(rank), "--device", self.device,
@@ -839,11 +946,12 @@ class Check:
         except Exception:
             pass
         self.header += [
-            f"evomerge GPU check{' (DRY RUN: CPU, tiny shape)' if self.dry else ''}: "
+            f"evomerge GPU check{' (DRY RUN: CPU, tiny shape)' if self.dry else ''}"
+            f"{' (REHEARSAL: device %s, %s shape)' % (self.device, 'tiny' if self.tiny else '7B') if not self.dry and (self.tiny or self.device == 'cpu') else ''}: "
             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, git {git.stdout.strip() or '?'}, budget {self.args.budget:.0f}s",
-            f"model: {'Llama-2-7B' if not self.dry else 'tiny Llama'} shape (hidden {s['hidden_size']}, intermediate "
+            f"model: {'tiny Llama' if self.tiny else 'Llama-2-7B'} shape (hidden {s['hidden_size']}, intermediate "
             f"{s['intermediate_size']}, {s['num_attention_heads']} heads, vocab {s['vocab_size']}), {s['num_hidden_layers']} layers"
-            f"{' of 32' if not self.dry else ''}, bf16: {params_b:.3f}B params per model; base + 2 fine-tunes",
+            f"{'' if self.tiny else ' of 32'}, bf16: {params_b:.3f}B params per model; base + 2 fine-tunes",
         ]
         overall = Row("total")
         try:
@@ -873,9 +981,15 @@ class Check:
                     self.results["steps"]["copy floor"] = floor_row.data
                     self.step_extract(dirs)
         except Budget:
+            for r in self.rows:
+                if r.status == "...":
+                    r.status, r.result = "skip", "not started: the budget is spent"
             self.add(Row("(budget)", "FAIL", f"budget of {self.args.budget:.0f}s spent: later steps not run"))
         except KeyboardInterrupt:
             self.kill_child()
+            for r in self.rows:
+                if r.status == "...":
+                    r.status, r.result = "KILLED", "stopped by the hard time limit (or Ctrl-C)"
             self.add(Row("(stopped)", "FAIL", "interrupted: later steps not run"))
         bad = [r.step for r in self.rows if r.status not in ("ok", "skip")]
         overall.status = "FAIL" if bad else "ok"
@@ -919,11 +1033,14 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="layers of the generated models (default 4; dry run 2)")
     p.add_argument("--repeats", type=int, default=None, help="resident candidates per row (default 10; dry run 3)")
     p.add_argument("--no-density", action="store_true", help="skip the resident rows that also change densities")
+    p.add_argument("--device", default=None, help="merge device (default cuda; dry run cpu); cpu to rehearse")
+    p.add_argument("--shape", choices=("7b", "tiny"), default=None, help="generated model shape (default 7b; dry run tiny)")
     args = p.parse_args(argv)
+    tiny = (args.shape or ("tiny" if args.dry_run else "7b")) == "tiny"
     if args.budget is None:
-        args.budget = 170.0 if args.dry_run else 450.0
+        args.budget = 170.0 if tiny else 450.0
     if args.repeats is None:
-        args.repeats = 3 if args.dry_run else 10
+        args.repeats = 3 if tiny else 10
     check = Check(args)
 
     def on_term(signum, frame):  # the outer `timeout` (gpu_check.sh): stop the step, keep the table

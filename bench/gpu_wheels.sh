@@ -35,7 +35,8 @@ ENGINE=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-ins
 TESTS=(pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 Pygments==2.21.0)
 # fallback, installed only where the machine's transformers is missing or not 5.x
 TRANSFORMERS_GROUP=(transformers==5.25.0 huggingface_hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0
-                    regex==2026.12.2 httpx2==2.17.0 httpcore2==2.17.0 h11==0.16.0 idna==3.21 truststore==0.10.5)
+                    regex==2026.12.2 httpx2==2.17.0 httpcore2==2.17.0 h11==0.16.0 idna==3.21 truststore==0.10.5
+                    anyio==4.16.0)
 
 PKGS=("${ENGINE[@]}" "${TESTS[@]}")
 [ "$TRANSFORMERS" = 1 ] && PKGS+=("${TRANSFORMERS_GROUP[@]}")

@@ -112,28 +112,56 @@ def test_dry_run_json_numbers(dry_run):
 # which carried wheels a machine needs
 
 
-def wheel(folder: Path, name: str) -> None:
-    (folder / name).write_bytes(b"")
+def wheel(folder: Path, name: str, version: str, *requires: str) -> None:
+    """A stand-in wheel: only its name and its METADATA's Requires-Dist lines matter here."""
+    import zipfile
+
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta + "\nlong description\nRequires-Dist: not-a-header\n")
 
 
-def test_wheel_selection(tmp_path):
-    from importlib.metadata import version
+def picked(install) -> list[str]:
+    return sorted(p.name.split("-")[0] for p in install)
 
-    click = version("click")
-    newer = ".".join(str(int(x) + 1) if i == 0 else x for i, x in enumerate(click.split(".")))
-    wheel(tmp_path, f"click-{newer}-py3-none-any.whl")  # newer than installed: installed
-    wheel(tmp_path, "pyyaml-1.0-cp312-cp312-manylinux2014_x86_64.whl")  # older than installed: kept
-    wheel(tmp_path, "no_such_package_here-1.0-py3-none-any.whl")  # missing: installed
-    wheel(tmp_path, "transformers-999.0-py3-none-any.whl")  # this machine's transformers is 5.x: group unused
-    wheel(tmp_path, "huggingface_hub-999.0-py3-none-any.whl")
-    install, present, notes = gpu_check.select_wheels(tmp_path)
-    assert sorted(p.name.split("-")[0] for p in install) == ["click", "no_such_package_here"]
-    assert {p.split()[0] for p in present} == {"pyyaml", "transformers", "huggingface-hub"}
+
+def test_wheel_selection_takes_what_is_missing_with_its_requirements(tmp_path):
+    wheel(tmp_path, "no_such_root", "1.0", "no_such_dep>=2", "no_such_windows_dep; platform_system == 'Windows'",
+          "no_such_extra_dep; extra == 'docs'", "click>=8.0", 'no_such_old_python_dep; python_version < "3.8"')
+    wheel(tmp_path, "no_such_dep", "2.1", "no_such_leaf (>=0.5)")
+    wheel(tmp_path, "no_such_leaf", "0.5.1")
+    wheel(tmp_path, "click", "99.0")  # this machine's click satisfies >=8.0: not installed
+    install, present, notes = gpu_check.select_wheels(tmp_path, {"no_such_root": ">=1"})
+    assert picked(install) == ["no_such_dep", "no_such_leaf", "no_such_root"]
+    assert [p.split()[0] for p in present] == ["click"]
     assert notes == []
 
 
-def test_wheel_selection_refuses_two_versions(tmp_path):
-    wheel(tmp_path, "click-1.0-py3-none-any.whl")
-    wheel(tmp_path, "click-2.0-py3-none-any.whl")
-    with pytest.raises(SystemExit, match="two wheels of click"):
-        gpu_check.select_wheels(tmp_path)
+def test_wheel_selection_keeps_what_the_machine_has(tmp_path):
+    # this venv has every root (pydantic, click, pyyaml, tqdm, pytest, transformers 5): nothing to install
+    wheel(tmp_path, "pydantic", "999.0", "no_such_dep")
+    wheel(tmp_path, "transformers", "5.999", "no_such_dep")
+    install, present, _ = gpu_check.select_wheels(tmp_path)
+    assert install == []
+    assert {p.split()[0] for p in present} == set(gpu_check.ROOTS)
+
+
+def test_wheel_selection_refuses_what_does_not_fit(tmp_path):
+    wheel(tmp_path, "no_such_root", "1.0", "no_such_dep>=3")
+    wheel(tmp_path, "no_such_dep", "2.0")
+    with pytest.raises(SystemExit, match="no-such-dep>=3: the carried no_such_dep-2.0"):
+        gpu_check.select_wheels(tmp_path, {"no_such_root": ">=1"})
+    with pytest.raises(SystemExit, match="no-such-other: this machine has none and no wheel is carried"):
+        gpu_check.select_wheels(tmp_path, {"no_such_other": ""})
+    wheel(tmp_path, "no_such_dep", "3.0")
+    with pytest.raises(SystemExit, match="two wheels of no-such-dep"):
+        gpu_check.select_wheels(tmp_path, {"no_such_root": ">=1"})
+
+
+@pytest.mark.parametrize("version, spec, ok", [
+    ("2.14.4", ">=2.5", True), ("2.4", ">=2.5", False), ("5.17.0", ">=5,<6", True), ("6.0", ">=5,<6", False),
+    ("2.50.5", "==2.50.5", True), ("2.50.4", "==2.50.5", False), ("0.50.0", ">=0.50.0dev0", True),
+    ("1.4.2", "~=1.4", True), ("2.0", "~=1.4", False), ("3.12.3", "==3.12.*", True), ("4.15.0", ">=4.16.0", False),
+])
+def test_version_specifiers(version, spec, ok):
+    assert gpu_check.satisfies(version, spec) is ok
