@@ -97,8 +97,15 @@ class LMEvalEvaluator:
                 task_obj.set_config(key="num_fewshot", value=0)
             task_obj.set_fewshot_seed(seed=seed)
         self.samples = self._subsets()
-        if racing:
-            self._check_racing()
+        not_mean = self._not_a_mean()
+        if racing and not_mean:
+            name, metric, function = not_mean
+            raise TaskError(f"racing: task {name}'s metric {metric} is not a mean over items ({function}); "
+                            "turn racing off for this search")
+        # every metric a mean over items: per-item values come with each evaluation (what the
+        # export's paired comparison reads, evolve.selection)
+        self.per_item = not_mean is None
+        self.item_values: Optional[dict[str, list[float]]] = None  # of the latest evaluate()
         self.directions = {
             t.name: t.direction
             or ("maximize" if higher_is_better(self.loaded["tasks"][t.name], t.metric) else "minimize")
@@ -117,17 +124,15 @@ class LMEvalEvaluator:
             return list(self.samples[name])
         return list(range(len(self.loaded["tasks"][name].eval_docs)))
 
-    def _check_racing(self) -> None:
-        """Racing adds up per-item values: every metric must be a mean over items."""
+    def _not_a_mean(self) -> Optional[tuple[str, str, str]]:
+        """(task, metric, its aggregation) of the first metric that is not a mean over items."""
         for t in self.tasks:
             aggregation = self.loaded["tasks"][t.name].aggregation()
             for _, metric in t.metrics:
                 function = aggregation.get(metric.split(",")[0])
                 if getattr(function, "__name__", None) != "mean":
-                    raise TaskError(
-                        f"racing: task {t.name}'s metric {metric} is not a mean over items "
-                        f"({getattr(function, '__name__', 'unknown')}); turn racing off for this search"
-                    )
+                    return t.name, metric, getattr(function, "__name__", "unknown")
+        return None
 
     def _subsets(self) -> Optional[dict[str, list[int]]]:
         """The same items for every candidate: the first `limit` documents, or with `shuffle` a
@@ -175,8 +180,13 @@ class LMEvalEvaluator:
         )
 
     def evaluate(self) -> dict[str, float]:
-        """{task name (and task:metric for `also`): metric value} for the attached model as it is now."""
-        results = self._run(self.samples)
+        """{task name (and task:metric for `also`): metric value} for the attached model as it is
+        now. With `per_item`, `item_values` then holds each value's per-item values, in the
+        order of `items()` (the same for every candidate)."""
+        results = self._run(self.samples, per_item=self.per_item)
+        if self.per_item:
+            values = self._values(results)
+            self.item_values = {key: [by_doc[d] for d in self.items(key.split(":")[0])] for key, by_doc in values.items()}
         self.evaluated_items = sum(len(self.items(t.name)) for t in self.tasks)
         out = {}
         for t in self.tasks:
@@ -191,7 +201,10 @@ class LMEvalEvaluator:
 
     def _item_values(self, samples: dict) -> dict[str, dict[int, float]]:
         """{result key: {document: value}} over the given documents (racing's unit of account)."""
-        results = self._run(samples, per_item=True)
+        return self._values(self._run(samples, per_item=True))
+
+    def _values(self, results: dict) -> dict[str, dict[int, float]]:
+        """{result key: {document: value}} from an evaluation run with per-item samples."""
         out: dict[str, dict[int, float]] = {}
         for t in self.tasks:
             for key, metric in t.metrics:
@@ -214,6 +227,7 @@ class LMEvalEvaluator:
         scored, computed as the mean of per-item values."""
         from .racing import should_stop, split_stages
 
+        self.item_values = None  # racing keeps its own per-item values (`values`)
         stages = {t.name: split_stages(self.items(t.name), fractions, f"{self.seed}/race/{t.name}") for t in self.tasks}
         sizes = {t.name: len(self.items(t.name)) for t in self.tasks}
         scored: dict[str, dict[int, float]] = {}  # result key -> {document: value}

@@ -145,14 +145,14 @@ def _export(search, storage_path: Path, quiet: bool) -> Optional[dict]:
         if search.overhead_report():
             click.echo(search.overhead_report())
     out = search.export()
-    chosen = search.chosen()
-    if chosen is not None:
-        click.echo(f"exported trial {chosen['number']} (search fitness {chosen['fitness']:.6g}); "
-                   f"recipe: {storage_path / 'best_config.yaml'}")
+    selection = search.selection()
+    if selection is not None:
+        click.echo(f"exported trial {selection.number} (search fitness {selection.row['fitness']:.6g}; "
+                   f"{selection.reason}); recipe: {storage_path / 'best_config.yaml'}")
     if out is not None:
         click.echo(f"final model: {out}")
     _write_report(storage_path, quiet)
-    return chosen
+    return None if selection is None else selection.row
 
 
 def _write_report(root: Path, quiet: bool) -> None:

@@ -251,6 +251,9 @@ class SearchConfig(_Schema):
     constraints: list[ConstraintDefinition] = []
     rescore: Optional[RescoreDefinition] = None
     racing: Optional[RacingDefinition] = None
+    # the hand-made recipes scored before any optimiser proposal (search_spaces: Genome.anchors):
+    # true, false (only the starting point), or a list of recipe files added to them
+    anchors: Union[bool, list[str]] = True
 
     @field_validator("tasks", mode="before")
     @classmethod

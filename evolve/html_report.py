@@ -30,6 +30,9 @@ from urllib.parse import quote
 
 from merge_engine.errors import ConfigError
 
+from .objectives import Scoring
+from .selection import Selection, exported, ranked
+
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
@@ -325,13 +328,19 @@ def _render(root: Path, study, tmp: Path) -> str:
     complete = [t for t in finished if t.value is not None]
     failed = len(finished) - len(complete)
     running = sum(1 for t in trials if t.state == optuna.trial.TrialState.RUNNING)
-    best = store.best()
     tasks = [t.name for t in config.tasks] if config is not None else sorted(
         {k for t in complete for k in t.user_attrs.get("metrics", {})}
     )
     # the evaluator's directions (recorded by the search) know lower-is-better metrics; else the config's
     directions = {t.name: t.direction or "maximize" for t in config.tasks} if config is not None else {}
     directions.update(store.directions())
+    rows = store.rows()
+    top = ranked(rows)
+    best = store.trial(top[0]["number"]) if top else None
+    # the candidate the search exports, by its one rule (without the config: the best fitness)
+    selection = exported(rows, Scoring.for_search(config, directions), _read_json(root / RESCORE)) if config is not None \
+        else (Selection(top[0], "the best search fitness") if top else None)
+    chosen = store.trial(selection.number) if selection is not None else None
     page = _Page(root)
 
     # header
@@ -346,6 +355,8 @@ def _render(root: Path, study, tmp: Path) -> str:
         ("trials", f"{len(finished)} finished ({len(complete)} complete, {failed} failed), {running} running"),
         ("best fitness", f'<span id="best-fitness" data-value="{best.value!r}">{best.value:.6g}</span> (trial {best.number})'
          if best is not None else "none yet"),
+        ("exported", f'<span id="exported" data-trial="{selection.number}">trial {selection.number}</span>: '
+                     f"{_esc(selection.reason)}" if selection is not None else "none yet"),
     ]
     for i, run in enumerate(runs, 1):
         facts.append((f"run {i}", _esc(f"{run.started} to {run.ended}: {run.stop_reason}, {run.evaluated} evaluated"
@@ -361,7 +372,7 @@ def _render(root: Path, study, tmp: Path) -> str:
     page.section("Fitness over evaluations", _img(plot.read_bytes()) if plot else '<p class="note">No candidate has finished yet.</p>')
 
     # best recipe
-    page.section("Best recipe", _best_recipe(store, best, genome))
+    page.section("Exported recipe", _best_recipe(store, chosen, genome))
 
     # Pareto front
     page.section("Pareto front", _pareto(root, complete, tasks, directions))

@@ -54,6 +54,9 @@ class Outcome:
     first_items: Optional[dict] = None
     paired_with: Optional[int] = None
     stage: Optional[int] = None
+    # a complete candidate's per-item values (result key -> values, in the evaluator's item
+    # order), where every metric is a mean over items: what the export's paired rule reads
+    item_values: Optional[dict] = None
 
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""

@@ -6,8 +6,7 @@
 - objectives: in a Pareto search, one maximised value per objective task (minimised ones negated);
 - violation: how far a candidate lies outside the constraints (0: feasible). An infeasible
   candidate keeps its scores but is never exported, and optimisers rank it below feasible ones;
-- selection: which finished candidate is exported (the best feasible fitness, or in a Pareto
-  search the front member chosen by `pareto_select`).
+- the Pareto front of the finished candidates (which one is exported: evolve.selection).
 """
 
 from __future__ import annotations
@@ -90,15 +89,3 @@ class Scoring:
         feasible = [r for r in rows if r.get("violation", 0.0) <= 0]
         points = [tuple(r["metrics"][n] for n in names) for r in feasible]
         return [feasible[i] for i in pareto_front(points, [self.directions[n] for n in names])]
-
-    def choose(self, rows: Sequence[dict]) -> Optional[dict]:
-        """The row to export: the best feasible fitness; in a Pareto search with
-        `pareto_select: <task>`, the front member best on that task (ties: higher fitness).
-        Equal scores go to the earlier candidate."""
-        feasible = [r for r in rows if r.get("violation", 0.0) <= 0]
-        if not feasible:
-            return None
-        if self.select != "weighted_sum":
-            sign = self.sign(self.select)
-            return max(self.front(feasible), key=lambda r: (sign * r["metrics"][self.select], r["fitness"], -r["number"]))
-        return max(feasible, key=lambda r: (r["fitness"], -r["number"]))

@@ -2,8 +2,12 @@
 
 Lifecycle of an optimiser during a search:
 
-1. `make_optimizer(name, space, x0, seed, **options)` builds it. `x0` (the genome's starting point)
-   is always the first proposal: the baseline every later candidate must beat.
+1. `make_optimizer(name, space, x0, seed, anchors=..., **options)` builds it. The anchors (the
+   hand-made recipes the genome can express, `x0` the genome's starting point first; just `x0`
+   by default) are always the first proposals (`generation` -1, `index` their position): the
+   baselines every later candidate must beat, and where the search starts. CMA-ES waits for all
+   of them (when there are several) and centres its distribution on the best; Optuna samplers
+   get them as enqueued trials, so their results inform the sampler like any other.
 2. The search loop calls `ask()` whenever a worker is free and `tell(proposal, result)` as soon as
    a candidate's result is in, in whatever order results arrive. A `Result` carries the fitness
    (None for a failed candidate: worse than any finite value), the objectives of a multi-objective
@@ -123,8 +127,8 @@ class CMAESOptimizer(Optimizer):
     generational = True
 
     def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, popsize: Optional[int] = None,
-                 sigma0: float = 1 / 6, max_fevals: Optional[int] = None, generation_barrier: bool = False):
-        import cma
+                 sigma0: float = 1 / 6, max_fevals: Optional[int] = None, generation_barrier: bool = False,
+                 anchors: Sequence[Sequence[float]] = ()):
         import numpy as np
 
         # pycma draws from numpy's global generator unless given its own: a private seeded
@@ -146,11 +150,13 @@ class CMAESOptimizer(Optimizer):
         if popsize:
             opts["popsize"] = popsize
         self._rng: dict = {}
-        with _numpy_global_rng(self._rng):
-            self.es = cma.CMAEvolutionStrategy(list(map(float, x0)), sigma0, opts)
+        self._opts, self._sigma0 = opts, sigma0
+        self.es = None  # built once the anchors are in: centred on the best of them
         self.x0 = tuple(map(float, x0))
+        self.anchors = [tuple(map(float, a)) for a in anchors] or [self.x0]
+        self.anchor_results: dict[int, tuple[float, float]] = {}  # index -> (loss, violation)
         self.barrier = generation_barrier
-        self.x0_asked = False
+        self.anchors_asked = 0
         self.updates = 0  # distribution updates so far (= the generation of new samples)
         self.batch: list[tuple[float, ...]] = []  # samples of the current distribution not yet handed out
         self.handed = 0  # samples of the current distribution handed out
@@ -161,10 +167,24 @@ class CMAESOptimizer(Optimizer):
     def popsize(self) -> int:
         return int(self.es.popsize)
 
+    def _start(self) -> None:
+        """pycma's strategy, centred on the best anchor told (by fitness, feasible first, the first
+        on ties); with one anchor, on it whatever its result (the classic start at x0)."""
+        import cma
+
+        told = sorted(self.anchor_results.items(), key=lambda kv: (kv[1][1] > 0, kv[1][0], kv[0]))
+        mean = self.anchors[told[0][0]] if len(self.anchors) > 1 and told and math.isfinite(told[0][1][0]) else self.anchors[0]
+        with _numpy_global_rng(self._rng):
+            self.es = cma.CMAEvolutionStrategy(list(mean), self._sigma0, self._opts)
+
     def ask(self) -> Optional[Proposal]:
-        if not self.x0_asked:
-            self.x0_asked = True
-            return Proposal(self.x0, -1, 0)
+        if self.anchors_asked < len(self.anchors):
+            self.anchors_asked += 1
+            return Proposal(self.anchors[self.anchors_asked - 1], -1, self.anchors_asked - 1)
+        if self.es is None:
+            if len(self.anchors) > 1 and len(self.anchor_results) < len(self.anchors):
+                return None  # the distribution starts at the best anchor: wait for them all
+            self._start()
         if len(self.results) >= self.popsize and self.sampled_since_update:
             self._update()  # deferred: more workers than popsize told a population between two asks
         if not self.batch:
@@ -180,8 +200,10 @@ class CMAESOptimizer(Optimizer):
         return Proposal(x, self.updates, self.handed - 1)
 
     def tell(self, proposal: Proposal, result: Result) -> None:
-        if proposal.generation < 0:
-            return  # the starting point is not a sample of any distribution
+        if proposal.generation < 0:  # an anchor is not a sample of any distribution
+            loss = -result.fitness if _finite(result.fitness) else math.inf
+            self.anchor_results[proposal.index] = (loss, result.violation)
+            return
         # pycma minimises. Failures rank last; infeasible candidates after every feasible one, by
         # violation (the penalty is relative to the population, so it is applied in _update)
         loss = -result.fitness if _finite(result.fitness) else math.inf
@@ -217,7 +239,8 @@ class OptunaSamplerOptimizer(Optimizer):
     `constraints` the sampler is given each trial's violation (TPE and NSGA-II use it)."""
 
     def __init__(self, space: SearchSpace, x0: Sequence[float], seed: int = 0, sampler: str = "tpe",
-                 popsize: Optional[int] = None, objectives: int = 1, constraints: bool = False):
+                 popsize: Optional[int] = None, objectives: int = 1, constraints: bool = False,
+                 anchors: Sequence[Sequence[float]] = ()):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -229,12 +252,14 @@ class OptunaSamplerOptimizer(Optimizer):
         start = dict(zip(space.names, map(float, x0)))
         self.constraints = constraints
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=SAMPLERS[sampler](seed, start, popsize))
-        self.study.enqueue_trial(start)
+        self.n_anchors = len(anchors) or 1
+        for anchor in anchors or [x0]:
+            self.study.enqueue_trial(dict(zip(space.names, map(float, anchor))))
 
     def ask(self) -> Proposal:
         trial = self.study.ask(self.distributions)
         x = tuple(float(trial.params[n]) for n in self.space.names)
-        return Proposal(x, -1 if trial.number == 0 else 0, trial.number)
+        return Proposal(x, -1 if trial.number < self.n_anchors else 0, trial.number)
 
     def tell(self, proposal: Proposal, result: Result) -> None:
         import optuna
@@ -290,13 +315,13 @@ SAMPLERS: dict[str, Callable] = {"tpe": _tpe, "nsga2": _nsga2, "optuna-cmaes": _
 MULTI_OBJECTIVE = ("tpe", "nsga2", "random")
 
 
-def _cma(space, x0, seed, popsize=None, sigma0=1 / 6, max_fevals=None, generation_barrier=False, **_):
-    return CMAESOptimizer(space, x0, seed, popsize, sigma0, max_fevals, generation_barrier)
+def _cma(space, x0, seed, popsize=None, sigma0=1 / 6, max_fevals=None, generation_barrier=False, anchors=(), **_):
+    return CMAESOptimizer(space, x0, seed, popsize, sigma0, max_fevals, generation_barrier, anchors)
 
 
 def _sampler(kind: str) -> Callable:
-    def factory(space, x0, seed, popsize=None, objectives=1, constraints=False, **_):
-        return OptunaSamplerOptimizer(space, x0, seed, kind, popsize, objectives, constraints)
+    def factory(space, x0, seed, popsize=None, objectives=1, constraints=False, anchors=(), **_):
+        return OptunaSamplerOptimizer(space, x0, seed, kind, popsize, objectives, constraints, anchors)
 
     return factory
 

@@ -156,13 +156,13 @@ def plot_fitness(store) -> Optional[Path]:
     return path
 
 
-def search_summary(store, optimizer_name: str, genome_size: int, chosen: Optional[dict] = None) -> str:
-    """The model card's section on how the recipe was found (`chosen`: the exported candidate's
-    row, see ExperimentStore.rows; default the best feasible fitness)."""
+def search_summary(store, optimizer_name: str, genome_size: int, selection=None) -> str:
+    """The model card's section on how the recipe was found (`selection`: the exported candidate,
+    an evolve.selection.Selection, None when nothing completed)."""
     from .rescore import read_rescore
 
     trials = store.finished()
-    best = store.trial(chosen["number"]) if chosen is not None else store.best()
+    best = store.trial(selection.number) if selection is not None else None
     runs = read_runs(store.root)
     retried = sum(max(t.user_attrs.get("attempts", 1) - 1, 0) for t in trials)
     replaced = sum(r.replaced for r in runs)
@@ -177,8 +177,13 @@ def search_summary(store, optimizer_name: str, genome_size: int, chosen: Optiona
     reused = sum(1 for t in trials if t.user_attrs.get("reused_from") is not None)
     if stopped or reused:
         lines.append(f"{stopped} candidate(s) stopped early by racing; {reused} identical recipe(s) not evaluated again.")
+    anchors = [(t.number, t.user_attrs["anchor"], t.value) for t in sorted(trials, key=lambda t: t.number)
+               if t.user_attrs.get("anchor")]
+    if anchors:
+        lines.append(f"{len(anchors)} hand-made recipe(s) scored first (anchors): " + "; ".join(
+            f"trial {n} {label} ({'failed' if v is None else f'{v:.6g}'})" for n, label, v in anchors) + ".")
     if best is not None:
-        lines.append(f"Exported: trial {best.number}, search fitness {best.value:.6g}; task metrics:")
+        lines.append(f"Exported: trial {best.number}, search fitness {best.value:.6g}: {selection.reason}. Task metrics:")
         lines.append("")
         for name, value in best.user_attrs.get("metrics", {}).items():
             lines.append(f"* {name}: {value:.6g}")
@@ -230,11 +235,11 @@ def export_best(store, genome, merge_options, save_final_model: bool, summary: s
                 number: Optional[int] = None) -> Optional[Path]:
     """best_config.yaml (the user's model references) and, unless disabled, DIR/final_model merged
     by the streaming engine (written atomically: a kill during export leaves no half model), for
-    candidate `number` (default: the best feasible fitness)."""
+    candidate `number` (evolve.selection decides which; None: nothing completed)."""
     plot = plot_fitness(store)
     if plot and not quiet:
         print(f"fitness plot: {plot}")
-    best = store.trial(number) if number is not None else store.best()
+    best = store.trial(number) if number is not None else None
     if best is None:
         print("no candidate completed: nothing to export", file=sys.stderr)
         return None

@@ -23,15 +23,15 @@ from typing import Optional, Sequence
 from merge_engine.errors import ConfigError
 
 from .objectives import Scoring
+from .selection import ranked
 
 RESCORE_FILE = "rescore.json"
 
 
 def top_candidates(rows: Sequence[dict], top_k: int) -> list[dict]:
     """The k best feasible rows by search fitness (earlier first on ties), one per recipe."""
-    ranked = sorted((r for r in rows if r.get("violation", 0.0) <= 0), key=lambda r: (-r["fitness"], r["number"]))
     out, seen = [], set()
-    for r in ranked:
+    for r in ranked(rows):
         if r["recipe_hash"] in seen:
             continue
         seen.add(r["recipe_hash"])

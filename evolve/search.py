@@ -35,7 +35,8 @@ from .objectives import Scoring, extra_metrics
 from .optimizers import Optimizer, SearchSpace, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
 from .rescore import Rescoring, read_rescore
-from .store import ExperimentStore, recipe_hash
+from .selection import Selection, exported, ranked
+from .store import ExperimentStore, candidate_row, recipe_hash
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,37 @@ def resolve_optimizer(config: SearchConfig, genome_size: int, chosen: Optional[s
     return config.model_copy(update={"optimizer": opt.model_copy(update={"name": name, "sigma0": sigma0})}), why
 
 
+def search_anchors(config: SearchConfig, genome: Genome, x0: list[float]) -> list[tuple[str, list[float]]]:
+    """(label, genotype) of the recipes scored before the optimiser's own proposals: the starting
+    point `x0` first, then (unless `anchors: false`) the genome's hand-made recipes, then the
+    user's `anchors:` recipe files, each once."""
+    builtin = genome.anchors() if config.anchors is not False else []
+    start = builtin[0][0] if builtin and builtin[0][1] == list(x0) else "start"
+    out = [(start, list(x0))] + builtin[1:]
+    for i, path in enumerate(config.anchors if isinstance(config.anchors, list) else []):
+        from merge_engine.config import load_config
+
+        try:
+            recipe, _ = load_config(Path(path))
+            x = genome.encode(recipe)
+        except (ConfigError, OSError) as err:
+            raise ConfigError(f"anchors[{i}]: {path}: {str(err).splitlines()[0]}") from None
+        out.append((f"recipe {path}", list(x)))
+    seen, distinct = set(), []
+    for label, x in out:
+        if tuple(x) not in seen:
+            seen.add(tuple(x))
+            distinct.append((label, x))
+    return distinct
+
+
 def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Optimizer:
     opt = config.optimizer
     return make_optimizer(
         opt.name, search_space(genome), x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,
         objectives=max(len(config.objective_tasks), 1), constraints=bool(config.constraints),
+        anchors=[x for _, x in search_anchors(config, genome, x0)],
     )
 
 
@@ -288,7 +314,7 @@ class PoolRunner:
         t0, _ = self.submitted.pop(candidate.number)
         return Outcome(outcome.status, outcome.fitness, dict(outcome.metrics), outcome.error,
                        {"merge_s": 0.0, "eval_s": 0.0, "total_s": time.perf_counter() - t0}, 0, outcome.recipe_hash,
-                       None, outcome.objectives, outcome.violation, 0, number)
+                       None, outcome.objectives, outcome.violation, 0, number, item_values=outcome.item_values)
 
     def wait(self) -> list[tuple[Candidate, Outcome]]:
         if self.ready:
@@ -326,6 +352,7 @@ class PoolRunner:
         return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
                        objectives, violation, result.get("items", 0),
                        first_items=result.get("first_items") if status in ("complete", "stopped") else None,
+                       item_values=result.get("item_values") if status == "complete" else None,
                        paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None,
                        stage=result.get("stage") if status == "stopped" else None)
 
@@ -345,7 +372,8 @@ class SearchRun:
         self.x0 = starting_point(config, self.genome)
         check_template_recipe(self.genome.decode(self.x0), options.merge_options())
         check_tasks(config, options)
-        self.store = ExperimentStore(options.storage_path, search_space(self.genome))
+        self.anchors = search_anchors(config, self.genome, self.x0)
+        self.store = ExperimentStore(options.storage_path, search_space(self.genome), [label for label, _ in self.anchors])
         started_with = self.store.manifest().get("optimizer") if options.resume else None
         self.config = config = resolve_optimizer(config, self.genome.size, started_with)[0]
         self.store.open(
@@ -366,10 +394,14 @@ class SearchRun:
                     f"--resume: {options.storage_path}: {err}; the optimizer no longer reproduces this experiment "
                     "(package versions changed?): continue it with the versions in its manifest.json"
                 ) from None
-        best = self.store.best()  # the one the live run chose: racing pairs with it
-        self.best_value = None if best is None else best.value
-        first_items = None if best is None else best.user_attrs.get("first_items")
-        self.best = (best.number, best.value, first_items) if first_items else None
+        self.rows = self.store.rows()  # the complete candidates, kept up to date as results come in
+        self.genotypes = {e.candidate.number: e.candidate.genotype for e in journal}
+        top = ranked(self.rows)
+        # racing pairs every candidate with the best fitness so far (the live run's, so a resume agrees)
+        self.best_value = top[0]["fitness"] if top else None
+        first_items = self.store.trial(top[0]["number"]).user_attrs.get("first_items") if top else None
+        self.best = (top[0]["number"], top[0]["fitness"], first_items) if first_items else None
+        self.selected: Optional[int] = None  # the candidate best_config.yaml holds (evolve.selection)
         self.finished = len(self.store.finished())
         # a resumed search that completed a candidate before is past the early-failure check
         self.any_success = any(e.outcome is not None and e.outcome.status != "failed" for e in journal)
@@ -454,15 +486,21 @@ class SearchRun:
                 self.seconds[key] = self.seconds.get(key, 0.0) + value
             fit = outcome.fitness
             counts = outcome.status == "complete" and outcome.violation <= 0  # feasible, on every item
-            if counts and fit is not None and math.isfinite(fit) and (self.best_value is None or fit > self.best_value):
-                self.best_value = fit
-                self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
-                self.store.write_best_config(self.genome.decode(candidate.genotype), fit, outcome.metrics, candidate.number)
+            if counts and fit is not None and math.isfinite(fit):
+                self.genotypes[candidate.number] = candidate.genotype
+                self.rows.append(candidate_row(candidate.number, fit, {
+                    "metrics": outcome.metrics, "recipe_hash": outcome.recipe_hash, "item_values": outcome.item_values,
+                    "first_items": outcome.first_items, "tell_order": self.state.told - 1, "anchor": self.anchor_label(candidate)}))
+                if self.best_value is None or fit > self.best_value:
+                    self.best_value = fit
+                    self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
+                self._select()
             stats = self.pool.stats
             note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.status == "stopped" else
                                      f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
                                      f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else None)
-            status.update(candidate.number, self.finished, fit, note, self.best_value, outcome.timings,
+            chosen_fitness = next((r["fitness"] for r in self.rows if r["number"] == self.selected), None)
+            status.update(candidate.number, self.finished, fit, note, chosen_fitness, outcome.timings,
                           faults_text(stats.retried, stats.replaced, stats.timed_out))
 
         self.state = run_loop(
@@ -471,6 +509,19 @@ class SearchRun:
             on_outcome=on_outcome,
         )
         self.record.stop_reason = "budget spent" if self.state.asked >= self.config.budget.max_fevals else "timeout"
+
+    def anchor_label(self, candidate: Candidate) -> Optional[str]:
+        p = candidate.proposal
+        return self.anchors[p.index][0] if p.generation < 0 and p.index < len(self.anchors) else None
+
+    def _select(self) -> None:
+        """best_config.yaml follows the export rule (evolve.selection) as results come in."""
+        selection = exported(self.rows, self.scoring)
+        if selection is not None and selection.number != self.selected:
+            self.selected = selection.number
+            row = selection.row
+            self.store.write_best_config(self.genome.decode(self.genotypes[row["number"]]), row["fitness"], row["metrics"],
+                                         row["number"])
 
     def _stop_if_failing_alike(self, outcome: Outcome) -> None:
         """The first SAME_FAILURES_TO_STOP candidates of a search all failed with one error: that
@@ -524,17 +575,18 @@ class SearchRun:
         """The search's scoring, also when no worker ran in this run (directions from the study)."""
         return getattr(self, "scoring", None) or Scoring.for_search(self.config, self.store.directions())
 
-    def chosen(self) -> Optional[dict]:
-        """The candidate to export: the best on the held-out tasks once re-scoring has finished,
-        else by the search's rule (best feasible fitness, or the Pareto front's pick)."""
-        rows = self.store.rows()
+    def selection(self) -> Optional[Selection]:
+        """The candidate to export and why (evolve.selection.exported: the one rule)."""
+        self.store.flush()  # every result is in the study
         rescored = read_rescore(self.store.root) if self.config.rescore is not None else None
-        if rescored and rescored.get("chosen") is not None:
-            return next(r for r in rows if r["number"] == rescored["chosen"])
-        return self.scoring_now().choose(rows)
+        return exported(self.store.rows(), self.scoring_now(), rescored)
+
+    def chosen(self) -> Optional[dict]:
+        selection = self.selection()
+        return None if selection is None else selection.row
 
     def summary(self) -> str:
-        return search_summary(self.store, self.config.optimizer.name, self.genome.size, self.chosen())
+        return search_summary(self.store, self.config.optimizer.name, self.genome.size, self.selection())
 
     def export(self) -> Optional[Path]:
         if self.config.objective_tasks:
@@ -551,7 +603,8 @@ def dry_run_report(config: SearchConfig) -> str:
     config, why = resolve_optimizer(config, genome.size)
     popsize = config.optimizer.popsize or (genome.default_popsize() if config.optimizer.name == "cma" else 8)
     budget = config.budget.max_fevals
-    generations = math.ceil(max(budget - 1, 0) / popsize)
+    anchors = search_anchors(config, genome, starting_point(config, genome))
+    generations = math.ceil(max(budget - len(anchors), 0) / popsize)
     scheme = (
         "a generation barrier (classic CMA-ES)" if config.optimizer.generation_barrier else
         "no generation barrier: free workers get extra samples of the current distribution"
@@ -559,8 +612,10 @@ def dry_run_report(config: SearchConfig) -> str:
     lines = [
         f"genome: {genome.size} dimensions {genome.summary()}",
         *(f"  {line}" for line in genome.describe()),
+        f"anchors: {len(anchors)} hand-made recipe(s) scored first, counted in the budget: "
+        + "; ".join(label for label, _ in anchors),
         f"optimizer: {config.optimizer.name} ({why}), population {popsize}; {scheme}",
-        f"budget: {budget} evaluations (1 for the starting point) -> about {generations} generation(s)"
+        f"budget: {budget} evaluations ({len(anchors)} for the anchors) -> about {generations} generation(s)"
         + (f", timeout {config.budget.timeout:.0f}s" if config.budget.timeout else ""),
     ]
     if config.objective_tasks:

@@ -184,8 +184,18 @@ def _lower_thread_priority() -> None:
         pass
 
 
+def candidate_row(number: int, fitness: Optional[float], attrs: dict) -> dict:
+    """One complete candidate as evolve.selection's row, from its journal attributes."""
+    return {"number": number, "fitness": fitness, "metrics": attrs.get("metrics", {}),
+            "violation": attrs.get("violation", 0.0), "recipe_hash": attrs.get("recipe_hash"),
+            "anchor": attrs.get("anchor"), "items": attrs.get("item_values") or attrs.get("first_items"),
+            "order": attrs.get("tell_order", number)}
+
+
 class ExperimentStore:
-    def __init__(self, root: Path, space: SearchSpace):
+    def __init__(self, root: Path, space: SearchSpace, anchor_labels: Sequence[str] = ()):
+        """`anchor_labels`: what each anchor (a proposal of generation -1, by index) is, kept on its
+        trial as the user attribute `anchor`."""
         import optuna
 
         self.root = Path(root)
@@ -193,6 +203,7 @@ class ExperimentStore:
         self.distributions = {
             n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
         }
+        self.anchor_labels = list(anchor_labels)
         self.study = None
         self._writer: Optional[ThreadPoolExecutor] = None
         self._pending: list[Future] = []
@@ -266,7 +277,7 @@ class ExperimentStore:
                 attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
                 objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
                 reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
-                stage=a.get("stage"),
+                stage=a.get("stage"), item_values=a.get("item_values"),
             )
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
@@ -328,6 +339,8 @@ class ExperimentStore:
                 "generation": candidate.proposal.generation,
                 "index": candidate.proposal.index,
                 "told_before": candidate.told_before,
+                **({"anchor": self.anchor_labels[candidate.proposal.index]} if candidate.proposal.generation < 0
+                   and candidate.proposal.index < len(self.anchor_labels) else {}),
             },
         )
         self.study.add_trial(trial)
@@ -352,7 +365,7 @@ class ExperimentStore:
         if outcome.error:
             attrs["error"] = outcome.error[:2000]
         optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
-                    "first_items": outcome.first_items}
+                    "first_items": outcome.first_items, "item_values": outcome.item_values}
         attrs.update({k: v for k, v in optional.items() if v})
         # candidate 0 is a valid number
         attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
@@ -379,12 +392,9 @@ class ExperimentStore:
         return [t for t in self.study.get_trials(deepcopy=False) if t.state in states]
 
     def rows(self) -> list[dict]:
-        """The complete candidates as plain rows (what selection and re-scoring read)."""
-        return [
-            {"number": t.number, "fitness": t.value, "metrics": t.user_attrs.get("metrics", {}),
-             "violation": t.user_attrs.get("violation", 0.0), "recipe_hash": t.user_attrs.get("recipe_hash")}
-            for t in self.finished() if t.value is not None
-        ]
+        """The complete candidates as plain rows, the shape evolve.selection documents (what
+        selection, re-scoring and reports read)."""
+        return [candidate_row(t.number, t.value, t.user_attrs) for t in self.finished() if t.value is not None]
 
     def set_directions(self, directions: dict) -> None:
         """The evaluator's task directions, kept for exports made without workers."""
@@ -397,11 +407,6 @@ class ExperimentStore:
     def trial(self, number: int):
         return self.study.get_trials(deepcopy=False)[number]
 
-    def best(self):
-        """The complete, feasible candidate with the highest fitness; on ties the first told, as
-        the live run chooses it (racing pairs every candidate with it, so a resume must agree)."""
-        complete = [t for t in self.finished() if t.value is not None and t.user_attrs.get("violation", 0.0) <= 0]
-        return max(complete, key=lambda t: (t.value, -t.user_attrs.get("tell_order", t.number))) if complete else None
 
     def genotype_of(self, trial) -> list[float]:
         return [float(trial.params[n]) for n in self.space.names]

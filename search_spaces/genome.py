@@ -166,6 +166,12 @@ class SearchGenome:
     def initial(self) -> list[float]:
         return [d.initial for d in self.dimensions]
 
+    def anchors(self) -> list[tuple[str, list[float]]]:
+        """The hand-made recipes this genome can express, as (label, genotype), distinct, the
+        starting point first: scored before any optimiser proposal, so a search never exports
+        something worse than them by chance (evolve.selection)."""
+        return [("start", self.initial())]
+
     def default_popsize(self) -> int:
         """pycma's default population size, 4 + floor(3 ln N)."""
         return 4 + int(3 * math.log(self.size))
@@ -309,6 +315,33 @@ class Genome(SearchGenome):
                     for p in self.params:
                         dims.append(Dimension(f"g{g}.{self.labels[m]}.{p}.{f or 'all'}", *self._bounds(p)))
         return dims
+
+    def anchors(self) -> list[tuple[str, list[float]]]:
+        """The starting point (mergekit-evolve's: weight 1/n, every other gene at its start, which
+        for task-vector methods is the uniform merge), task arithmetic's weight 1 per model
+        (methods that do not normalise weights), and, for methods with a density, the common
+        hand-made density 0.5. Switch genes stay on."""
+        out = [("start: weight 1/n each" if "weight" in self.params else "start", self.initial())]
+        if "weight" not in self.params:
+            return out
+        one = 1.0 if not self.definition.effective_normalize else 1.0 / len(self.models)
+        if one != 1.0 / len(self.models):
+            out.append(("weight 1 each", self._with({"weight": one})))
+        if "density" in self.params:
+            out.append((f"weight {one:.3g} each, density 0.5", self._with({"weight": one, "density": 0.5})))
+        return _distinct(out)
+
+    def _with(self, values: dict[str, float]) -> list[float]:
+        """The starting point with every gene of the named parameters set (clipped to its bounds)."""
+        x = self.initial()
+        for g in range(self.num_groups):
+            for m in range(len(self.models)):
+                for f in range(len(self.filters)):
+                    for p, param in enumerate(self.params):
+                        if param in values:
+                            i = self._index(g, m, f, p)
+                            x[i] = min(max(values[param], self.dimensions[i].low), self.dimensions[i].high)
+        return x
 
     def _index(self, g: int, m: int, f: int, p: int) -> int:
         return ((g * len(self.models) + m) * len(self.filters) + f) * len(self.params) + p
@@ -558,6 +591,15 @@ class Genome(SearchGenome):
         return ParameterScope(slc, None, config.parameters), sources
 
 
+def _distinct(anchors: list[tuple[str, list[float]]]) -> list[tuple[str, list[float]]]:
+    seen, out = set(), []
+    for label, x in anchors:
+        if tuple(x) not in seen:
+            seen.add(tuple(x))
+            out.append((label, x))
+    return out
+
+
 def switch_line(n_models: int) -> str:
     return f"switch genes: {n_models} (one per model; below 0.5 = weight exactly 0; one model always stays on)"
 
@@ -589,6 +631,18 @@ class MethodChoiceGenome(SearchGenome):
 
     def chosen(self, x: Sequence[float]) -> int:
         return category(x[0], len(self.methods))
+
+    def anchors(self) -> list[tuple[str, list[float]]]:
+        """Each method's anchors, with the method gene on that method (the first method's start
+        is the genome's starting point)."""
+        out = []
+        for i, (method, sub) in enumerate(zip(self.methods, self.choices)):
+            for label, genes in sub.anchors():
+                x = self.initial()
+                x[0] = i + 0.5
+                x[self.offsets[i] : self.offsets[i] + sub.size] = genes
+                out.append((f"{method}, {label}", x))
+        return _distinct(out)
 
     def summary(self) -> str:
         switches = " + a switch per model" if self.switched else ""

@@ -37,7 +37,7 @@ from typing import Sequence
 from merge_engine.config import MergeConfig, ParameterScope, lookup_parameter
 from merge_engine.errors import ConfigError
 
-from .genome import Dimension, GenotypeView, SearchGenome, _unique_labels, category
+from .genome import Dimension, GenotypeView, SearchGenome, _distinct, _unique_labels, category
 
 
 class LayerPathGenome(SearchGenome):
@@ -166,6 +166,20 @@ class LayerPathGenome(SearchGenome):
                 value = lookup_parameter(scope, "scale", name, t, source=source)
                 x.append(1.0 if value is None else value)
         return self._check(x)
+
+    def anchors(self) -> list[tuple[str, list[float]]]:
+        """The identity path of every model (its layers in order, spread evenly when its depth
+        differs from `num_layers`, scale 1): the starting point is model 0's."""
+        k = len(self.models)
+        out = []
+        for m, label in enumerate(self.labels[ref] for ref in self.models):
+            x = self.initial()
+            if k > 1:
+                for i in range(self.num_layers):
+                    x[i * self.per_position] = m + 0.5
+            out.append((f"{label} as it is" if self.layer_counts[m] == self.num_layers else f"{label}'s layers, spread",
+                        self._check(x)))
+        return _distinct(out)
 
     def _model_index(self, ref) -> int:
         if ref not in self.models:

@@ -253,10 +253,10 @@ def test_an_expert_of_another_size_is_refused_before_any_worker(quickstart, tmp_
     refused_before_workers(quickstart, tmp_path, cfg, "genome", "shape mismatch", name)
 
 
-def test_a_search_whose_every_candidate_fails_alike_stops_early_and_exits_non_zero(quickstart, tmp_path):
-    """An expert with a NaN in one tensor (the driver reads no tensor data): every merge with it is
-    non-finite. The search stops after 3 candidates instead of burning its budget, says why in
-    one line, exports nothing, and exits 1."""
+def test_an_expert_with_a_nan_stops_the_search_in_one_line(quickstart, tmp_path):
+    """An expert with a NaN in one tensor (the driver reads no tensor data): every worker finds it
+    when it merges its starting recipe, refuses to start, and the search ends in one line naming
+    the tensor, exit 1, with nothing exported."""
     name = "model.layers.1.self_attn.q_proj.weight"
 
     def poison(tensors):
@@ -273,11 +273,35 @@ def test_a_search_whose_every_candidate_fails_alike_stops_early_and_exits_non_ze
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "the first 3 candidates all failed with" in errors[0] and name in errors[0], errors[0]
-    rows = trials(storage)
-    finished = [t for t in rows if t["state"] != "RUNNING"]
-    assert len(finished) == 3 and all(t["state"] == "FAIL" for t in finished)
-    assert len(rows) < 10  # the budget of 40 was not spent
+    assert "failed to start" in errors[0] and name in errors[0] and "non-finite" in errors[0], errors[0]
+    assert not trials(storage)  # no candidate was scored with a broken model
     assert not (storage / "final_model").exists() and not (storage / "best_config.yaml").exists()
-    runs = [json.loads(line) for line in (storage / "runs.jsonl").read_text().splitlines()]
-    assert runs[-1]["stop_reason"] == "every candidate failed alike"
+
+
+def test_candidates_failing_alike_stop_the_search(quickstart, tmp_path):
+    """The rule behind the early stop, on a real SearchRun (no workers): three failures with one
+    error before any success stop it; a success first, or different errors, do not."""
+    from evolve.config import load_search_config
+    from evolve.loop import Outcome
+    from evolve.search import EvolveOptions, SearchRun
+    from merge_engine.errors import RunFailure
+
+    cfg = search_yaml(quickstart, tmp_path / "s.yml")
+    config, text = load_search_config(cfg)
+
+    def run(name):
+        return SearchRun(config, text, EvolveOptions(storage_path=tmp_path / name, task_search_path=[str(quickstart["tasks"])]))
+
+    search = run("a")
+    boom = Outcome("failed", None, error="TaskError: the same")
+    search._stop_if_failing_alike(boom)
+    search._stop_if_failing_alike(Outcome("failed", None, error="ModelError: another"))
+    search._stop_if_failing_alike(boom)
+    search._stop_if_failing_alike(boom)
+    with pytest.raises(RunFailure, match="the first 3 candidates all failed with: TaskError: the same"):
+        search._stop_if_failing_alike(boom)
+    assert search.record.stop_reason == "every candidate failed alike"
+    search = run("b")
+    search._stop_if_failing_alike(Outcome("complete", 0.5))
+    for _ in range(5):
+        search._stop_if_failing_alike(boom)  # a configuration that worked once is not the cause

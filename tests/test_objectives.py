@@ -15,6 +15,7 @@ from evolve.config import parse_search_config
 from evolve.objectives import Scoring
 from evolve.optimizers import Result, SearchSpace, make_optimizer
 from evolve.rescore import Rescoring, read_rescore, top_candidates
+from evolve.selection import exported
 from evolve.store import recipe_hash, round_to_dtype
 from merge_engine.config import parse_config
 
@@ -50,10 +51,10 @@ def test_selection_ignores_infeasible_and_follows_the_declared_rule():
         {"number": 3, "fitness": 0.9, "metrics": {"x": 0.1, "y": 0.8}, "violation": 0.0},  # dominated by 2
     ]
     assert [r["number"] for r in scoring.front(rows)] == [1, 2]
-    assert scoring.choose(rows)["number"] == 2  # best on y among the front
+    assert exported(rows, scoring).number == 2  # best on y among the front
     weighted = Scoring.for_search(config(objectives="pareto", optimizer="random"), {})
-    assert weighted.choose(rows)["number"] == 1  # best feasible weighted sum
-    assert weighted.choose([rows[0]]) is None
+    assert exported(rows, weighted).number == 1  # best feasible weighted sum (no anchor among the rows)
+    assert exported([rows[0]], weighted) is None
 
 
 def test_config_errors_name_the_problem():
