@@ -4,6 +4,11 @@
 evaluator scores the model is data (`WorkerSettings.evaluator`, see evaluators.EVALUATORS): the
 worker does not know. A candidate that fails (non-finite weights, an evaluator error) comes back
 as a failed result with its reason: it never raises into the driver.
+
+A candidate that fails because memory ran out (`is_out_of_memory`: MemoryError, torch's
+OutOfMemoryError, an allocator's "can't allocate memory") is reported with `fault: "memory"`: the
+failure says nothing about the recipe, and the worker's resident model may be half-written, so the
+pool replaces the worker and retries the candidate (see evolve.pool) instead of recording it failed.
 """
 
 from __future__ import annotations
@@ -43,6 +48,34 @@ class CandidateResult:
     # best (see evaluators.racing); `stage`: the stage after which a stopped candidate stopped
     first_items: Optional[dict] = None
     stage: Optional[int] = None
+    # "memory": the candidate failed because memory ran out, not because of its recipe; this
+    # worker's state is not to be trusted any more (read by evolve.pool: replace, retry)
+    fault: Optional[str] = None
+
+
+# What allocators say when they fail: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
+# memory" / "not enough memory"), CUDA ("CUDA out of memory", "CUDA error: out of memory",
+# CUBLAS_STATUS_ALLOC_FAILED), errno 12 ("Cannot allocate memory"), C++ std::bad_alloc.
+_MEMORY_MESSAGES = ("can't allocate memory", "cannot allocate memory", "not enough memory", "out of memory",
+                    "alloc_failed", "bad_alloc")
+
+
+def is_out_of_memory(err: Optional[BaseException]) -> bool:
+    """Whether `err`, or an exception it was raised from, says memory ran out: MemoryError, any
+    `OutOfMemoryError` (torch's, on CUDA; Ray's), or a RuntimeError with an allocator's message.
+    Follows `__cause__`, `__context__` and Ray's `cause` (a task error wrapping the worker's)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _MEMORY_MESSAGES):
+            return True
+        cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError
+        if not isinstance(cause, BaseException):
+            cause = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+        err = cause
+    return False
 
 
 def _ray_node_suffix() -> str:
@@ -128,10 +161,12 @@ class CandidateWorker:
                                           items=getattr(self.evaluator, "evaluated_items", 0),
                                           first_items=first, stage=stage))
         except Exception as err:  # a failed candidate is data, not a crash
-            log.debug("candidate failed: %s", traceback.format_exc())
+            memory = is_out_of_memory(err)
+            if not memory:  # formatting a traceback allocates: not while memory is short
+                log.debug("candidate failed: %s", traceback.format_exc())
             return asdict(
                 CandidateResult(
                     "failed", {}, merge_s, time.perf_counter() - start - merge_s,
-                    error=f"{type(err).__name__}: {err}", worker=self.name,
+                    error=f"{type(err).__name__}: {err}", worker=self.name, fault="memory" if memory else None,
                 )
             )

@@ -2,16 +2,35 @@
 
 - One call in flight per worker: a free worker gets the next queued payload at once, so no worker
   waits for another (there is no generation barrier anywhere in the pool).
-- A worker that dies (killed, out of memory, its node lost) is replaced by a fresh actor; the
-  payload it was running is retried once on another worker (`max_attempts`), and only then
-  reported failed, with the reason. The caller's budget counts payloads, not attempts.
+- A worker fault ends the worker, not the payload: the worker is replaced by a fresh actor and the
+  payload retried (on whichever worker is free first) until it has been tried `max_attempts` times
+  (default 2), and only then reported failed. The faults, each recorded as its reason:
+  - "died": the worker process is gone (killed, crashed, its node lost; a kernel OOM kill is a
+    SIGKILL like any other and is recorded as this);
+  - "memory": Ray's memory monitor killed the worker because the node ran short
+    (`ray.exceptions.OutOfMemoryError`, which is not a `RayActorError`), the call raised an
+    out-of-memory error (MemoryError, torch's OutOfMemoryError, an allocator's "can't allocate
+    memory"), or the worker returned `fault: "memory"` (see the result keys below).
+  The caller's budget counts payloads, not attempts.
 - A call that runs past `timeout` seconds (a stuck evaluator) is cancelled by killing its actor,
   which is replaced; the payload is reported failed ("timed out"), not retried.
+- Any other exception raised by a call is the payload's failure: reported failed, not retried; the
+  worker is kept.
 - A worker that cannot start (e.g. out of memory loading the inputs) is retried a bounded number
   of times (`max_start_failures` in a row), then `PoolError` says why: never a hang.
 
 The actor class is plain Python with two methods: `ready()` (called once after start-up, its value
-is kept as `pool.info`) and `evaluate(payload) -> dict`. The pool knows nothing of merges.
+is kept as `pool.info`) and `evaluate(payload) -> dict`. The pool knows nothing of merges; of the
+result dict it reads only:
+- "status": passed through ("failed" for the results the pool makes itself);
+- "fault" (optional, absent or None for an ordinary result): the worker says the payload failed
+  for a reason of the worker's, not the payload's, and that its own state is not to be trusted
+  (evaluators.worker uses "memory"): the worker is replaced and the payload retried as above.
+and it adds:
+- "faults": the reasons of the faults this payload met, one per attempt lost, in order (e.g.
+  ["memory"], ["died", "memory"]); present only when there was one, also when a retry completed;
+- "error", in the failed results it makes itself (a fault on the last attempt, a timeout).
+`wait()` gives (key, result, attempts) with attempts counting every try, the faulted ones too.
 """
 
 from __future__ import annotations
@@ -42,10 +61,15 @@ class WorkerSpec:
 
 @dataclass
 class PoolStats:
-    retried: int = 0  # payloads started again after their worker died
-    replaced: int = 0  # workers started to replace dead or cancelled ones
+    retried: int = 0  # payloads started again after a worker fault
+    replaced: int = 0  # workers started to replace dead, faulted or cancelled ones
     timed_out: int = 0
     start_failures: int = 0
+    out_of_memory: int = 0  # attempts lost to memory (fault "memory")
+
+
+# how a failed result made by the pool names the reason when every attempt met the same fault
+_FAULT_TEXT = {"died": "worker died", "memory": "out of memory"}
 
 
 @dataclass
@@ -54,6 +78,7 @@ class _Job:
     payload: Any
     attempts: int = 0
     started: float = 0.0
+    faults: list = field(default_factory=list)  # the reason of each attempt lost to a worker fault
 
 
 class WorkerPool:
@@ -177,22 +202,45 @@ class WorkerPool:
     def _finished(self, ref, done: Optional[list]) -> None:
         import ray
 
+        from evaluators.worker import is_out_of_memory
+
         actor, job = self._running.pop(ref)
+        result, fault, error = None, None, ""
         try:
             result = ray.get(ref)
+        except ray.exceptions.OutOfMemoryError as err:  # Ray's memory monitor killed the worker
+            # its first line names the node and its usage (the last is advice on settings)
+            fault, error = "memory", f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:400]}"
         except ray.exceptions.RayActorError as err:  # the worker process is gone
-            log.warning("worker died while evaluating candidate %s: %s", job.key, _one_line(err))
+            fault, error = ("memory" if "running low on memory" in str(err) else "died"), _one_line(err)
+        except Exception as err:  # the evaluation raised
+            if is_out_of_memory(err):  # raised out of the actor: its state is not to be trusted
+                fault, error = "memory", _one_line(err)
+            else:  # the payload's failure: the worker itself is fine
+                result = {"status": "failed", "error": _one_line(err)}
+        else:
+            if isinstance(result, dict) and result.get("fault") is not None:
+                fault, error = str(result["fault"]), str(result.get("error") or "")
+        if fault is None:
+            self._idle.append(actor)
+        else:
+            job.faults.append(fault)
+            if fault == "memory":
+                self.stats.out_of_memory += 1
+            log.warning("candidate %s: worker fault (%s) on attempt %d: %s; the worker is replaced", job.key, fault,
+                        job.attempts, error.splitlines()[0] if error else "")
             self._replace(actor)
             if job.attempts < self.max_attempts:
                 self.stats.retried += 1
                 self._queue.appendleft(job)
                 return
-            result = {"status": "failed", "error": f"worker died {job.attempts} times: {_one_line(err)}"}
-        except Exception as err:  # the evaluation raised: the worker itself is fine
-            result = {"status": "failed", "error": _one_line(err)}
-            self._idle.append(actor)
-        else:
-            self._idle.append(actor)
+            if result is None:
+                kinds = set(job.faults)
+                reason = _FAULT_TEXT.get(fault, f"worker fault {fault}") if len(kinds) == 1 else \
+                    f"worker failed ({', '.join(job.faults)})"
+                result = {"status": "failed", "error": f"{reason} {job.attempts} times: {error}"}
+        if job.faults:
+            result["faults"] = list(job.faults)
         if done is not None:
             done.append((job.key, result, job.attempts))
 
