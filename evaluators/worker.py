@@ -51,6 +51,9 @@ class CandidateResult:
     # "memory": the candidate failed because memory ran out, not because of its recipe; this
     # worker's state is not to be trusted any more (read by evolve.pool: replace, retry)
     fault: Optional[str] = None
+    # a complete candidate's per-item values (result key -> values in the evaluator's item order),
+    # when every metric is a mean over items (what the export rule pairs, evolve.selection)
+    item_values: Optional[dict] = None
 
 
 # What allocators say when they fail: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
@@ -111,7 +114,9 @@ class CandidateWorker:
         self.model = self.merger.build_model(template, dtype=dtype)
         # Read every input and form the task vectors now, at start-up, not inside the first
         # candidate's time: the starting recipe uses every model the search will.
-        self.merger.apply(template)
+        # Checked: a starting recipe with non-finite weights (a broken input) stops the worker here,
+        # in one line naming the tensor, instead of scoring a broken model as a candidate.
+        self.merger.apply(template, check_finite=True)
         # with tokenizer merging the candidates are run with the merged tokenizer, else the donor's
         vocab = self.merger.vocab(template)
         if vocab is not None and vocab.tokenizer is not None:
@@ -159,7 +164,8 @@ class CandidateWorker:
             status = "complete" if stage is None else "stopped"
             return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
                                           items=getattr(self.evaluator, "evaluated_items", 0),
-                                          first_items=first, stage=stage))
+                                          first_items=first, stage=stage,
+                                          item_values=getattr(self.evaluator, "item_values", None) if stage is None else None))
         except Exception as err:  # a failed candidate is data, not a crash
             memory = is_out_of_memory(err)
             if not memory:  # formatting a traceback allocates: not while memory is short

@@ -57,6 +57,8 @@ class Outcome:
     # a complete candidate's per-item values (result key -> values, in the evaluator's item
     # order), where every metric is a mean over items: what the export's paired rule reads
     item_values: Optional[dict] = None
+    # attempts lost to a worker fault, in order ("memory": ran out of memory, "died"): evolve.pool
+    faults: tuple[str, ...] = ()
 
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""

@@ -167,11 +167,13 @@ def search_summary(store, optimizer_name: str, genome_size: int, selection=None)
     retried = sum(max(t.user_attrs.get("attempts", 1) - 1, 0) for t in trials)
     replaced = sum(r.replaced for r in runs)
     timed_out = sum(1 for t in trials if "timed out" in str(t.user_attrs.get("error", "")))
+    memory = sum(t.user_attrs.get("faults", []).count("memory") for t in trials)
     lines = ["## Evolutionary search", ""]
     lines.append(
         f"Found by `mergekit-evolve` (evomerge) with {optimizer_name} over a genome of {genome_size} dimensions: "
         f"{len(trials)} evaluations ({sum(1 for t in trials if t.value is None)} failed) in {max(len(runs), 1)} run(s); "
-        f"{retried} attempt(s) retried after a worker died, {replaced} worker(s) replaced, {timed_out} timed out."
+        f"{retried} attempt(s) retried after a worker died ({memory} of them out of memory), {replaced} worker(s) "
+        f"replaced, {timed_out} timed out."
     )
     stopped = sum(1 for t in trials if t.user_attrs.get("status") == "stopped")
     reused = sum(1 for t in trials if t.user_attrs.get("reused_from") is not None)

@@ -353,6 +353,7 @@ class PoolRunner:
                        objectives, violation, result.get("items", 0),
                        first_items=result.get("first_items") if status in ("complete", "stopped") else None,
                        item_values=result.get("item_values") if status == "complete" else None,
+                       faults=tuple(result.get("faults", ())),
                        paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None,
                        stage=result.get("stage") if status == "stopped" else None)
 
@@ -498,7 +499,8 @@ class SearchRun:
             stats = self.pool.stats
             note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.status == "stopped" else
                                      f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
-                                     f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else None)
+                                     f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else
+                                     f"retried after: {', '.join(outcome.faults)}" if outcome.faults else None)
             chosen_fitness = next((r["fitness"] for r in self.rows if r["number"] == self.selected), None)
             status.update(candidate.number, self.finished, fit, note, chosen_fitness, outcome.timings,
                           faults_text(stats.retried, stats.replaced, stats.timed_out))

@@ -277,7 +277,7 @@ class ExperimentStore:
                 attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
                 objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
                 reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
-                stage=a.get("stage"), item_values=a.get("item_values"),
+                stage=a.get("stage"), item_values=a.get("item_values"), faults=tuple(a.get("faults", ())),
             )
             entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
         return entries
@@ -365,7 +365,8 @@ class ExperimentStore:
         if outcome.error:
             attrs["error"] = outcome.error[:2000]
         optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
-                    "first_items": outcome.first_items, "item_values": outcome.item_values}
+                    "first_items": outcome.first_items, "item_values": outcome.item_values,
+                    "faults": list(outcome.faults)}
         attrs.update({k: v for k, v in optional.items() if v})
         # candidate 0 is a valid number
         attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
