@@ -17,7 +17,10 @@ merge (`lora`, transformers and peft) are imported by the functions that need th
 from __future__ import annotations
 
 import logging
+import os
+import re
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
@@ -61,12 +64,67 @@ def hub_snapshot(repo_id: str, revision: Optional[str], patterns: list[str], wha
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as err:  # offline, not found, no permission: one clear line
+        with _quiet_hub():
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # offline, not found, no permission, cut off: one clear line
+        cut = _cut_off_download(err)
+        if cut is not None:
+            raise ModelError(
+                f"{what}: the download of {cut} from the Hugging Face hub was cut off ({_first_line(err)}); "
+                "run again to download it (the cache keeps no partial copy that a later run would use)"
+            ) from None
         raise ModelError(
             f"{what}: no local directory of that name, and it could not be fetched from the "
-            f"Hugging Face hub ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"Hugging Face hub ({type(err).__name__}: {_first_line(err)})"
         ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
+# The file's bytes stopped before the announced Content-Length (the connection closed, a read
+# failed or timed out): the exceptions of huggingface_hub's HTTP client (httpx2, httpx before 2.x).
+_CUT_OFF_ERRORS = ("RemoteProtocolError", "ReadError", "ReadTimeout")
+
+
+def _cut_off_download(err: BaseException) -> Optional[str]:
+    """The name of the file whose download ended early, or None for any other error.
+    huggingface_hub writes a download to a temporary file of its own and deletes it on such an
+    error: no blob, no snapshot link, nothing that a later run would take as the file."""
+    if type(err).__module__.split(".")[0] in ("httpx2", "httpx") and type(err).__name__ in _CUT_OFF_ERRORS:
+        try:
+            where = str(err.request.url).split("?")[0]
+        except (AttributeError, RuntimeError):  # no request attached
+            return "a file"
+    elif isinstance(err, OSError) and str(err).startswith("Consistency check failed"):  # fewer bytes than announced
+        found = re.search(r"([^/\s()]+)\)\.?$", _first_line(err))  # "... (<url or file name>)."
+        where = found.group(1) if found else ""
+    else:
+        return None
+    return where.rsplit("/", 1)[-1] or "a file"
+
+
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub's own output around a download: its retry warnings (several lines each)
+    only with -v, since the outcome is reported in one line either way, and no progress bars
+    with --quiet. HF_HUB_VERBOSITY, where set, is left alone."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    if not log.isEnabledFor(logging.INFO) and not os.environ.get("HF_HUB_VERBOSITY"):
+        hub_log.setLevel(logging.ERROR)
+    bars_off = not log.isEnabledFor(logging.WARNING) and not are_progress_bars_disabled()
+    if bars_off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+        if bars_off:
+            enable_progress_bars()
 
 
 def resolve_model_dir(
