@@ -936,9 +936,13 @@ class Check:
     # -- the whole check ------------------------------------------------------------------------
 
     def main(self) -> int:
-        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        try:  # a copied working tree may come without .git, a bare machine without git
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
         s = self.spec
-        params_b = None
+        params_b = 0.0
         try:
             from merge_throughput import numel, tensor_list
 
@@ -948,7 +952,7 @@ class Check:
         self.header += [
             f"evomerge GPU check{' (DRY RUN: CPU, tiny shape)' if self.dry else ''}"
             f"{' (REHEARSAL: device %s, %s shape)' % (self.device, 'tiny' if self.tiny else '7B') if not self.dry and (self.tiny or self.device == 'cpu') else ''}: "
-            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, git {git.stdout.strip() or '?'}, budget {self.args.budget:.0f}s",
+            f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, git {commit or '?'}, budget {self.args.budget:.0f}s",
             f"model: {'tiny Llama' if self.tiny else 'Llama-2-7B'} shape (hidden {s['hidden_size']}, intermediate "
             f"{s['intermediate_size']}, {s['num_attention_heads']} heads, vocab {s['vocab_size']}), {s['num_hidden_layers']} layers"
             f"{'' if self.tiny else ' of 32'}, bf16: {params_b:.3f}B params per model; base + 2 fine-tunes",
@@ -991,6 +995,15 @@ class Check:
                 if r.status == "...":
                     r.status, r.result = "KILLED", "stopped by the hard time limit (or Ctrl-C)"
             self.add(Row("(stopped)", "FAIL", "interrupted: later steps not run"))
+        except Exception as e:  # a bug of this driver must not cost the table of what already ran
+            import traceback
+
+            self.kill_child()
+            self.log("\n===== driver error\n" + traceback.format_exc())
+            for r in self.rows:
+                if r.status == "...":
+                    r.status, r.result = "FAIL", "driver error"
+            self.add(Row("(driver error)", "FAIL", f"{type(e).__name__}: {e}"[:200] + " (traceback: gpu_check.log)"))
         bad = [r.step for r in self.rows if r.status not in ("ok", "skip")]
         overall.status = "FAIL" if bad else "ok"
         overall.result = f"failed: {', '.join(bad)}" if bad else f"all {sum(r.status == 'ok' for r in self.rows)} steps ok"
