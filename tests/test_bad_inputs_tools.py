@@ -6,8 +6,8 @@ Every case must: exit with code 2, print exactly one line (`error: ...`) that na
 tensor or option at fault, print no traceback, leave nothing at the output path (nor a temporary
 folder next to it), and leave a folder of the user's that was already there untouched.
 
-The cases of one tool run concurrently in a module fixture (each in its own folder), so the file
-costs about as much as its slowest processes; each test then checks one case's result.
+The cases of one tool run concurrently in a module fixture (each in its own folder; see `Results`),
+so the file costs about as much CPU time as its processes; each test then checks one case's result.
 """
 
 from __future__ import annotations
@@ -134,10 +134,26 @@ class Result:
     case: Case
 
 
-def _run_all(tool: str, cases: dict[str, Case], models: dict, root: Path) -> dict[str, Result]:
-    def one(name: str) -> Result:
-        case = cases[name]
-        folder = root / name
+class Results:
+    """One tool's cases, by name. In a plain run every case starts at once (three processes at a
+    time) when the first is asked for; under pytest-xdist, whose workers each get some of the
+    tests, each case runs when its test asks for it, so no case runs twice."""
+
+    def __init__(self, tool: str, cases: dict[str, Case], models: dict, root: Path):
+        self.tool, self.cases, self.models, self.root = tool, cases, models, root
+        self.done: dict[str, Result] = {}
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            with ThreadPoolExecutor(max_workers=3) as pool:
+                self.done = dict(zip(cases, pool.map(self._run, cases)))
+
+    def __getitem__(self, name: str) -> Result:
+        if name not in self.done:
+            self.done[name] = self._run(name)
+        return self.done[name]
+
+    def _run(self, name: str) -> Result:
+        case, models = self.cases[name], self.models
+        folder = self.root / name
         folder.mkdir()
         if case.user_folder:
             (folder / case.out).mkdir()
@@ -145,13 +161,10 @@ def _run_all(tool: str, cases: dict[str, Case], models: dict, root: Path) -> dic
         if case.setup is not None:
             case.setup(models, folder)
         proc = subprocess.run(
-            [str(BIN / tool), *map(str, case.argv(models, folder))],
+            [str(BIN / self.tool), *map(str, case.argv(models, folder))],
             capture_output=True, text=True, timeout=300, cwd=folder,
         )
         return Result(proc, folder, case)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(zip(cases, pool.map(one, cases)))
 
 
 def check(result: Result, models: dict) -> str:
@@ -243,7 +256,7 @@ MOE = {
 
 @pytest.fixture(scope="module")
 def moe_results(bad, tmp_path_factory):
-    return _run_all("mergekit-moe", MOE, bad, tmp_path_factory.mktemp("moe_cases"))
+    return Results("mergekit-moe", MOE, bad, tmp_path_factory.mktemp("moe_cases"))
 
 
 @pytest.mark.parametrize("case", list(MOE))
@@ -285,7 +298,7 @@ EXTRACT = {
 
 @pytest.fixture(scope="module")
 def extract_results(bad, tmp_path_factory):
-    return _run_all("mergekit-extract-lora", EXTRACT, bad, tmp_path_factory.mktemp("extract_cases"))
+    return Results("mergekit-extract-lora", EXTRACT, bad, tmp_path_factory.mktemp("extract_cases"))
 
 
 @pytest.mark.parametrize("case", list(EXTRACT))
@@ -324,7 +337,7 @@ SURGEON = {
 
 @pytest.fixture(scope="module")
 def surgeon_results(bad, tmp_path_factory):
-    return _run_all("mergekit-tokensurgeon", SURGEON, bad, tmp_path_factory.mktemp("surgeon_cases"))
+    return Results("mergekit-tokensurgeon", SURGEON, bad, tmp_path_factory.mktemp("surgeon_cases"))
 
 
 @pytest.mark.parametrize("case", list(SURGEON))
@@ -408,7 +421,7 @@ MULTI = {
 
 @pytest.fixture(scope="module")
 def multi_results(bad, tmp_path_factory):
-    return _run_all("mergekit-multi", MULTI, bad, tmp_path_factory.mktemp("multi_cases"))
+    return Results("mergekit-multi", MULTI, bad, tmp_path_factory.mktemp("multi_cases"))
 
 
 @pytest.mark.parametrize("case", list(MULTI))
