@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 STUDY_NAME = "evomerge"
 STORE_FORMAT = 2  # 2: trial number = candidate number, with the ask/tell journal in user attributes
-FINAL_MODEL = "final_model"  # DIR/final_model: an ordinary model folder, usable as a model reference
+FINAL_MODEL = "final_model"
+# what a search may have put in its folder before the experiment opens (model+lora merges)
+OWN_BEFORE_START = {"lora_merge_cache"}  # DIR/final_model: an ordinary model folder, usable as a model reference
 
 
 def is_experiment(folder: Path) -> bool:
@@ -239,6 +241,11 @@ class ExperimentStore:
             raise ConfigError(
                 f"--storage-path {self.root} already holds an experiment: pass --resume to continue it, "
                 "or choose another directory"
+            )
+        elif self.root.is_dir() and {p.name for p in self.root.iterdir()} - OWN_BEFORE_START:
+            raise ConfigError(
+                f"--storage-path {self.root} is a folder with other files in it, not an experiment: choose a new or "
+                "empty folder (a search writes its study, recipe and final model there)"
             )
         self.root.mkdir(parents=True, exist_ok=True)
         if not resume:

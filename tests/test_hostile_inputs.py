@@ -175,6 +175,16 @@ def test_a_foreign_sqlite_file_and_a_foreign_manifest_are_refused(experiment, tm
     one_line(resume(experiment, storage), 2, "manifest.json", "another tool")
 
 
+def test_a_folder_of_another_tool_is_not_taken_as_a_new_experiment(quickstart, tmp_path):
+    """--storage-path pointed at a model folder by mistake: refused, nothing written into it."""
+    folder = tmp_path / "somebody's model"
+    shutil.copytree(quickstart["models"]["base"], folder)
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    proc = run_evolve(search_yaml(quickstart, tmp_path / "s.yml"), folder, quickstart["tasks"])
+    one_line(proc, 2, str(folder), "not an experiment")
+    assert {p.name: digest(p) for p in folder.iterdir()} == before
+
+
 def test_a_damaged_rescore_table_is_one_line(experiment, tmp_path):
     from merge_engine.errors import ConfigError
     from evolve.rescore import read_rescore
