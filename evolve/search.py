@@ -25,7 +25,7 @@ from evaluators.racing import paired_estimate
 from merge_engine.errors import ConfigError, RunFailure
 from merge_engine.options import MergeOptions
 from merge_engine.threads import thread_environment
-from search_spaces.genome import SearchGenome as Genome, parameter_genome, read_num_layers
+from search_spaces.genome import SearchGenome as Genome, distinct_anchors, parameter_genome, read_num_layers
 from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig
@@ -152,12 +152,7 @@ def search_anchors(config: SearchConfig, genome: Genome, x0: list[float]) -> lis
         except (ConfigError, OSError) as err:
             raise ConfigError(f"anchors[{i}]: {path}: {str(err).splitlines()[0]}") from None
         out.append((f"recipe {path}", list(x)))
-    seen, distinct = set(), []
-    for label, x in out:
-        if tuple(x) not in seen:
-            seen.add(tuple(x))
-            distinct.append((label, x))
-    return distinct
+    return distinct_anchors(out)
 
 
 def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Optimizer:
@@ -301,7 +296,9 @@ class PoolRunner:
             self.waiting[candidate.number] = []
             payload = recipe.to_plain()
             if self.race is not None:
-                best = self.best()
+                # an anchor is raced against nothing: scored on every item (the export rule compares
+                # with it), its per-item values kept in stage order like any raced candidate's
+                best = self.best() if candidate.proposal.generation >= 0 else None
                 if best is not None:  # the best may change before this result is in: keep the one sent
                     self.paired[candidate.number] = best
                 payload = {"recipe": payload, "race": {

@@ -329,7 +329,7 @@ class Genome(SearchGenome):
             out.append(("weight 1 each", self._with({"weight": one})))
         if "density" in self.params:
             out.append((f"weight {one:.3g} each, density 0.5", self._with({"weight": one, "density": 0.5})))
-        return _distinct(out)
+        return distinct_anchors(out)
 
     def _with(self, values: dict[str, float]) -> list[float]:
         """The starting point with every gene of the named parameters set (clipped to its bounds)."""
@@ -591,7 +591,8 @@ class Genome(SearchGenome):
         return ParameterScope(slc, None, config.parameters), sources
 
 
-def _distinct(anchors: list[tuple[str, list[float]]]) -> list[tuple[str, list[float]]]:
+def distinct_anchors(anchors: list[tuple[str, list[float]]]) -> list[tuple[str, list[float]]]:
+    """The anchors in order, each genotype once (the first label kept)."""
     seen, out = set(), []
     for label, x in anchors:
         if tuple(x) not in seen:
@@ -642,7 +643,7 @@ class MethodChoiceGenome(SearchGenome):
                 x[0] = i + 0.5
                 x[self.offsets[i] : self.offsets[i] + sub.size] = genes
                 out.append((f"{method}, {label}", x))
-        return _distinct(out)
+        return distinct_anchors(out)
 
     def summary(self) -> str:
         switches = " + a switch per model" if self.switched else ""

@@ -37,7 +37,7 @@ from typing import Sequence
 from merge_engine.config import MergeConfig, ParameterScope, lookup_parameter
 from merge_engine.errors import ConfigError
 
-from .genome import Dimension, GenotypeView, SearchGenome, _distinct, _unique_labels, category
+from .genome import Dimension, GenotypeView, SearchGenome, distinct_anchors, _unique_labels, category
 
 
 class LayerPathGenome(SearchGenome):
@@ -179,7 +179,7 @@ class LayerPathGenome(SearchGenome):
                     x[i * self.per_position] = m + 0.5
             out.append((f"{label} as it is" if self.layer_counts[m] == self.num_layers else f"{label}'s layers, spread",
                         self._check(x)))
-        return _distinct(out)
+        return distinct_anchors(out)
 
     def _model_index(self, ref) -> int:
         if ref not in self.models:
