@@ -75,3 +75,26 @@ def reduced_build(tmp_path_factory):
     from experiments.conflict.build_models import build
 
     return _once(tmp_path_factory, "conflict_models", lambda root: build(root, steps_scale=0.04))
+
+
+# What a test starts decides its markers (`make test-fast` runs only unmarked tests). Files mark
+# their tests themselves (`pytestmark`, decorators); the rules below cover what they cannot:
+# - a test using the trained models above is slow (whichever runs first trains them);
+# - tests/test_html_report.py, by test name (its owners may move these marks into the file).
+_TRAINED = {"quickstart", "quickstart_models", "reduced_build"}
+_BY_NAME = {
+    "test_html_report.py": {
+        "test_a_real_search_writes_its_report": ("slow", "ray", "e2e"),
+        "test_reports_during_a_running_search": ("slow", "e2e"),
+        "test_cli_report_subcommand": ("slow", "e2e"),
+        "test_reading_while_another_process_writes": ("slow",),
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        for name in _BY_NAME.get(item.path.name, {}).get(item.originalname, ()):
+            item.add_marker(getattr(pytest.mark, name))

@@ -40,6 +40,7 @@ def _probe(mode: str, **env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow
 def test_streaming_outputs_come_from_the_heap_not_fresh_mappings():
     applied, mapped = _probe("default")
     assert mapped >= 20 << 20  # glibc's default: a fresh mmap for a 20 MB block
@@ -47,6 +48,7 @@ def test_streaming_outputs_come_from_the_heap_not_fresh_mappings():
     assert applied == "True" and mapped == 0
 
 
+@pytest.mark.slow
 def test_a_users_malloc_setting_is_left_alone():
     applied, mapped = _probe("tuned", MALLOC_MMAP_THRESHOLD_="131072")
     assert applied == "False" and mapped >= 20 << 20

@@ -77,6 +77,7 @@ def test_empty_cache_dir_setting_disables_the_disk_cache(tmp_path, monkeypatch):
         A._derive.cache_clear()
 
 
+@pytest.mark.slow
 def test_second_process_does_not_import_transformers(tmp_path):
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(_config("llama")))

@@ -259,6 +259,7 @@ def moe_results(bad, tmp_path_factory):
     return Results("mergekit-moe", MOE, bad, tmp_path_factory.mktemp("moe_cases"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MOE))
 def test_moe(case, moe_results, bad):
     check(moe_results[case], bad)
@@ -301,6 +302,7 @@ def extract_results(bad, tmp_path_factory):
     return Results("mergekit-extract-lora", EXTRACT, bad, tmp_path_factory.mktemp("extract_cases"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(EXTRACT))
 def test_extract_lora(case, extract_results, bad):
     check(extract_results[case], bad)
@@ -340,6 +342,7 @@ def surgeon_results(bad, tmp_path_factory):
     return Results("mergekit-tokensurgeon", SURGEON, bad, tmp_path_factory.mktemp("surgeon_cases"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SURGEON))
 def test_tokensurgeon(case, surgeon_results, bad):
     check(surgeon_results[case], bad)
@@ -424,6 +427,7 @@ def multi_results(bad, tmp_path_factory):
     return Results("mergekit-multi", MULTI, bad, tmp_path_factory.mktemp("multi_cases"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MULTI))
 def test_multi(case, multi_results, bad):
     check(multi_results[case], bad)

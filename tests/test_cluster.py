@@ -152,6 +152,9 @@ def test_import_is_cheap():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=driver_env())
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_killed_driver_leaves_nothing(tmp_path):
     out = tmp_path / "driver.json"
     driver = start_driver("wait", out)
@@ -173,6 +176,9 @@ def test_killed_driver_leaves_nothing(tmp_path):
         kill_all(procs)
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["clean", "interrupt"])
 def test_driver_exit_leaves_nothing(tmp_path, mode):
     out = tmp_path / "driver.json"
@@ -238,6 +244,9 @@ def stop_cluster(token: str, known) -> list[tuple[int, int]]:
     return alive(procs | marked(token))
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_join_existing_two_node_cluster(tmp_path, quickstart_models):
     port = free_port()
     address = f"127.0.0.1:{port}"

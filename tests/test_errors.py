@@ -162,18 +162,21 @@ slices:
     fails(tmp_path, text, "cfg.yml", "slices[0].sources[0].layer_range")
 
 
+@pytest.mark.slow
 def test_missing_required_parameter_linear_weight(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n"
     fails(tmp_path, text, "weight", str(b))
 
 
+@pytest.mark.slow
 def test_missing_required_parameter_slerp_t(tmp_path, llama_models):
     base, a = llama_models["base"], llama_models["a"]
     text = f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n"
     fails(tmp_path, text, "'t'", "slerp")
 
 
+@pytest.mark.slow
 def test_task_arithmetic_without_base(tmp_path, llama_models):
     fails(tmp_path, linear_yaml((llama_models["a"], 1.0)).replace("linear", "task_arithmetic"), "base_model")
 
@@ -182,11 +185,13 @@ def test_task_arithmetic_without_base(tmp_path, llama_models):
 # model errors
 
 
+@pytest.mark.slow
 def test_missing_model_directory(tmp_path, llama_models):
     missing = tmp_path / "no_such_model"
     fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (missing, 0.5)), str(missing))
 
 
+@pytest.mark.slow
 def test_model_directory_without_checkpoint(tmp_path, llama_models):
     empty = tmp_path / "empty_model"
     empty.mkdir()
@@ -194,12 +199,14 @@ def test_model_directory_without_checkpoint(tmp_path, llama_models):
     fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (empty, 0.5)), str(empty))
 
 
+@pytest.mark.slow
 def test_tensor_missing_from_one_model(tmp_path, llama_models, odd_models):
     holey = odd_models["holey"]
     fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (holey, 0.5)),
           "model.layers.1.mlp.up_proj.weight", str(holey))
 
 
+@pytest.mark.slow
 def test_tensor_missing_in_a_slice_that_uses_it(tmp_path, llama_models, odd_models):
     holey = odd_models["holey"]
     ok = f"""\
@@ -213,6 +220,7 @@ slices:
     fails(tmp_path, bad, "model.layers.1.mlp.up_proj.weight", str(holey))
 
 
+@pytest.mark.slow
 def test_shape_mismatch_hidden_size(tmp_path, llama_models, odd_models):
     wide = odd_models["wide"]
     line = fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (wide, 0.5)),
@@ -220,12 +228,14 @@ def test_shape_mismatch_hidden_size(tmp_path, llama_models, odd_models):
     assert "48" in line and "32" in line
 
 
+@pytest.mark.slow
 def test_shape_mismatch_intermediate_size(tmp_path, llama_models, odd_models):
     fat = odd_models["fat_mlp"]
     line = fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (fat, 0.5)), "shape mismatch", "mlp", str(fat))
     assert "80" in line and "64" in line
 
 
+@pytest.mark.slow
 def test_layer_range_beyond_model(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = f"""\
@@ -243,6 +253,7 @@ slices:
     assert "4" in line
 
 
+@pytest.mark.slow
 def test_slice_sources_of_different_lengths(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = f"""\
@@ -256,6 +267,7 @@ slices:
     fails(tmp_path, text, "slices[0]", "same number of layers")
 
 
+@pytest.mark.slow
 def test_different_architectures_need_allow_crimes(tmp_path, llama_models, odd_models):
     a, mistral = llama_models["a"], odd_models["mistral"]
     text = linear_yaml((a, 0.5), (mistral, 0.5))
@@ -272,6 +284,7 @@ def test_different_architectures_need_allow_crimes(tmp_path, llama_models, odd_m
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.slow
 def test_passthrough_with_two_inputs_fails_mid_merge(tmp_path, llama_models):
     # raised while tensors are being merged (after the temporary folder exists): it is removed
     a, b = llama_models["a"], llama_models["b"]
@@ -279,6 +292,7 @@ def test_passthrough_with_two_inputs_fails_mid_merge(tmp_path, llama_models):
           "model.embed_tokens.weight", flags=("--quiet",))
 
 
+@pytest.mark.slow
 def test_slerp_with_three_models_fails_mid_merge(tmp_path, llama_models):
     base, a, b = llama_models["base"], llama_models["a"], llama_models["b"]
     text = f"""\
@@ -293,6 +307,7 @@ models:
     fails(tmp_path, text, "slerp", "model.embed_tokens.weight", flags=("--quiet",))
 
 
+@pytest.mark.slow
 def test_bin_only_model_without_lazy_unpickle(tmp_path, llama_models):
     d = tmp_path / "binmodel"
     d.mkdir()
@@ -305,6 +320,7 @@ def test_bin_only_model_without_lazy_unpickle(tmp_path, llama_models):
 # the output folder
 
 
+@pytest.mark.slow
 def test_existing_output_needs_overwrite(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     cfg = write_yaml(tmp_path / "cfg.yml", linear_yaml((a, 0.5), (b, 0.5)))
@@ -381,6 +397,7 @@ def _start_and_wait_for_temp_folder(cfg: Path, out: Path, with_shard: bool = Fal
     return proc
 
 
+@pytest.mark.slow
 def test_merge_killed_halfway_leaves_no_output(tmp_path, big_recipe, llama_models):
     out = tmp_path / "out"
     proc = _start_and_wait_for_temp_folder(big_recipe, out)
@@ -401,6 +418,7 @@ def test_merge_killed_halfway_leaves_no_output(tmp_path, big_recipe, llama_model
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_merge_interrupted_cleans_up(tmp_path, big_recipe):
     out = tmp_path / "out"
     proc = _start_and_wait_for_temp_folder(big_recipe, out, with_shard=True)
@@ -412,6 +430,7 @@ def test_merge_interrupted_cleans_up(tmp_path, big_recipe):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_merge_interrupted_at_once_cleans_up(tmp_path, big_recipe):
     out = tmp_path / "out"
     proc = _start_and_wait_for_temp_folder(big_recipe, out)
@@ -449,11 +468,13 @@ def test_bad_out_shard_size(tmp_path, llama_models):
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_unsupported_device(tmp_path, llama_models):
     fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (llama_models["b"], 0.5)), "--device", "bogus",
           flags=("--device", "bogus"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda(tmp_path, llama_models):
     fails(tmp_path, linear_yaml((llama_models["a"], 0.5), (llama_models["b"], 0.5)), "--device cuda", "CUDA",

@@ -313,18 +313,21 @@ def test_cli_layer_granularity_not_dividing_layers(tmp_path, llama_models):
     refused(tmp_path, cfg, words=["layer_granularity", "3", "4"])
 
 
+@pytest.mark.slow
 def test_cli_models_with_different_layer_counts(tmp_path):
     cfg = {"genome": {"models": [fake_model(tmp_path, "x", 4), fake_model(tmp_path, "y", 6)],
                       "merge_method": "linear"}, "tasks": ["t"]}
     refused(tmp_path, cfg, words=["genome.models", "layer counts"])
 
 
+@pytest.mark.slow
 def test_cli_missing_model(tmp_path):
     cfg = {"genome": {"models": [str(tmp_path / "nowhere"), fake_model(tmp_path, "y", 4)],
                       "merge_method": "linear"}, "tasks": ["t"]}
     refused(tmp_path, cfg, words=["genome.models", "nowhere"])
 
 
+@pytest.mark.slow
 def test_cli_unknown_task(tmp_path, llama_models):
     empty = tmp_path / "no_tasks"
     empty.mkdir()
@@ -333,12 +336,14 @@ def test_cli_unknown_task(tmp_path, llama_models):
     refused(tmp_path, cfg, "--task-search-path", str(empty), words=["tasks", "evomerge_no_such_task"])
 
 
+@pytest.mark.slow
 def test_cli_task_search_path_not_a_directory(tmp_path, llama_models):
     cfg = {"genome": {"models": [str(llama_models["a"]), str(llama_models["b"])], "merge_method": "linear"},
            "tasks": ["t"]}
     refused(tmp_path, cfg, "--task-search-path", str(tmp_path / "missing"), words=["--task-search-path"])
 
 
+@pytest.mark.slow
 def test_cli_benchmark_task_refused(tmp_path, llama_models):
     cfg = {"genome": {"models": [str(llama_models["a"]), str(llama_models["b"])], "merge_method": "linear"},
            "tasks": ["toy", "gsm8k"]}
@@ -355,6 +360,7 @@ def test_cli_smooth_with_slerp(tmp_path):
     refused(tmp_path, cfg, words=["genome", "smooth", "slerp"])
 
 
+@pytest.mark.slow
 def test_cli_bad_value_names_its_path(tmp_path):
     cfg = {"genome": GENOME, "tasks": ["x", {"name": "y", "weight": "heavy"}]}
     refused(tmp_path, cfg, words=["tasks[1].weight"])
@@ -362,6 +368,7 @@ def test_cli_bad_value_names_its_path(tmp_path):
     refused(tmp_path, cfg, words=["genome.merge_method", "nuslerp"])
 
 
+@pytest.mark.slow
 def test_check_tasks_finds_a_local_task(tmp_path):
     """The positive side of the unknown-task check: a task YAML in --task-search-path is found."""
     from evolve.search import EvolveOptions, check_tasks
@@ -401,6 +408,7 @@ def generations(budget: int, pop: int) -> int:
     [(8, None, 24, 13), (8, ["self_attn", "mlp"], 72, 16), (1, ["self_attn", "mlp"], 576, 23),
      (0, None, 6, 9), (32, ["mlp"], 12, 11)],
 )
+@pytest.mark.slow
 def test_cli_dry_run_reports_size_population_generations(tmp_path, models32, granularity, filters, size, pop):
     genome = {"models": models32, "merge_method": "dare_ties", "base_model": models32[0],
               "layer_granularity": granularity}
@@ -414,6 +422,7 @@ def test_cli_dry_run_reports_size_population_generations(tmp_path, models32, gra
     assert not storage.exists()  # a dry run writes nothing
 
 
+@pytest.mark.slow
 def test_dry_run_budget_and_population_overrides(tmp_path, models32):
     genome = {"models": models32, "merge_method": "ties", "base_model": models32[0], "layer_granularity": 8}
     cfg = {"genome": genome, "tasks": ["t"], "budget": {"max_fevals": 40}, "optimizer": {"name": "cma", "popsize": 10}}

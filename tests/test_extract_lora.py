@@ -86,6 +86,7 @@ def rank8(models, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_rank8_adapter_reproduces_finetune(models, rank8):
     files = sorted(p.name for p in rank8.iterdir())
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -110,6 +111,7 @@ def test_rank8_adapter_reproduces_finetune(models, rank8):
     assert "library_name: peft" in card and "--max-rank 8" in card and str(models["ft"]) in card
 
 
+@pytest.mark.slow
 def test_rank2_error_is_the_discarded_singular_values(models, rank8, tmp_path):
     out = tmp_path / "r2"
     proc = extract(out, models, "--max-rank", "2", "--no-distribute-scale")
@@ -133,6 +135,7 @@ def test_rank2_error_is_the_discarded_singular_values(models, rank8, tmp_path):
     assert err8 < 1e-4 < 1e-2 < err2
 
 
+@pytest.mark.slow
 def test_embed_lora_and_rank_pattern(models, tmp_path):
     out = tmp_path / "emb"
     proc = extract(out, models, "--max-rank", "8", "--embed-lora", "--sv-epsilon", "1e-4")
@@ -150,6 +153,7 @@ def test_embed_lora_and_rank_pattern(models, tmp_path):
     torch.testing.assert_close(ft_logits(models), adapter_logits(models, out), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_skip_undecomposable_and_regexes(models, tmp_path):
     out = tmp_path / "skip"
     proc = extract(out, models, "--max-rank", "4", "--skip-undecomposable", "-e", r"mlp\.", "--save-module", "o_proj")
@@ -163,6 +167,7 @@ def test_skip_undecomposable_and_regexes(models, tmp_path):
     assert torch.equal(sd["base_model.model.model.layers.1.self_attn.o_proj.weight"], ft["model.layers.1.self_attn.o_proj.weight"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["shape", "missing", "rank0"])
 def test_bad_input_fails_cleanly(models, tmp_path, case):
     out = tmp_path / "out"
@@ -208,6 +213,7 @@ def test_transposed_weights_come_from_the_architecture_description(tmp_path):
     assert transposed_weights(llama_config, Checkpoint(llama_dir, "llama").tensors) == set()
 
 
+@pytest.mark.slow
 def test_extraction_with_a_cached_architecture_does_not_import_transformers(tmp_path, models):
     """Which weights are transposed is read from the cached description: a second extraction (new
     process) never imports transformers, which alone took ~2.4 s."""
@@ -228,6 +234,7 @@ def test_extraction_with_a_cached_architecture_does_not_import_transformers(tmp_
         load_file(tmp_path / "adapter1" / "adapter_model.safetensors").keys()
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_layers(tmp_path):
     """GPT-2's Conv1D weights are stored [in, out]: the factors are those of the transposed delta, the
     config says fan_in_fan_out, and PEFT applied to the base reproduces the fine-tune."""

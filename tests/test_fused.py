@@ -76,6 +76,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method,weights,densities,normalize", CASES)
 def test_kernel_equals_eager_and_reference_bit_for_bit(monkeypatch, dtype, method, weights, densities, normalize):
@@ -296,6 +297,7 @@ def test_small_tensors_keep_the_eager_path():
     assert not fused.usable([big, torch.zeros(2 * fused.MIN_FUSED_NUMEL, dtype=torch.bfloat16)[::2]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,scale", [((300, 2048), 0.02), ((7, 5), 1.0), ((40, 4096), 1e-4), ((2, 70000), 0.5), ((5, 1), 1.0)])
 def test_row_ranks_kernel_equals_a_stable_argsort(dtype, shape, scale):

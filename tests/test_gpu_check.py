@@ -50,6 +50,7 @@ def table_rows(text: str) -> dict[str, tuple[str, str, str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_row_with_numbers(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -73,6 +74,7 @@ def test_dry_run_prints_every_row_with_numbers(dry_run):
         assert rows[f"resident {m}"][1].startswith("bit-equal to stream 21/21")
 
 
+@pytest.mark.slow
 def test_dry_run_json_numbers(dry_run):
     proc, out = dry_run
     data = json.loads((out / "gpu_check.json").read_text())

@@ -285,6 +285,7 @@ def _recipe(path: Path, base: str, a: str, b: str) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_mergekit_yaml_on_hub_ids_equals_the_merge_of_local_paths(hub, tmp_path):
     local = hub["local"]
     outputs = {}

@@ -247,6 +247,7 @@ def expected_tensors(path, inputs: list[dict], scaled=("o_proj", "down_proj")) -
     return out
 
 
+@pytest.mark.slow
 def test_layer_path_merge_cli_resident_and_independent_agree(llama_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -318,6 +319,9 @@ def test_layer_path_merge_cli_resident_and_independent_agree(llama_models, tmp_p
 # end to end: mergekit-evolve with the new genomes (real Ray workers, lm-eval tasks, SQLite study)
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("genome", ["layer_path", "method_list"])
 def test_search_with_the_new_genomes(quickstart, tmp_path, genome):
     import yaml
@@ -468,6 +472,7 @@ def test_copy_instead_of_repointing_when_dtype_differs_or_disabled(llama_models,
             merger.close()
 
 
+@pytest.mark.slow
 def test_repointing_a_tied_embedding_moves_the_head_with_it(tmp_path):
     """Tied embeddings (one Parameter for the embedding and the head): re-pointing the embedding
     re-points the head too, and the live model's logits equal the merged checkpoint's."""
@@ -505,6 +510,9 @@ def test_repointing_a_tied_embedding_moves_the_head_with_it(tmp_path):
 # PS + DFS: a finished parameter-space search's final_model as a layer source
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_layer_path_over_a_finished_parameter_space_search(quickstart, tmp_path):
     """Stage 1, a parameter-space search, exports DIR/final_model; stage 2, a layer-path search,
     lists that folder first among its models. Its starting point (the identity path of model 0) is

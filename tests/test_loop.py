@@ -105,6 +105,7 @@ def history(journal: MemoryJournal):
             for e in journal.journal()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_uninterrupted_runs_are_reproducible_and_spend_the_budget(name):
     a, b = MemoryJournal(), MemoryJournal()
@@ -245,6 +246,7 @@ def test_replay_does_not_depend_on_numpy_global_random_state():
         assert [b.ask() for _ in range(5)] == expected, name
 
 
+@pytest.mark.slow
 def test_the_sqlite_store_is_a_journal_the_loop_resumes_from(tmp_path):
     """The real ExperimentStore as the recorder: stop a run part-way (an exception out of the
     loop, as Ctrl-C would), reopen the directory, resume from its journal."""
@@ -345,6 +347,7 @@ def journal_from_plain(rows: list) -> list[JournalEntry]:
     return out
 
 
+@pytest.mark.slow
 def test_a_cma_journal_replayed_in_another_process_continues_exactly():
     """pycma keys its record of sampled solutions by hash(bytes), which differs between processes:
     a journal replayed by a new driver (another hash seed) must reach the same state (a pickled

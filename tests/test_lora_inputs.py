@@ -94,6 +94,7 @@ def lora_weight(base_sd: dict, adapter_sd: dict, layer: int, proj: str) -> torch
     return out
 
 
+@pytest.mark.slow
 def test_lora_input_merges_and_cache_is_reused(tmp_path, llama_models, adapter):
     base, other = llama_models["base"], llama_models["a"]
     cache = tmp_path / "cache"
@@ -131,6 +132,7 @@ def test_lora_input_merges_and_cache_is_reused(tmp_path, llama_models, adapter):
     assert all(torch.equal(out[k], out2[k]) for k in out)
 
 
+@pytest.mark.slow
 def test_lora_merge_dtype_bfloat16(tmp_path, llama_models, adapter):
     base = llama_models["base"]
     cache = tmp_path / "cache"
@@ -145,6 +147,7 @@ def test_lora_merge_dtype_bfloat16(tmp_path, llama_models, adapter):
     torch.testing.assert_close(out[name].double(), want, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_adapter_in_pickle_file_needs_lazy_unpickle(tmp_path, llama_models, adapter):
     base = llama_models["base"]
     pickled = tmp_path / "bin_adapter"
@@ -199,12 +202,14 @@ def assert_clean_failure(proc, out: Path, cache: Path, *needles: str) -> None:
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_no_lora_merge_cache(tmp_path, llama_models, adapter):
     cfg = write_yaml(tmp_path / "m.yml", linear_yaml(f"{llama_models['base']}+{adapter}", str(llama_models["a"])))
     proc = run_cli(cfg, tmp_path / "out")
     assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", "--lora-merge-cache", str(adapter))
 
 
+@pytest.mark.slow
 def test_adapter_directory_missing(tmp_path, llama_models):
     missing = tmp_path / "no_such_adapter"
     cfg = write_yaml(tmp_path / "m.yml", linear_yaml(f"{llama_models['base']}+{missing}", str(llama_models["a"])))
@@ -212,6 +217,7 @@ def test_adapter_directory_missing(tmp_path, llama_models):
     assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(missing), "not found")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept,missing", [("adapter_model.safetensors", "adapter_config.json"), ("adapter_config.json", "adapter_model.safetensors")])
 def test_adapter_missing_a_file(tmp_path, llama_models, adapter, kept, missing):
     broken = tmp_path / "broken"
@@ -222,6 +228,7 @@ def test_adapter_missing_a_file(tmp_path, llama_models, adapter, kept, missing):
     assert_clean_failure(proc, tmp_path / "out", tmp_path / "cache", str(broken), missing)
 
 
+@pytest.mark.slow
 def test_adapter_for_a_different_base(tmp_path, llama_models):
     wide = make_model(tmp_path / "wide_base", tiny_config("llama", hidden=64), seed=5)
     foreign = make_adapter(wide, tmp_path / "wide_adapter")
@@ -231,6 +238,7 @@ def test_adapter_for_a_different_base(tmp_path, llama_models):
     assert_clean_failure(proc, tmp_path / "out", cache, str(foreign), "does not fit")
 
 
+@pytest.mark.slow
 def test_adapter_targets_modules_the_base_lacks(tmp_path, llama_models, adapter):
     foreign = tmp_path / "gpt2_style"
     shutil.copytree(adapter, foreign)

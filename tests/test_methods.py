@@ -307,6 +307,7 @@ parameters:
         assert_rounding_equal(tensor, ref_linear(xs, [0.3, 0.9, 0.2], normalize), name)
 
 
+@pytest.mark.slow
 def test_linear_end_to_end_bf16_cli_is_bit_identical(llama_models, inputs, tmp_path):
     m = llama_models
     out = merge(
@@ -422,6 +423,7 @@ def test_slerp_bf16_runs_in_float32_and_casts_back():
     assert_bit_equal(out, ref_slerp_f32(0.6, v0, v1))
 
 
+@pytest.mark.slow
 def test_slerp_end_to_end_gradient_t(llama_models, inputs, tmp_path):
     m = llama_models
     gradient = [0.1, 0.9, 0.3, 0.6, 0.0]
@@ -549,6 +551,7 @@ def test_ties_histogram_and_kthvalue_paths_agree():
         assert torch.equal(m16, reference.trim_mask(delta16, density) & (delta16 != 0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_ties_histogram_path_on_large_tensors_matches_reference(dtype, monkeypatch):
     # Large tensors find the top-k threshold with magnitude histograms (two levels for float32)
@@ -630,6 +633,7 @@ def _check_ties_output(out, ins, math_dtype):
         assert_bit_equal(tensor, ref, name)
 
 
+@pytest.mark.slow
 def test_ties_end_to_end_float32_kthvalue_path(llama_models, inputs, tmp_path):
     out = merge(tmp_path, _ties_yaml(llama_models), cli=True)
     _check_ties_output(out, inputs, torch.float32)
@@ -723,6 +727,7 @@ parameters:
 # dare_ties / dare_linear (random sparsification with L1 rescale)
 
 
+@pytest.mark.slow
 def test_dare_linear_rescale_keeps_l1_norm_and_kept_fraction():
     n = 400_000
     delta = randn(n, seed=70) * 0.01
@@ -815,6 +820,7 @@ models:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_end_to_end_seeds(llama_models, inputs, tmp_path, method):
     m = llama_models

@@ -587,6 +587,7 @@ def test_arcee_fusion_model_count():
         call("arcee_fusion", [v, v + 1], None)
 
 
+@pytest.mark.slow
 def test_arcee_fusion_samples_quantiles_from_the_seeded_generator():
     name = "model.embed_tokens.weight"
     base = randn(1001, 1000, seed=83)  # 1,001,000 entries: over the 1e6 sample
@@ -708,6 +709,7 @@ def test_ram_reference_agrees():
 E2E = list(_e2e_cases({"base": "", "a": "", "b": ""}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", E2E)
 def test_end_to_end_cli(llama_models, inputs, tmp_path, case):
     from transformers import AutoModelForCausalLM
@@ -733,6 +735,7 @@ def test_end_to_end_cli(llama_models, inputs, tmp_path, case):
     assert not torch.equal(out[changed], inputs["a"][changed])
 
 
+@pytest.mark.slow
 def test_cli_nuslerp_three_models_without_base(llama_models, tmp_path):
     m = llama_models
     line = fails(
@@ -744,6 +747,7 @@ def test_cli_nuslerp_three_models_without_base(llama_models, tmp_path):
     assert "exactly two models" in line
 
 
+@pytest.mark.slow
 def test_cli_model_stock_base_plus_one(llama_models, tmp_path):
     m = llama_models
     fails(
@@ -753,6 +757,7 @@ def test_cli_model_stock_base_plus_one(llama_models, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resident_model_stock_equals_streaming(llama_models, tmp_path):
     m = {k: str(v) for k, v in llama_models.items()}
     recipe = (
@@ -781,6 +786,7 @@ def test_resident_model_stock_equals_streaming(llama_models, tmp_path):
 BIG = (1100, 2000)  # 2.2M entries: more than one slice of CHUNK_ELEMENTS (2^21), two row blocks
 
 
+@pytest.mark.slow
 def test_spherical_methods_and_model_stock_on_tensors_of_several_slices():
     base = randn(*BIG, seed=60)
     x1 = base + 0.5 * randn(*BIG, seed=61)

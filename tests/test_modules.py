@@ -360,6 +360,7 @@ modules:
     assert msg.startswith("modules.text_decoder.slices[0].sources[0].layer_range: [0, 3] is beyond model"), msg
 
 
+@pytest.mark.slow
 def test_unknown_module_on_the_command_line(qwen2_vl, tmp_path):
     f = qwen2_vl
     fails(tmp_path, f"merge_method: passthrough\nmodules:\n  language_model: {{models: [{{model: {f['a']}}}]}}\n",
@@ -422,6 +423,7 @@ VLMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(VLMS))
 def test_vision_tower_cut(name, tmp_path):
     """Every VLM family: the vision tower cut from two models (3 + 2 blocks), the text decoder

@@ -234,6 +234,7 @@ def test_hidden_rows_are_mean_layer_inputs(tmp_path, llama_models, topic_experts
         assert torch.allclose(G[:, e], want, atol=1e-5), (e, (G[:, e] - want).abs().max())
 
 
+@pytest.mark.slow
 def test_hidden_routing_sends_prompts_to_their_expert(tmp_path, llama_models, topic_experts):
     from transformers import AutoTokenizer
 
@@ -381,6 +382,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_recipes_fail_cleanly(tmp_path, case, llama_models, qwen3_models, wide_llama):
     text, expected = BAD[case]

@@ -36,6 +36,7 @@ def snapshot(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_intermediate_then_final(tmp_path, llama_models):
     base, a, b = (str(llama_models[k]) for k in ("base", "a", "b"))
     # the final recipe comes first in the file: recipes run in dependency order, not file order
@@ -74,6 +75,7 @@ def test_intermediate_then_final(tmp_path, llama_models):
     assert all(torch.equal(remerged[k], mid[k]) for k in mid)
 
 
+@pytest.mark.slow
 def test_lazy_reuse_reads_the_existing_intermediate(tmp_path, llama_models):
     """A lazily reused intermediate is really what the final merge reads (not merged again)."""
     base, a, b = (str(llama_models[k]) for k in ("base", "a", "b"))
@@ -90,6 +92,7 @@ def test_lazy_reuse_reads_the_existing_intermediate(tmp_path, llama_models):
     torch.testing.assert_close(final[name].double(), 0.5 * tb[name].double() + 0.5 * ta[name].double(), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_slerp_final_of_an_intermediate(tmp_path, llama_models):
     base, a, b = (str(llama_models[k]) for k in ("base", "a", "b"))
     text = (
@@ -138,6 +141,7 @@ def test_two_unnamed_recipes(tmp_path, llama_models):
     assert_fails(tmp_path, text, "#2", "#3", "name")
 
 
+@pytest.mark.slow
 def test_only_named_recipes_need_no_out_path(tmp_path, llama_models):
     a, b = str(llama_models["a"]), str(llama_models["b"])
     text = linear([(a, 0.5), (b, 0.5)], name="mid") + "---\n" + linear([("mid", 0.5), (b, 0.5)], name="top")

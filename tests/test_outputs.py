@@ -154,6 +154,7 @@ def family_pairs(tmp_path_factory):
 # slices, frankenmerges, gradients
 
 
+@pytest.mark.slow
 def test_frankenmerge_passthrough_layers_and_generation(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = f"""\
@@ -334,6 +335,7 @@ def test_cuda_merge_matches_cpu(tmp_path, llama_models):
 # sharding
 
 
+@pytest.mark.slow
 def test_sharded_output_names_and_index(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     limit = 20_000
@@ -409,6 +411,7 @@ def test_mapped_inputs_share_the_page_cache_and_writes_stay_private(tmp_path):
     checkpoint.close()
 
 
+@pytest.mark.slow
 def test_single_shard_has_no_index(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     out = merge_cli(tmp_path, linear_yaml((a, 0.5), (b, 0.5)), "--out-shard-size", "1B")
@@ -497,6 +500,7 @@ def test_tied_checkpoints_have_no_lm_head_and_output_has_none(tmp_path, tied):
     assert_generates(out)
 
 
+@pytest.mark.slow
 def test_untied_plus_tied_writes_lm_head_from_embedding(tmp_path, llama_models, tied):
     a, x = llama_models["a"], tied["x"]
     ta, tx = read_model(a), read_model(x)
@@ -560,6 +564,7 @@ slices:
 # families
 
 
+@pytest.mark.slow
 def test_qwen2_qkv_biases_are_merged(tmp_path, family_pairs):
     a, b = family_pairs("qwen2")
     ta, tb = read_model(a), read_model(b)
@@ -574,6 +579,7 @@ def test_qwen2_qkv_biases_are_merged(tmp_path, family_pairs):
     assert_generates(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "qwen3", "gemma2"])
 def test_non_llama_family_merges_and_loads(tmp_path, family_pairs, family):
     a, b = family_pairs(family)
@@ -597,6 +603,7 @@ def test_non_llama_family_merges_and_loads(tmp_path, family_pairs, family):
     assert torch.equal(head.detach(), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma2", "gpt2"])
 def test_non_llama_family_frankenmerge_loads(tmp_path, family_pairs, family):
     a, b = family_pairs(family)
@@ -645,6 +652,7 @@ def test_unknown_architecture_is_inferred_and_merges(tmp_path, llama_models):
     assert out_config(out)["architectures"] == ["MyCustomForCausalLM"]
 
 
+@pytest.mark.slow
 def test_unknown_architecture_frankenmerge(tmp_path, llama_models):
     a = copy_model(llama_models["a"], tmp_path / "custom_a")
     set_architecture(a, "MyCustomForCausalLM")
@@ -678,6 +686,7 @@ def test_known_family_with_undescribed_tensor_falls_back_to_inference(tmp_path, 
     assert all(torch.equal(to[k], state[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_gpt2_checkpoint_without_transformer_prefix(tmp_path, family_pairs):
     """Old GPT-2 checkpoints name tensors without "transformer."; they are read through aliases
     and written under the current names."""
@@ -744,6 +753,7 @@ def test_architecture_table_matches_checkpoint(tmp_path, family):
         plan.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", _table_families())
 def test_frankenmerge_of_every_table_family_loads(tmp_path, family):
     """Slices [0, 2) + [1, 4) -> 5 layers: the layer-count key (and per-layer config lists such
@@ -823,6 +833,7 @@ models:
     assert out_config(out2) == json.loads((b / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_no_copy_tokenizer(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     out = merge_cli(tmp_path, linear_yaml((a, 0.5), (b, 0.5)), "--no-copy-tokenizer")
@@ -831,6 +842,7 @@ def test_no_copy_tokenizer(tmp_path, llama_models):
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_model_card_and_verbatim_config(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = f"""\
@@ -926,6 +938,7 @@ def test_config_redumped_when_no_source_text(tmp_path, llama_models):
     assert "```yaml\n" + text.rstrip() + "\n```" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_no_write_model_card(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     out = merge_cli(tmp_path, linear_yaml((a, 0.5), (b, 0.5)), "--no-write-model-card")
@@ -934,6 +947,7 @@ def test_no_write_model_card(tmp_path, llama_models):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_no_safe_serialization_writes_pytorch_bin(tmp_path, llama_models):
     a, b = llama_models["a"], llama_models["b"]
     text = linear_yaml((a, 0.5), (b, 0.5))
@@ -998,6 +1012,7 @@ def _bin_model(src: Path, dst: Path, dtype=None, views: bool = True) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_bin_input_requires_lazy_unpickle(tmp_path, llama_models):
     a = _bin_model(llama_models["a"], tmp_path / "a_bin")
     cfg = write_yaml(tmp_path / "cfg.yml", f"merge_method: passthrough\nmodels:\n  - model: {a}\n")
@@ -1062,6 +1077,7 @@ class _CustomObject:
         self.payload = 42
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["os_system", "custom_class"])
 def test_restricted_unpickler_refuses_foreign_globals(tmp_path, llama_models, kind):
     d = tmp_path / "evil"

@@ -12,6 +12,8 @@ import pytest
 
 from evolve.pool import PoolError, WorkerPool, WorkerSpec
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a real local Ray cluster
+
 TESTS = str(Path(__file__).parent)
 
 

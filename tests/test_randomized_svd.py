@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from merge_engine.extract_lora import EXACT_SVD_SHARE, low_rank_factors, top_singular_triplets
@@ -20,6 +21,7 @@ def optimum(a: torch.Tensor, r: int) -> float:
     return float(torch.linalg.svdvals(a.double())[r:].square().sum().sqrt())
 
 
+@pytest.mark.slow
 def test_error_is_within_one_percent_of_the_exact_optimum():
     for seed, (m, n) in enumerate([(600, 400), (300, 900)]):
         a = decaying(m, n, seed, noise=0.01)
@@ -34,6 +36,7 @@ def test_error_is_within_one_percent_of_the_exact_optimum():
             assert abs(float(s[0] / exact[0]) - 1) < 1e-3
 
 
+@pytest.mark.slow
 def test_an_exactly_low_rank_matrix_is_recovered():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(500, 6, generator=g) @ torch.randn(6, 700, generator=g)
@@ -44,6 +47,7 @@ def test_an_exactly_low_rank_matrix_is_recovered():
     assert lo.shape[0] == 6 and hi.shape[1] == 6
 
 
+@pytest.mark.slow
 def test_seeded_and_exact_for_large_ranks():
     a = decaying(400, 300, 7, noise=0.05)
     first, again = top_singular_triplets(a, 16), top_singular_triplets(a, 16)

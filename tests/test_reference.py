@@ -81,6 +81,7 @@ SHAPES = [(11, 13), (190, 173), (20011,), (4, 64, 70)]  # below and above the ke
         ([0.8, 0.3, -0.2], [0.2, 0.9, 0.5], True, 0.7),
     ],
 )
+@pytest.mark.slow
 def test_engine_ties_equals_the_reference_bit_for_bit(monkeypatch, dtype, shape, weights, densities, normalize, lam):
     base, xs = grid_inputs(shape, len(weights), dtype, seed=sum(shape))
     tensors = [base] + xs

@@ -210,6 +210,7 @@ def label(path: str) -> str:
 # -- the tests ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_parameter_space(experiments):
     root, search, budget = experiments["parameter_space"]
     text = write_report(root).read_text()
@@ -224,6 +225,7 @@ def test_parameter_space(experiments):
     assert not page.with_class("model-switch") and not page.with_class("path-position")
 
 
+@pytest.mark.slow
 def test_method_list(experiments):
     """The method the best trial's gene picks, and the heat map of that method's genes only (the
     other methods' genes are not merged); rendered by the CLI."""
@@ -245,6 +247,7 @@ def test_method_list(experiments):
     assert tried == set(methods)
 
 
+@pytest.mark.slow
 def test_model_switches(experiments):
     """Which models the best trial's switch genes leave in (below 0.5 = out, one always stays),
     and the heat map's weights as merged: exactly 0 for a model switched out."""
@@ -283,6 +286,7 @@ def _expected_path(search: dict, params: dict) -> list[tuple[str, int, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_layer_path(experiments):
     """Which model's layer each output layer is, with its scale: from the CLI, and from the report
     a search writes when it ends (issue 22's 'report.html not written')."""
@@ -316,6 +320,7 @@ def test_layer_path(experiments):
     assert not messages and (root / "report.html").read_text().count('class="path-position"') == 5
 
 
+@pytest.mark.slow
 def test_pareto(experiments):
     """A Pareto search (objectives: pareto, NSGA-II): the exported front (pareto/front.json, one
     recipe per distinct member) is the front the test computes over the study's metrics."""

@@ -151,6 +151,7 @@ def test_float32_live_model_holds_the_bfloat16_merge_exactly(llama_models, tmp_p
         assert torch.equal(live[name], tensor.float())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dare_ties", "slerp"])
 def test_live_model_equals_mergekit_yaml_cli(llama_models, tmp_path, merger_factory, method):
     g = make_genome(llama_models, method)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]  # mergekit-evolve on a local Ray cluster
+
 EVOLVE = str(Path(sys.executable).parent / "mergekit-evolve")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE="disabled")
 

@@ -17,6 +17,8 @@ import yaml
 
 from test_search import ENV, EVOLVE, check_raced, search_yaml, trials
 
+pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]  # searches killed and resumed
+
 BUDGET = 22
 
 

@@ -148,6 +148,7 @@ def test_breadcrumbs_density_one_is_unchanged_and_bad_gamma_is_an_error():
         breadcrumbs_alone(delta, 0.5, -0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("large", [False, True])
 def test_breadcrumbs_tied_magnitudes_are_deterministic(dtype, large, monkeypatch):
@@ -216,6 +217,7 @@ parameters:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs_end_to_end_cli(llama_models, inputs, tmp_path, method):
     out = merge(tmp_path, _breadcrumbs_yaml(llama_models, method), cli=True)
@@ -389,6 +391,7 @@ def _cli(cfg, out, seed):
     return read_model(out)
 
 
+@pytest.mark.slow
 def test_della_cli_seeds_reproduce_files(llama_models, inputs, tmp_path):
     cfg = write_yaml(tmp_path / "della.yml", _della_yaml(llama_models))
     r1 = _cli(cfg, tmp_path / "s5", 5)
@@ -402,6 +405,7 @@ def test_della_cli_seeds_reproduce_files(llama_models, inputs, tmp_path):
     assert abs(untouched - 0.5 * 0.4) < 0.02
 
 
+@pytest.mark.slow
 def test_della_cli_bad_epsilon_is_a_one_line_error(llama_models, tmp_path):
     cfg = write_yaml(tmp_path / "bad.yml", _della_yaml(llama_models, eps_a=0.6))
     out = tmp_path / "out"
@@ -413,6 +417,7 @@ def test_della_cli_bad_epsilon_is_a_one_line_error(llama_models, tmp_path):
 @pytest.mark.parametrize(
     "method, dtype", [("della", "float32"), ("della_linear", "bfloat16"), ("breadcrumbs", "float32"), ("breadcrumbs_ties", "bfloat16")]
 )
+@pytest.mark.slow
 def test_resident_equals_streaming_cli(llama_models, tmp_path, method, dtype):
     m = llama_models
     if method.startswith("della"):

@@ -303,6 +303,7 @@ def test_bad_tokenizer_settings_fail_at_planning(models, make, needles):
         assert needle in message, message
 
 
+@pytest.mark.slow
 def test_cli_token_source_not_in_the_merge(models, tmp_path):
     text = f"""
 merge_method: linear
@@ -320,6 +321,7 @@ tokenizer:
     fails(tmp_path, text, "tokenizer.tokens.<|im_end|>.source", str(models["ft_b"]))
 
 
+@pytest.mark.slow
 def test_cli_chat_template_too_short(models, tmp_path):
     text = f"""
 merge_method: linear

@@ -223,6 +223,7 @@ def _report(title: str, scores: dict, capsys) -> None:
             print(f"  {method:22s} {e[0]:.4f} {e[1]:.2e} | {h[0]:.4f} {h[1]:.2e}")
 
 
+@pytest.mark.slow
 def test_omp_recovers_sparse_rows_the_baselines_miss(world, tmp_path, capsys):
     """True rows: 3 random shared tokens each. OMP finds them from the donor's rows."""
     scores = _scores(world, tmp_path, world["donor"], "")
@@ -391,6 +392,7 @@ def test_interpolation_weights_against_direct_computation():
     torch.testing.assert_close(w.sum(1), torch.ones(5, dtype=torch.float64))
 
 
+@pytest.mark.slow
 def test_transplant_then_merge(world, tmp_path):
     """Two models with different tokenizers: give one the other's, then merge them linearly."""
     import yaml
