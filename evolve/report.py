@@ -65,7 +65,7 @@ class StatusLine:
         self.done_this_run = 0
         self.line_open = False
 
-    def update(self, number: int, finished: int, fitness: Optional[float], note: Optional[str], best: Optional[float],
+    def update(self, number: int, finished: int, fitness: Optional[float], note: Optional[str], exported: Optional[float],
                timings: dict, faults: str) -> None:
         """`note`: why a candidate failed, or what else to know about it (stopped early, ...)."""
         self.done_this_run += 1
@@ -79,16 +79,16 @@ class StatusLine:
             status = f"fitness {fitness:.4f}" + (f" ({note})" if note else "")
         else:
             status = f"FAILED ({note})"
-        best_text = f"{best:.4f}" if best is not None else "none yet"
+        best_text = f"{exported:.4f}" if exported is not None else "none yet"
         line = (
-            f"[{finished}/{self.budget}] trial {number}: {status} | best {best_text} | {rate:.1f} candidates/min, {eta} | "
+            f"[{finished}/{self.budget}] trial {number}: {status} | export {best_text} | {rate:.1f} candidates/min, {eta} | "
             f"merge {timings.get('merge_s', 0.0):.2f}s eval {timings.get('eval_s', 0.0):.2f}s"
             + (f" | {faults}" if faults else "")
         )
         if not sys.stdout.isatty():
             print(line, flush=True)
             return
-        keep = fitness is None or fitness == best
+        keep = fitness is None or fitness == exported
         print("\r\033[K" + line, end="\n" if keep else "", flush=True)
         self.line_open = not keep
 
