@@ -6,25 +6,48 @@ PIP := $(VENV)/bin/pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Rebuilt only when the dependency declarations change: `make setup` is a no-op otherwise.
 STAMP := $(VENV)/.installed
+# Every numba kernel variant compiled (the tests use them all); redone when the kernels change.
+KERNELS := $(VENV)/.kernels
 TORCH := torch==2.13.0
+# pytest-xdist workers for `make test` / `make test-fast` (`make test JOBS=1`: one process)
+JOBS ?= 2
+PYTEST := $(OFFLINE) $(PY) -m pytest tests -q $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadfile)
+FAST := -m "not slow and not ray and not e2e"
 
-.PHONY: setup test demo bench clean lock
+.PHONY: setup kernels test test-fast demo bench clean lock
 
 setup: $(STAMP)
 
+# torch first, pinned: any looser requirement would pull GBs of CUDA wheels; numba with it. Then
+# the common numba kernels (bfloat16, one or two fine-tunes) compile into numba's on-disk cache in
+# two processes while pip installs the rest, so a first merge pays no JIT pause (docs/setup.md).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: any looser requirement would pull GBs of CUDA wheels.
-	$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
-	# numba's kernels compiled once here, into its on-disk cache: no JIT pause in a first merge
-	$(PY) -m merge_engine.methods.fused
+	$(PIP) install -q -c constraints.txt $(TORCH) numba numpy || { $(PIP) install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu && $(PIP) install -q -c constraints.txt numba numpy; }
+	@$(PY) -m merge_engine.methods.fused --common --jobs 2 > $(VENV)/kernels.log 2>&1 & kernels=$$!; \
+	echo "$(PIP) install -q -c constraints.txt -e '.[dev]'  (numba kernels compiling meanwhile: $(VENV)/kernels.log)"; \
+	$(PIP) install -q -c constraints.txt -e '.[dev]'; installed=$$?; \
+	wait $$kernels; compiled=$$?; cat $(VENV)/kernels.log; test $$installed = 0 && test $$compiled = 0
 	touch $(STAMP)
 
-test: setup
-	$(OFFLINE) $(PY) -m pytest tests -q
+# The remaining kernel variants (float32 merges; the tests compare every one with the eager path).
+$(KERNELS): $(STAMP) merge_engine/methods/fused.py
+	$(PY) -m merge_engine.methods.fused --jobs 2
+	touch $(KERNELS)
+
+kernels: $(KERNELS)
+
+# Everything, over $(JOBS) cores (CI runs this). Each test file stays on one worker (its module
+# fixtures are built once); the trained models of conftest.py are built once per run.
+test: kernels
+	$(PYTEST)
+
+# Unit tests only: no Ray cluster, no CLI pipeline, nothing slow
+test-fast: kernels
+	$(PYTEST) $(FAST)
 
 demo: setup
+	$(PY) -m merge_engine.methods.fused --demo
 	$(OFFLINE) $(PY) experiments/quickstart/run.py
 
 bench: setup
