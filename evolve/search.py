@@ -620,8 +620,9 @@ def dry_run_report(config: SearchConfig) -> str:
     if config.objective_tasks:
         lines.append(
             f"objectives: {len(config.objective_tasks)} ({', '.join(t.name for t in config.objective_tasks)}), Pareto front "
-            f"exported to pareto/; best_config.yaml is the front member with the best "
-            + ("weighted sum" if config.pareto_select == "weighted_sum" else config.pareto_select)
+            f"exported to pareto/; best_config.yaml is "
+            + ("the export rule's pick by weighted sum (see docs/mergekit-evolve.md)" if config.pareto_select == "weighted_sum"
+               else f"the front member best on {config.pareto_select}")
         )
     for c in config.constraints:
         bounds = " and ".join(b for b in (c.min is not None and f">= {c.min}", c.max is not None and f"<= {c.max}") if b)
