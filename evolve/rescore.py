@@ -76,7 +76,7 @@ class Rescoring:
                                         "status": "pending"}
             for r in top_candidates(rows, self.top_k)
         ]
-        self.state["chosen"] = None
+        self._choose()  # all scored already (a resume after the re-scoring ended): the same pick
         self._save()
 
     def pending(self) -> list[int]:

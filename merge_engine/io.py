@@ -478,8 +478,11 @@ class ShardedWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # a full disk fails the buffered flush too: the file is discarded anyway
+                pass
 
 
 @contextlib.contextmanager
