@@ -63,7 +63,7 @@ def test_mergekit_yaml_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, s
     out = small_disk / "merged"
     proc = subprocess.run([MERGEKIT_YAML, str(recipe), str(out)], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+    lines = error_lines(proc)  # after the progress bar, one line
     assert len(lines) == 1 and str(out) in lines[0] and "No space left on device" in lines[0], proc.stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no half-written folder
 
@@ -74,13 +74,22 @@ def test_a_journal_that_hits_a_full_disk_stops_in_one_line_and_resumes(quickstar
     space, --resume finishes the budget without evaluating a finished candidate again."""
     cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=20, popsize=6)
     storage = small_disk / "evolve"
-    # measured: the new study takes 112 kB and each trial with its per-item values about 2 kB more,
-    # so 20 trials cannot fit in 144 kB and the first few do
-    filler = fill(small_disk, 144 * 1024)
-    proc = run_evolve(cfg, storage, quickstart["tasks"], "--no-save-final-model", "--quiet")
+    cmd = [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(quickstart["tasks"]),
+           "--no-save-final-model", "--quiet"]
+    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while sum(1 for t in _trials_or_none(storage) if t["state"] == "COMPLETE") < 3:  # part-way
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no candidate finished"
+        time.sleep(0.2)
+    filler = fill(small_disk, 0)  # the disk is full from here on
+    out, err = driver.communicate(timeout=600)
+    proc = subprocess.CompletedProcess(cmd, driver.returncode, out, err)
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = error_lines(proc)
-    assert len(lines) == 1 and str(storage / "study.db") in lines[0] and "--resume" in lines[0], proc.stderr[-2000:]
+    # the first write that failed names its file: the journal, or best_config.yaml written beside it
+    assert len(lines) == 1 and "--resume" in lines[0], proc.stderr[-2000:]
+    assert str(storage / "study.db") in lines[0] or str(storage / "best_config.yaml") in lines[0], lines[0]
     before = {t["number"]: t["value"] for t in trials(storage) if t["state"] == "COMPLETE"}
     assert 0 < len(before) < 20
     filler.unlink()
@@ -109,6 +118,16 @@ def test_an_export_that_hits_a_full_disk_is_one_line_and_resume_exports(quicksta
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (storage / "final_model" / "model.safetensors").exists()
     assert all(t["attempts"] == 1 for t in trials(storage))
+
+
+def _trials_or_none(storage: Path) -> list[dict]:
+    """The study's trials, or none while it is being created (or locked by the writer)."""
+    import sqlite3
+
+    try:
+        return trials(storage) if (storage / "study.db").exists() else []
+    except sqlite3.Error:
+        return []
 
 
 def sigterm_when(proc: subprocess.Popen, line_starts: str, timeout: float = 400) -> list[str]:
