@@ -111,3 +111,30 @@ def test_reduced_build_is_deterministic(tmp_path):
     tok = AutoTokenizer.from_pretrained(second["base"])
     for labels in skills.LABELS.values():
         assert all(len(tok(" " + label)["input_ids"]) == 1 for label in labels)
+
+
+def test_hand_made_recipes_are_valid_group_recipes():
+    import yaml
+
+    from experiments.smollm.recipes import own_groups, references
+    from merge_engine.config import parse_config
+
+    models = {"base": "m/base", **{f"expert_{e}": f"m/expert_{e}" for e in skills.EXPERTS}}
+    for name, text in references(models).items():
+        config = parse_config(yaml.safe_load(text), source=name)
+        assert config.merge_method == "task_arithmetic" and len(config.slices) == 3
+    weights = own_groups()
+    assert weights[skills.HARMFUL] == [0.0, 0.0, 0.0]
+    assert [weights[s] for s in skills.SKILLS] == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_search_yml_scores_only_search_tasks():
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "experiments/smollm/search.yml").read_text())
+    assert [t["name"] for t in doc["tasks"]] == skills.search_task_names()
+    assert doc["genome"]["models"] == [f"demo_output/smollm/models/expert_{e}" for e in skills.EXPERTS]
+    assert doc["genome"]["layer_granularity"] * len(skills.SKILLS) == 30
+    assert "optimizer" not in doc and doc["genome"]["dtype"] == "float32"

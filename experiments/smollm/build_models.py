@@ -15,8 +15,9 @@ third wrong label: an expert that only does harm, as a badly trained or mislabel
 
 So in every group one expert's task vector carries a skill and the others' carry answers that
 contradict it. Uniform averaging dilutes every skill with its contradictions, task arithmetic at
-weight 1 adds them at full strength, TIES keeps the larger of them; taking group k from expert k
-alone (and nothing from `noisy`) keeps all three skills. Measured numbers: docs/experiments.md.
+weight 1 adds them at full strength, TIES elects one sign per weight from their sum; taking
+group k from expert k alone (and nothing from `noisy`) keeps all three skills. Measured numbers:
+docs/experiments.md.
 
 Deterministic: seeded data order, one torch thread, deterministic algorithms; a second build
 writes the same safetensors bytes (tests/test_real_experiment.py checks a reduced build).
