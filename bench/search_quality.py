@@ -69,7 +69,14 @@ def experiment(name: str) -> Experiment:
 
         return Experiment(ROOT / "experiments/quickstart/search.yml", lambda: build(Path("demo_output/quickstart/models")),
                           write_lm_eval_tasks, tuple(f"qs_{s}_heldout" for s in TASKS))
-    raise SystemExit(f"--experiment: unknown experiment {name!r} (known: conflict, quickstart)")
+    if name == "smollm":
+        from experiments.smollm import skills
+        from experiments.smollm.build_models import build
+        from experiments.smollm.recipes import references
+
+        return Experiment(ROOT / "experiments/smollm/search.yml", lambda: build(Path("demo_output/smollm/models")),
+                          skills.write_lm_eval_tasks, tuple(skills.heldout_task_names()), references)
+    raise SystemExit(f"--experiment: unknown experiment {name!r} (known: conflict, quickstart, smollm)")
 
 
 def per_layer_choice(models: dict) -> dict[str, str]:
@@ -261,7 +268,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiment", default="conflict", choices=["conflict", "quickstart"])
+    p.add_argument("--experiment", default="conflict", choices=["conflict", "quickstart", "smollm"])
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per optimizer (default 5)")
     p.add_argument("--budget", type=int, default=None, help="evaluations per search (default: the search.yml's)")
     p.add_argument("--optimizers", default=None, help="comma-separated (default: cma,tpe,nsga2 if available,random)")
