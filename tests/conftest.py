@@ -88,6 +88,8 @@ _BY_NAME = {
         "test_reports_during_a_running_search": ("slow", "e2e"),
         "test_cli_report_subcommand": ("slow", "e2e"),
         "test_reading_while_another_process_writes": ("slow",),
+        "test_report_matches_the_study": ("slow",),  # its module fixture runs a small study
+        "test_rescore_table_and_exported_front": ("slow",),
     },
 }
 

@@ -470,6 +470,7 @@ def test_racing_fraction_one_number_or_increasing_stages(tmp_path):
     assert line[0].startswith("racing: checks after 20%, 50% of each task's items; scoring goes on only while")
 
 
+@pytest.mark.slow
 def test_cli_dry_run_warns_unknown_keys_with_their_path(tmp_path, models32):
     cfg = {"genome": {"models": models32[:2], "merge_method": "linear", "mutation": 1},
            "tasks": [{"name": "t", "wieght": 2}], "population": 5}
