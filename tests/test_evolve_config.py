@@ -375,8 +375,9 @@ def test_check_tasks_finds_a_local_task(tmp_path):
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
+    (tasks / "toy.jsonl").write_text('{"q": "one plus one is", "a": " two"}\n')  # the driver loads every task
     (tasks / "toy.yaml").write_text(
-        "task: evomerge_toy_task\ndataset_path: json\ndataset_kwargs:\n  data_files: {test: toy.jsonl}\n"
+        f"task: evomerge_toy_task\ndataset_path: json\ndataset_kwargs:\n  data_files: {{test: {tasks / 'toy.jsonl'}}}\n"
         "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
         "metric_list:\n  - metric: acc\n"
     )

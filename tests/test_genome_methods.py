@@ -262,4 +262,6 @@ def test_dry_run_lists_method_and_switch_genes(llama_models):
         "  slerp parameter genes: 8 (2 layer group(s) x (3 model choice score(s) + 1 t): t)",
         "  switch genes: 2 (one per model; below 0.5 = weight exactly 0; one model always stays on); used by ties",
     ]
-    assert "population 12" in lines[5]  # pycma: 4 + floor(3 ln 19)
+    assert lines[5] == ("anchors: 3 hand-made recipe(s) scored first, counted in the budget: ties, start: weight 1/n "
+                        "each; ties, weight 0.5 each, density 0.5; slerp, start")
+    assert "population 12" in lines[6]  # pycma: 4 + floor(3 ln 19)
