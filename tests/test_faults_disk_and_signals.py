@@ -76,15 +76,21 @@ def test_a_journal_that_hits_a_full_disk_stops_in_one_line_and_resumes(quickstar
     storage = small_disk / "evolve"
     cmd = [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(quickstart["tasks"]),
            "--no-save-final-model", "--quiet"]
-    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while sum(1 for t in _trials_or_none(storage) if t["state"] == "COMPLETE") < 3:  # part-way
-        assert driver.poll() is None, driver.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no candidate finished"
-        time.sleep(0.2)
-    filler = fill(small_disk, 0)  # the disk is full from here on
-    out, err = driver.communicate(timeout=600)
-    proc = subprocess.CompletedProcess(cmd, driver.returncode, out, err)
+    log = tmp_path / "stderr.txt"  # a file, not a pipe nobody reads while the test polls
+    with open(log, "w") as err_file:
+        driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while sum(1 for t in _trials_or_none(storage) if t["state"] == "COMPLETE") < 3:  # part-way
+                assert driver.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no candidate finished"
+                time.sleep(0.2)
+            filler = fill(small_disk, 0)  # the disk is full from here on
+            driver.wait(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    proc = subprocess.CompletedProcess(cmd, driver.returncode, "", log.read_text())
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = error_lines(proc)
     # the first write that failed names its file: the journal, or best_config.yaml written beside it
