@@ -155,13 +155,16 @@ def search_anchors(config: SearchConfig, genome: Genome, x0: list[float]) -> lis
     return distinct_anchors(out)
 
 
-def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float]) -> Optimizer:
+def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float],
+                    anchors: Optional[list[tuple[str, list[float]]]] = None) -> Optimizer:
+    """`anchors`: search_anchors' result when the caller has it (the user's recipe files are read once)."""
     opt = config.optimizer
+    anchors = search_anchors(config, genome, x0) if anchors is None else anchors
     return make_optimizer(
         opt.name, search_space(genome), x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,
         objectives=max(len(config.objective_tasks), 1), constraints=bool(config.constraints),
-        anchors=[x for _, x in search_anchors(config, genome, x0)],
+        anchors=[x for _, x in anchors],
     )
 
 
@@ -378,7 +381,7 @@ class SearchRun:
             config_text, {"optimizer": config.optimizer.seed, "evaluation": config.seed, "merge": options.merge.random_seed},
             options.resume, {"optimizer": config.optimizer.name},
         )
-        self.optimizer = build_optimizer(config, self.genome, self.x0)
+        self.optimizer = build_optimizer(config, self.genome, self.x0, self.anchors)
         self.state = LoopState()
         journal = self.store.journal() if options.resume else []  # read once: resume and reuse both need it
         # identical recipes are not evaluated again, also across runs of the driver
