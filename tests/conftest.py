@@ -94,9 +94,20 @@ _BY_NAME = {
 }
 
 
+# Heaviest files first: `make test` hands whole files to its two workers in collection order, so a
+# file of end-to-end searches collected last ran alone for minutes at the end. A file's weight is
+# a rough cost from its marks (an e2e test starts a whole search, a ray test a cluster).
+_MARK_COST = {"e2e": 4, "ray": 2, "slow": 1}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _TRAINED & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         for name in _BY_NAME.get(item.path.name, {}).get(item.originalname, ()):
             item.add_marker(getattr(pytest.mark, name))
+    weight: dict = {}
+    for item in items:
+        weight[item.path] = weight.get(item.path, 0) + sum(c for m, c in _MARK_COST.items() if item.get_closest_marker(m))
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (-weight[item.path], first_seen[item.path]))  # stable: a file's own order kept

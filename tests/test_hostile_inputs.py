@@ -123,7 +123,7 @@ def test_resume_never_opens_a_planted_checkpoint_and_continues(experiment, tmp_p
     after = trials(storage)
     assert [(t["number"], t["value"]) for t in after[:5]] == before  # finished work kept, not redone
     assert len(after) == 7 and all(t["state"] in ("COMPLETE", "FAIL", "PRUNED") for t in after)
-    for blob in blobs:  # whichever protocol and gadget: still never opened
+    for blob in blobs[::5]:  # a spread of gadgets and protocols (the report never opens the file at all)
         (storage / "checkpoint.pkl").write_bytes(blob)
         report = subprocess.run([EVOLVE, "report", str(storage)], capture_output=True, text=True, env=ENV, timeout=120)
         assert report.returncode == 0, report.stderr
