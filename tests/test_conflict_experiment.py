@@ -23,6 +23,17 @@ def test_search_and_heldout_items_are_disjoint_and_sized():
         assert len({q for q, _, _ in search + held}) == n_search + n_held  # no question twice
 
 
+def test_heldout_items_come_from_the_search_items_distribution():
+    """Not the every-third item of the ordered list: for a + b (item 10a + b) that held out exactly
+    the sums divisible by 3. Both parts hold every residue, in shares close to the whole list's."""
+    search, held = skills.splits("add")
+    for part in (search, held):
+        sums = [int(q[:-1].split("+")[0]) + int(q[:-1].split("+")[1]) for q, _, _ in part]
+        shares = [sum(1 for s in sums if s % 3 == r) / len(sums) for r in range(3)]
+        assert all(abs(share - 1 / 3) < 0.12 for share in shares), shares
+        assert abs(sum(sums) / len(sums) - 9.0) < 1.0  # the mean of a + b over all items is 9
+
+
 def test_the_experts_training_data_disagree_on_the_same_prompts():
     for skill in skills.SKILLS:
         shifts = [skills.house_shift(expert, skill) for expert in skills.SKILLS]

@@ -86,7 +86,8 @@ def training_lines(skill: str, rng: random.Random, n: int, shift: int | None = 0
 
 
 def splits(skill: str) -> tuple[list, list]:
-    """(search items, held-out items): the quickstart's deterministic every-third-item split."""
+    """(search items, held-out items): the quickstart's deterministic split (a seeded shuffle, then
+    every third item held out)."""
     return split(items(skill))
 
 
