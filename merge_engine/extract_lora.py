@@ -24,6 +24,7 @@ import click
 from .cli import apply_environment, run_cli, setup_logging
 from .options import NO_EFFECT, merge_options, options_from_flags
 from .errors import ConfigError, ModelError
+from .methods.svd import EXACT_SVD_SHARE, POWER_ITERATIONS, top_singular_triplets  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -279,36 +280,6 @@ def extract_lora(
         ft.close()
         base.close()
     return adapter_config
-
-
-# Above this share of the smaller side, rank + oversampling is close to the full matrix: the exact
-# SVD costs about the same and is exact.
-EXACT_SVD_SHARE = 0.25
-POWER_ITERATIONS = 3
-
-
-def top_singular_triplets(a, rank: int, seed: int = 0):
-    """(U [m, r], S [r], Vh [r, n]): the top-`rank` singular triplets of the float32 matrix `a`.
-
-    A seeded randomized SVD (a range finder with oversampling and power iterations, then the exact
-    SVD of the small projected matrix; docs/extract-lora.md states its error bound), or the exact
-    SVD when `rank` is a large share of the matrix. Deterministic for a given seed."""
-    import torch
-
-    m, n = a.shape
-    rank = min(rank, m, n)
-    sketch = rank + max(10, rank)  # oversampling: as many directions again as are kept
-    if sketch >= EXACT_SVD_SHARE * min(m, n):
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank]
-    generator = torch.Generator(device=a.device).manual_seed(seed)
-    omega = torch.randn(n, sketch, generator=generator, device=a.device, dtype=a.dtype)
-    q = torch.linalg.qr(a @ omega).Q
-    for _ in range(POWER_ITERATIONS):  # sharpen the spectrum: (A A^T)^q A, orthonormalised each half step
-        q = torch.linalg.qr(a.T @ q).Q
-        q = torch.linalg.qr(a @ q).Q
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
 def low_rank_factors(delta, max_rank: int, sv_epsilon: float, distribute_scale: bool):

@@ -25,13 +25,12 @@ from merge_engine.architecture import get_config_value, known_architecture
 from merge_engine.config import Conditional, MergeConfig, ModelReference, ParameterScope, lookup_parameter, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.sources import looks_like_repo_id
-from merge_engine.methods import FILTER_WISE, METHODS
+from merge_engine.methods import METHODS
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 
 # Which methods a search may tune, their parameters, bounds and starting values: the method
 # registry's SearchSpec (merge_engine.methods); the genome only lays them out.
-MODEL_STOCK_PARAM = FILTER_WISE.name
 
 
 @dataclass(frozen=True)
@@ -272,6 +271,11 @@ class Genome(SearchGenome):
         self.method = d.merge_method
         self.spec = METHODS[self.method]
         self.params = self.spec.search.names
+        # parameters under the recipe's (or a slice's) `parameters:`, one gene per layer group and
+        # filter: model_stock's switch, the SVD methods' alpha and shares
+        search = self.spec.search
+        self.global_params = tuple(q.name for q in search.global_params) + ((search.switch.name,) if search.switch else ())
+        self.switch_param = search.switch.name if search.switch else None
         self.models: list[ModelReference] = list(d.models)
         if self.method == "slerp":
             pool = list(d.models)
@@ -293,6 +297,9 @@ class Genome(SearchGenome):
             high = p.high if self.definition.effective_normalize else 2 * p.high
             low = -high if self.definition.allow_negative_weights else p.low
             return low, high, 1.0 / len(self.models)
+        if p.initial is None:  # a share of the models (tsvm's rank_share: 1 / task models)
+            tasks = [m for m in self.models if m != self.definition.base_model] or self.models
+            return p.low, p.high, min(max(1.0 / len(tasks), p.low), p.high)
         return p.low, p.high, p.initial
 
     def _build_dimensions(self) -> list[Dimension]:
@@ -306,9 +313,10 @@ class Genome(SearchGenome):
                 for f in self.filters:
                     dims.append(Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")))
                 continue
-            if self.method == "model_stock":
+            if self.global_params:
                 for f in self.filters:
-                    dims.append(Dimension(f"g{g}.{MODEL_STOCK_PARAM}.{f or 'all'}", *self._bounds(MODEL_STOCK_PARAM)))
+                    for p in self.global_params:
+                        dims.append(Dimension(f"g{g}.{p}.{f or 'all'}", *self._bounds(p)))
                 continue
             for m in self.models:
                 for f in self.filters:
@@ -358,7 +366,7 @@ class Genome(SearchGenome):
         return out
 
     def _fixed_parameters(self) -> dict:
-        if self.method == "model_stock":
+        if self.global_params:
             return {}
         params = {"normalize": self.definition.effective_normalize}
         if self.spec.task_vector is not None:
@@ -368,6 +376,11 @@ class Genome(SearchGenome):
     def _layout(self) -> str:
         if self.method == "model_stock":
             return f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a filter_wise switch each"
+        if self.global_params:
+            return (
+                f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s) x "
+                f"{len(self.global_params)} global parameter(s)"
+            )
         if self.method == "slerp":
             select = len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0
             return f"{self.num_groups} layer group(s) x ({select} model choice score(s) + {len(self.filters)} t)"
@@ -380,7 +393,7 @@ class Genome(SearchGenome):
         return f"({self._layout()}); method {self.method}"
 
     def describe(self) -> list[str]:
-        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self.params or (MODEL_STOCK_PARAM,))})"]
+        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self.params or self.global_params)})"]
         if self.switched:
             lines.append(switch_line(len(self.models)))
         return lines
@@ -424,8 +437,8 @@ class Genome(SearchGenome):
             return recipe
         if d.base_model is not None:
             recipe["base_model"] = str(d.base_model)
-        if self.method == "model_stock":
-            recipe.update(self._decode_model_stock(x))
+        if self.global_params:
+            recipe.update(self._decode_globals(x))
             return recipe
         recipe["parameters"] = self._fixed_parameters()
 
@@ -462,14 +475,29 @@ class Genome(SearchGenome):
         recipe["slices"] = slices
         return recipe
 
-    def _switches(self, x: list[float], g: int):
-        """model_stock's filter_wise setting for one layer group (true where the gene is >= 0.5)."""
-        start = g * len(self.filters)
-        return self._setting([bool(v >= 0.5) for v in x[start : start + len(self.filters)]])
+    def _global_index(self, g: int, f: int, p: int) -> int:
+        return (g * len(self.filters) + f) * len(self.global_params) + p
 
-    def _decode_model_stock(self, x: list[float]) -> dict:
-        if self.num_groups == 1:
-            return {"models": [{"model": str(ref)} for ref in self.models], "parameters": {MODEL_STOCK_PARAM: self._switches(x, 0)}}
+    def _global_values(self, x: list[float], g: Optional[int]) -> dict:
+        """The global parameters of one layer group (None: gradients over the groups, `smooth`);
+        the switch is true where its gene is >= 0.5."""
+        def value(gg: int, f: int, p: int):
+            v = x[self._global_index(gg, f, p)]
+            return bool(v >= 0.5) if self.global_params[p] == self.switch_param else v
+
+        out = {}
+        for p_i, p in enumerate(self.global_params):
+            if g is None:
+                per_filter = [[value(gg, f_i, p_i) for gg in range(self.num_groups)] for f_i in range(len(self.filters))]
+            else:
+                per_filter = [value(g, f_i, p_i) for f_i in range(len(self.filters))]
+            out[p] = self._setting(per_filter)
+        return out
+
+    def _decode_globals(self, x: list[float]) -> dict:
+        if self.num_groups == 1 or self.definition.smooth:
+            group = 0 if self.num_groups == 1 else None
+            return {"models": [{"model": str(ref)} for ref in self.models], "parameters": self._global_values(x, group)}
         size = self.num_layers // self.num_groups
         slices = []
         for g in range(self.num_groups):
@@ -477,7 +505,7 @@ class Genome(SearchGenome):
             sources = [{"model": str(ref), "layer_range": lr} for ref in self.models]
             if self.definition.base_model not in self.models:
                 sources.append({"model": str(self.definition.base_model), "layer_range": lr})
-            slices.append({"sources": sources, "parameters": {MODEL_STOCK_PARAM: self._switches(x, g)}})
+            slices.append({"sources": sources, "parameters": self._global_values(x, g)})
         return {"slices": slices}
 
     def _slerp_pair(self, x: list[float], g: int, offset: int) -> tuple[ModelReference, ModelReference]:
@@ -525,8 +553,8 @@ class Genome(SearchGenome):
             x[self.num_params :] = encode_switches(config, self.models)
         if self.method == "slerp":
             return self._encode_slerp(config, x)
-        if self.method == "model_stock":
-            return self._encode_model_stock(config, x)
+        if self.global_params:
+            return self._encode_globals(config, x)
         for g in range(self.num_groups):
             t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
             layer = g * (self.num_layers // self.num_groups)
@@ -541,15 +569,19 @@ class Genome(SearchGenome):
                             x[self._index(g, m, f_i, p_i)] = value
         return self._check(x)
 
-    def _encode_model_stock(self, config: MergeConfig, x: list[float]) -> list[float]:
+    def _encode_globals(self, config: MergeConfig, x: list[float]) -> list[float]:
         for g in range(self.num_groups):
             t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
             layer = g * (self.num_layers // self.num_groups)
             scope, _ = self._scope_for_layer(config, layer)
             for f_i, f in enumerate(self.filters):
-                value = lookup_parameter(scope, MODEL_STOCK_PARAM, f"model.layers.{layer}.{f or '__other__'}", t)
-                if value is not None:
-                    x[g * len(self.filters) + f_i] = 1.0 if value else 0.0
+                for p_i, p in enumerate(self.global_params):
+                    value = lookup_parameter(scope, p, f"model.layers.{layer}.{f or '__other__'}", t)
+                    if value is None:
+                        continue
+                    if p == self.switch_param:
+                        value = 1.0 if value else 0.0
+                    x[self._global_index(g, f_i, p_i)] = float(value)
         return self._check(x)
 
     def _encode_slerp(self, config: MergeConfig, x: list[float]) -> list[float]:

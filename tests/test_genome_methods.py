@@ -265,3 +265,49 @@ def test_dry_run_lists_method_and_switch_genes(llama_models):
     assert lines[5] == ("anchors: 3 hand-made recipe(s) scored first, counted in the budget: ties, start: weight 1/n "
                         "each; ties, weight 0.5 each, density 0.5; slerp, start")
     assert "population 12" in lines[6]  # pycma: 4 + floor(3 ln 19)
+
+
+# ----------------------------------------------------------------------------------------------
+# the SVD methods (evomerge extensions) in a method list
+
+
+def test_svd_methods_in_a_method_list_decode_and_merge(llama_models, tmp_path):
+    """`merge_method: [ties, tsvm, iso_c]`: tsvm and iso_c have global genes only (alpha, and
+    tsvm's rank_share, per layer group and parameter set, bounds from the registry); each decoded
+    recipe merges, and a merged weight is the method at the decoded values."""
+    from helpers import read_model
+    from merge_engine.methods import METHODS
+    from merge_engine.methods.common import TensorContext
+    from merge_engine.options import MergeOptions
+    from merge_engine.streaming import run_merge
+
+    paths = {k: str(v) for k, v in llama_models.items()}
+    g = parameter_genome(definition(merge_method=["ties", "tsvm", "iso_c"], models=[paths["a"], paths["b"]],
+                                    base_model=paths["base"], layer_granularity=2, filters=["mlp"]), 4)
+    tsvm_dims = {d.name: d for d in g.dimensions if d.name.startswith("tsvm.")}
+    assert list(tsvm_dims) == [f"tsvm.g{gr}.{p}.{f}" for gr in (0, 1) for f in ("mlp", "all") for p in ("alpha", "rank_share")]
+    assert (tsvm_dims["tsvm.g0.alpha.mlp"].low, tsvm_dims["tsvm.g0.alpha.mlp"].high, tsvm_dims["tsvm.g0.alpha.mlp"].initial) == (0.0, 2.0, 1.0)
+    assert tsvm_dims["tsvm.g1.rank_share.all"].initial == 0.5  # 1 / two task models
+    assert [d.name for d in g.dimensions if d.name.startswith("iso_c.")] == [
+        f"iso_c.g{gr}.alpha.{f}" for gr in (0, 1) for f in ("mlp", "all")]
+    inputs = {k: read_model(v) for k, v in llama_models.items()}
+    for i, method in enumerate(("ties", "tsvm", "iso_c")):
+        x = random_x(g, 20 + i)
+        x[0] = i + 0.5
+        cfg = g.decode(x)
+        assert cfg.merge_method == method and g.decode(g.encode(cfg)) == cfg
+        out = tmp_path / method
+        run_merge(cfg, out, MergeOptions(quiet=True), config_text=cfg.to_yaml())
+        merged = read_model(out)
+        assert len(merged) == 39
+        if method == "ties":
+            continue
+        sub = g.choices[i]
+        genes = dict(zip((d.name for d in sub.dimensions), x[g.offsets[i] : g.offsets[i] + sub.size]))
+        for name, group, flt in (("model.layers.1.mlp.up_proj.weight", 0, "mlp"),
+                                 ("model.layers.3.self_attn.q_proj.weight", 1, "all")):
+            params = {p: genes[f"g{group}.{p}.{flt}"] for p in sub.global_params}
+            spec = METHODS[method]
+            tensors = [inputs[k][name].to(torch.bfloat16) for k in ("a", "b", "base")]
+            want = spec.function(tensors, 2, {**spec.global_params, **params}, [{}] * 3, TensorContext(name))
+            assert torch.equal(merged[name], want.to(torch.bfloat16)), (method, name)

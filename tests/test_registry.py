@@ -45,7 +45,7 @@ def test_task_vector_family_facts():
 def test_search_facts_are_valid_parameters_with_valid_bounds():
     for name in searchable_methods():
         spec = METHODS[name]
-        for p in spec.search.params + ((spec.search.switch,) if spec.search.switch else ()):
+        for p in spec.search.params + spec.search.global_params + ((spec.search.switch,) if spec.search.switch else ()):
             assert p.name in spec.model_params or p.name in spec.global_params, (name, p.name)
             assert p.low < p.high
             assert p.initial is None or p.low <= p.initial <= p.high, (name, p)
@@ -76,7 +76,8 @@ def test_search_config_and_genome_read_the_registry():
             if param == "weight" or dim.name.endswith(".select"):  # weights: the genome's rule; slerp's model choice
                 continue
             p = spec.search.param(param)
-            assert (dim.low, dim.high, dim.initial) == (p.low, p.high, p.initial), dim
+            initial = p.initial if p.initial is not None else 1 / 3  # a share of the three task models
+            assert (dim.low, dim.high, dim.initial) == (p.low, p.high, initial), dim
         recipe = g.decode([d.initial for d in g.dimensions])
         assert recipe.parameters.get("int8_mask") == (True if spec.task_vector else None)
 

@@ -70,6 +70,13 @@ DELLA_EPSILON = SearchParam("epsilon", 0.0, 0.09, 0.05)
 GAMMA = SearchParam("gamma", 0.0, 0.1, 0.01)  # breadcrumbs: the share of largest outliers dropped; mergekit's default
 SLERP_T = SearchParam("t", 0.0, 1.0, 0.5)
 FILTER_WISE = SearchParam("filter_wise", 0.0, 1.0, 0.25)  # a switch, on at >= 0.5; starts off as mergekit
+# The SVD methods (evomerge extensions): global parameters searched per layer group and filter.
+# alpha starts at 1 (TSV-M's paper value; the Iso papers pick alpha on validation data, and the
+# flat spectrum shrinks the update's norm below the sum's, so their range reaches 3).
+TSVM_ALPHA = SearchParam("alpha", 0.0, 2.0, 1.0)
+ISO_ALPHA = SearchParam("alpha", 0.0, 3.0, 1.0)
+RANK_SHARE = SearchParam("rank_share", 0.02, 1.0, None)  # None: 1 / number of task models (TSV-M's)
+COMMON_SHARE = SearchParam("common_share", 0.5, 1.0, 0.8)  # Iso-CTS's common-subspace share
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class SearchSpec:
     needs_base: bool = False  # the genome must name base_model
     # a global on/off parameter searched per layer group and filter (model_stock's filter_wise)
     switch: Optional[SearchParam] = None
+    # global numeric parameters searched per layer group and filter (the SVD methods' alpha);
+    # a method has these or per-model `params`, not both
+    global_params: tuple[SearchParam, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -92,7 +102,7 @@ class SearchSpec:
         return "weight" in self.names
 
     def param(self, name: str) -> SearchParam:
-        for p in self.params + ((self.switch,) if self.switch else ()):
+        for p in self.params + self.global_params + ((self.switch,) if self.switch else ()):
             if p.name == name:
                 return p
         raise KeyError(name)
@@ -275,6 +285,39 @@ METHODS: dict[str, MethodSpec] = {
             random=True,  # tensors over 1e6 entries estimate quantiles from a seeded sample
             pretty_name="Arcee Fusion",
             reference_url="https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
+        ),
+        # evomerge extensions (not in mergekit; the names of mergekit's unmerged pull requests):
+        # SVD of the task matrices per 2-D weight, task arithmetic elsewhere (methods/singular.py)
+        MethodSpec(
+            "tsvm",
+            "singular:tsvm",
+            global_params={"alpha": 1.0, "rank_share": None},
+            requires_base=True,
+            random=True,  # randomized SVDs where the kept rank is small, seeded by (seed, tensor name)
+            pretty_name="Task Singular Vectors: Merge",
+            reference_url="https://arxiv.org/abs/2412.00081",
+            embed_shape="base",
+            search=SearchSpec((), needs_base=True, global_params=(TSVM_ALPHA, RANK_SHARE)),
+        ),
+        MethodSpec(
+            "iso_c",
+            "singular:iso_c",
+            global_params={"alpha": 1.0},
+            requires_base=True,
+            pretty_name="Iso-C",
+            reference_url="https://arxiv.org/abs/2502.04959",
+            embed_shape="base",
+            search=SearchSpec((), needs_base=True, global_params=(ISO_ALPHA,)),
+        ),
+        MethodSpec(
+            "iso_cts",
+            "singular:iso_cts",
+            global_params={"alpha": 1.0, "common_share": 0.8},
+            requires_base=True,
+            pretty_name="Iso-CTS",
+            reference_url="https://arxiv.org/abs/2502.04959",
+            embed_shape="base",
+            search=SearchSpec((), needs_base=True, global_params=(ISO_ALPHA, COMMON_SHARE)),
         ),
     ]
 }
