@@ -63,11 +63,28 @@ def test_a_lead_of_one_item_keeps_the_anchor_and_a_clear_lead_exports_the_candid
     better = row(7, {"a": [1.0 if i < 12 else v for i, v in enumerate(base)]}, weights=weights)
     chosen = choose([anchor, better], weights)
     assert chosen.row is better and chosen.lead > 0 and chosen.bound > 0
-    # four items better with none lost is clear at z = 2; three is not
-    for flips, kept in ((3, anchor), (4, None)):
+    # with none lost: one item better is not clear at z = 1 (its bound is 0 exactly), two are;
+    # at z = 2 four are and three are not
+    for z, flips, kept in ((1, 1, anchor), (1, 2, None), (2, 3, anchor), (2, 4, None)):
         cand = row(9, {"a": items_with(72, 50, flips=flips, seed=3)}, weights=weights)
-        got = choose([anchor, cand], weights).row
-        assert got is (kept or cand), flips
+        got = choose([anchor, cand], weights, z=z).row
+        assert got is (kept or cand), (z, flips)
+    assert EXPORT_Z == 1.0
+
+
+def test_one_item_better_on_two_tasks_stays_with_the_anchor():
+    """The outside experiment's case at the default z: two tasks of 36 items, weight 0.5 each, one
+    item gained and none lost. Lead and z * se are equal in exact arithmetic (0.5/36); whatever the
+    float sums round to, the anchor is kept."""
+    weights = {"a": 0.5, "b": 0.5}
+    for seed in range(20):
+        a, b = items_with(36, 30, seed=seed), items_with(36, 33, seed=seed + 100)
+        anchor = row(0, {"a": a, "b": b}, anchor="weight 1 each", weights=weights)
+        gained = next(i for i, v in enumerate(a) if v == 0.0)
+        lucky = row(4, {"a": [1.0 if i == gained else v for i, v in enumerate(a)], "b": b}, weights=weights)
+        lead, bound = paired_bound(lucky, anchor, weights)
+        assert abs(lead - 0.5 / 36) < 1e-12 and abs(bound) < 1e-12
+        assert choose([anchor, lucky], weights).row is anchor
 
 
 def test_among_clear_leaders_the_most_certain_lead_is_exported():
