@@ -1,5 +1,5 @@
 """Singular value decompositions shared by the engine: the seeded randomized top-k SVD (first
-written for mergekit-extract-lora, now also used by the SVD merge methods `tsvm` and `iso_cts`) and
+written for mergekit-extract-lora, now also used by the merge method `tsvm`) and
 the orthonormal polar factor that decorrelates stacked singular bases. Torch only; no I/O."""
 
 from __future__ import annotations
