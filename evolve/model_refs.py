@@ -43,7 +43,7 @@ def check_experiment_references(genome_definition) -> None:
 
 
 def check_genome_models(genome_definition, lora_merge_cache: str, lora_merge_dtype: Optional[str]) -> None:
-    """Resolve every model of `genome_definition` (an evolve.config.GenomeDefinition): its models
+    """Resolve every model of `genome_definition` (a search_spaces.definition.GenomeDefinition): its models
     and base_model, and for a `model+lora` reference its base and its adapter. Raises a one-line
     ConfigError naming the key (`genome.models[1]`, `genome.base_model`) of the first that does
     not resolve."""

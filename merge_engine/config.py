@@ -247,18 +247,18 @@ def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> Optional[f
 # The schema
 
 
-class _Schema(BaseModel):
+class Schema(BaseModel):
     # Unknown keys are kept (then reported as warnings with their path), never fatal: community
     # configs carry stale keys such as `embed_slerp` and must still run.
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class InputModelDefinition(_Schema):
+class InputModelDefinition(Schema):
     model: ModelRef
     parameters: Parameters = None
 
 
-class InputSliceDefinition(_Schema):
+class InputSliceDefinition(Schema):
     model: ModelRef
     layer_range: tuple[int, int]
     parameters: Parameters = None
@@ -272,7 +272,7 @@ class InputSliceDefinition(_Schema):
         return value
 
 
-class OutputSliceDefinition(_Schema):
+class OutputSliceDefinition(Schema):
     sources: list[InputSliceDefinition] = Field(min_length=1)
     base_model: Optional[ModelRef] = None
     residual_weight: Optional[float] = None
@@ -287,7 +287,7 @@ def _known_method(value: Optional[str]) -> Optional[str]:
     return value
 
 
-class OutputModuleDefinition(_Schema):
+class OutputModuleDefinition(Schema):
     slices: Optional[list[OutputSliceDefinition]] = None
     models: Optional[list[InputModelDefinition]] = None
     parameters: Parameters = None
@@ -304,25 +304,25 @@ class OutputModuleDefinition(_Schema):
         return self
 
 
-class TokenEmbeddingSource(_Schema):
+class TokenEmbeddingSource(Schema):
     kind: str
     model: Optional[ModelRef] = None
     token_id: Optional[int] = None
     token: Optional[str] = None
 
 
-class TokenEmbeddingConfig(_Schema):
+class TokenEmbeddingConfig(Schema):
     source: Union[ModelRef, TokenEmbeddingSource, None] = None
     force: bool = False
 
 
-class TokenizerConfig(_Schema):
+class TokenizerConfig(Schema):
     source: Union[str, ModelRef] = "union"
     tokens: Optional[dict[str, TokenEmbeddingConfig]] = None
     pad_to_multiple_of: Optional[int] = Field(default=None, gt=0)
 
 
-class MergeConfig(_Schema):
+class MergeConfig(Schema):
     merge_method: str
     models: Optional[list[InputModelDefinition]] = None
     slices: Optional[list[OutputSliceDefinition]] = None

@@ -27,6 +27,8 @@ from merge_engine.errors import ConfigError
 from merge_engine.sources import looks_like_repo_id
 from merge_engine.methods import METHODS
 
+from .definition import GenomeDefinition
+
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "text_config.num_hidden_layers")
 
 # Which methods a search may tune, their parameters, bounds and starting values: the method
@@ -257,8 +259,7 @@ class Genome(SearchGenome):
     """One merge method's genome (mergekit-evolve's layout), optionally with a switch gene per
     model after it (`model_switch`, methods with a `weight` only)."""
 
-    def __init__(self, definition, num_layers: int):
-        """`definition`: an evolve.config.GenomeDefinition (duck-typed; no import of evolve)."""
+    def __init__(self, definition: GenomeDefinition, num_layers: int):
         self.definition = d = definition
         self.num_layers = num_layers
         g = d.layer_granularity

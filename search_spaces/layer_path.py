@@ -37,13 +37,14 @@ from typing import Sequence
 from merge_engine.config import MergeConfig, ParameterScope, lookup_parameter
 from merge_engine.errors import ConfigError
 
+from .definition import GenomeDefinition
 from .genome import Dimension, GenotypeView, SearchGenome, distinct_anchors, _unique_labels, category
 
 
 class LayerPathGenome(SearchGenome):
-    def __init__(self, definition, layer_counts: Sequence[int]):
-        """`definition`: an evolve.config.GenomeDefinition of kind layer_path; `layer_counts`: each
-        model's number of layers, in the order of `definition.models`."""
+    def __init__(self, definition: GenomeDefinition, layer_counts: Sequence[int]):
+        """`definition`: of kind layer_path; `layer_counts`: each model's number of layers, in the
+        order of `definition.models`."""
         d = self.definition = definition
         self.models = list(d.models)
         self.layer_counts = list(layer_counts)

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from helpers import make_model, read_model, tiny_config
 
-from evolve.config import GenomeDefinition
 from evolve.model_refs import check_genome_models
 from merge_engine.config import ModelReference
 from merge_engine.errors import ConfigError
+from search_spaces.definition import GenomeDefinition
 from search_spaces.genome import read_num_layers
 
 BIN = Path(sys.executable).parent

@@ -56,7 +56,8 @@ def test_search_facts_are_valid_parameters_with_valid_bounds():
 
 
 def test_search_config_and_genome_read_the_registry():
-    from evolve.config import SEARCHABLE_METHODS, parse_search_config
+    from evolve.config import parse_search_config
+    from search_spaces.definition import SEARCHABLE_METHODS
     from search_spaces.genome import Genome
 
     assert set(SEARCHABLE_METHODS) == set(searchable_methods())

@@ -9,7 +9,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import field_validator
 
-from ..config import DtypeName, ModelRef, ModelReference, _Schema, load_yaml_text, parse_with_schema, read_config_text
+from ..config import DtypeName, ModelRef, ModelReference, Schema, load_yaml_text, parse_with_schema, read_config_text
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ _ARCH_NAMES = {"mixtral": "mixtral", "deepseek": "deepseek", "qwen2_moe": "qwen"
 _ALIASES = {"qwen2_moe": ("qwen2", "qwen_moe", "qwen2moe"), "qwen3_moe": ("qwen3moe",), "deepseek": ("deepseek_moe",)}
 
 
-class Expert(_Schema):
+class Expert(Schema):
     source_model: ModelRef
     positive_prompts: Optional[list[str]] = None
     negative_prompts: Optional[list[str]] = None
@@ -36,7 +36,7 @@ class Expert(_Schema):
         return (tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ()))
 
 
-class MoEConfig(_Schema):
+class MoEConfig(Schema):
     base_model: ModelRef
     experts: list[Expert]
     gate_mode: GateMode = "hidden"
