@@ -1,7 +1,7 @@
 """DIR/report.html: one static page about a search (no server, no script, images inline).
 
     fitness over evaluations        the same figure as fitness.png (evolve.report.plot_fitness)
-    best recipe                     as its genome explains it (search_spaces SearchGenome.explain): the merge
+    best recipe                     as its genome explains it (search_spaces Genome.explain): the merge
                                     method (picked by a method gene or fixed), the models switch genes leave
                                     in, a layer path (which model's layer at each output layer, scales), and a
                                     heat map of the per-layer-group genes (rows model x parameter, columns
@@ -217,13 +217,12 @@ def _heat_map(genes: list, groups: list[tuple[int, int]]) -> str:
 def _raw_genes(names, values, lower, upper) -> list:
     """A genotype as heat-map genes when the genome cannot be rebuilt: a name `g<group>.<row>`
     (a parameter genome's layout) goes to its group's column; any other gene is a row of its own."""
-    from search_spaces.genome import GeneValue
+    from search_spaces.genome import GeneValue, grouped_gene
 
     out = []
     for name, value, low, high in zip(names, values, lower, upper):
-        head, _, row = name.partition(".")
-        grouped = head[:1] == "g" and head[1:].isdigit() and row
-        out.append(GeneValue(name, row if grouped else name, int(head[1:]) if grouped else 0, value, low, high))
+        group, row = grouped_gene(name) or (0, name)
+        out.append(GeneValue(name, row, group, value, low, high))
     return out
 
 
@@ -397,7 +396,7 @@ HEAT_NOTE = "<p>Colour: where the value lies in its gene's range (dark: low end,
 
 
 def _best_recipe(store, best, genome) -> str:
-    """The best trial's recipe as the genome sees it (SearchGenome.explain, which every genome kind
+    """The best trial's recipe as the genome sees it (Genome.explain, which every genome kind
     answers): its merge method, the models a switch leaves in, the layer path, the per-layer-group
     genes; then the recipe's YAML."""
     if best is None:

@@ -25,7 +25,7 @@ from evaluators.racing import paired_estimate
 from merge_engine.errors import ConfigError, RunFailure
 from merge_engine.options import MergeOptions
 from merge_engine.threads import thread_environment
-from search_spaces.genome import SearchGenome as Genome, distinct_anchors, parameter_genome, read_num_layers
+from search_spaces.genome import Genome, distinct_anchors, parameter_genome, read_num_layers
 from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig

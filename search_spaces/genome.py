@@ -10,6 +10,12 @@ evomerge's additions: `merge_method` as a list (MethodChoiceGenome: one categori
 (search_spaces.layer_path). The optimisers see only bounded continuous dimensions, so a categorical
 gene over k choices is a dimension in [0, k] decoded by floor (clamped to k - 1 at the upper
 bound), and an on/off gene is a dimension in [0, 1] that is on at >= 0.5.
+
+One class per layout, under `Genome` (what reports and optimisers read): WeightedGenome (per-model
+weight, density, ...: linear, task arithmetic, the TIES family), SlerpGenome, GlobalParamGenome
+(global parameters per layer group and filter: model_stock's switch, the SVD methods' alpha and
+shares; one method each, `method_genome` picks), MethodChoiceGenome (a list of methods; `parameter_genome`
+picks between the two) and search_spaces.layer_path.LayerPathGenome.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,7 +65,7 @@ class GeneValue:
 @dataclass(frozen=True)
 class GenotypeView:
     """What a genotype decodes to, in the genome's own terms: what a report shows of a recipe.
-    Every genome kind returns one (SearchGenome.explain); a field a layout does not have is empty."""
+    Every genome kind returns one (Genome.explain); a field a layout does not have is empty."""
 
     method: str  # the recipe's merge method
     methods: tuple[str, ...] = ()  # the choices of a method gene (empty: the method is fixed)
@@ -146,9 +153,27 @@ def category(value: float, k: int) -> int:
     return min(max(int(math.floor(value)), 0), k - 1)
 
 
-class SearchGenome:
-    """What every genome has: bounded dimensions, a starting point, clipping, pycma's population.
-    Subclasses set `dimensions` and implement `decode_plain`, `encode` and `describe`."""
+class Differentiability(Enum):
+    """Whether, and how, the decoded merge is differentiable in the layout's continuous genes (what
+    a gradient optimiser needs to know). Categorical and on/off genes (a method gene, switch genes,
+    model_stock's filter_wise) are step functions: their gradient is zero almost everywhere."""
+
+    # no useful gradient declared: a layer path, a method list, slerp's pair choice, model_stock,
+    # the SVD methods (tsvm, iso_c, iso_cts: truncated SVDs whose kept rank is a gene)
+    NONE = "none"
+    FULL = "full"  # the merged tensors are differentiable in every gene (linear, task arithmetic)
+    # TIES, DARE, breadcrumbs, DELLA: differentiable in the weights with the sparsification and sign
+    # masks fixed at the current point (the masks themselves are step functions of the genes)
+    MASKS_FIXED = "masks_fixed"
+
+
+class Genome:
+    """What every genome gives reports and optimisers: the gene table (`dimensions`: names, bounds,
+    starting values), the layer groups, the anchors, decode/encode and explain, and whether the
+    decoded merge is differentiable in the genes. One subclass per layout: WeightedGenome,
+    SlerpGenome, GlobalParamGenome (one method each), MethodChoiceGenome (a list of methods) and
+    search_spaces.layer_path.LayerPathGenome. Subclasses set `dimensions` and implement
+    `decode_plain`, `encode`, `summary`, `describe` and `explain`."""
 
     dimensions: list[Dimension]
 
@@ -163,6 +188,15 @@ class SearchGenome:
     @property
     def upper(self) -> list[float]:
         return [d.high for d in self.dimensions]
+
+    @property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        """Output layers (first, last) of each layer group; empty for a layout without groups."""
+        return ()
+
+    @property
+    def differentiable(self) -> Differentiability:
+        return Differentiability.NONE
 
     def initial(self) -> list[float]:
         return [d.initial for d in self.dimensions]
@@ -203,6 +237,14 @@ class SearchGenome:
     def explain(self, x: Sequence[float]) -> GenotypeView:
         """What genotype `x` decodes to, for reports (evolve.html_report)."""
         raise NotImplementedError
+
+
+def grouped_gene(name: str) -> Optional[tuple[int, str]]:
+    """(layer group, row) of a per-layer-group gene's name `g<group>.<row>`, else None."""
+    head, _, row = name.partition(".")
+    if head[:1] == "g" and head[1:].isdigit() and row:
+        return int(head[1:]), row
+    return None
 
 
 # -- model switches -------------------------------------------------------------------------------
@@ -255,9 +297,10 @@ def encode_switches(config: MergeConfig, models: Sequence[ModelReference]) -> li
     return [1.0 - SWITCH_ON if w and _all_zero(w) else SWITCH_ON for w in weights.values()]
 
 
-class Genome(SearchGenome):
-    """One merge method's genome (mergekit-evolve's layout), optionally with a switch gene per
-    model after it (`model_switch`, methods with a `weight` only)."""
+class MethodGenome(Genome):
+    """One merge method over layer groups x parameter sets (one per filter plus a catch-all),
+    optionally with a switch gene per model after it (`model_switch`, methods with a `weight`
+    only): mergekit-evolve's layout. Subclasses lay out the method's own genes."""
 
     def __init__(self, definition: GenomeDefinition, num_layers: int):
         self.definition = d = definition
@@ -272,90 +315,71 @@ class Genome(SearchGenome):
         self.method = d.merge_method
         self.spec = METHODS[self.method]
         self.params = self.spec.search.names
-        # parameters under the recipe's (or a slice's) `parameters:`, one gene per layer group and
-        # filter: model_stock's switch, the SVD methods' alpha and shares
-        search = self.spec.search
-        self.global_params = tuple(q.name for q in search.global_params) + ((search.switch.name,) if search.switch else ())
-        self.switch_param = search.switch.name if search.switch else None
         self.models: list[ModelReference] = list(d.models)
-        if self.method == "slerp":
-            pool = list(d.models)
-            if d.base_model is not None and d.base_model not in pool:
-                pool.insert(0, d.base_model)
-            self.slerp_pool = pool
-        self.labels = _unique_labels(self.slerp_pool if self.method == "slerp" else self.models)
+        self.labels = _unique_labels(self._labelled())
         self.dimensions = self._build_dimensions()
         self.num_params = len(self.dimensions)  # the layout's genes; switch genes follow
-        self.switched = bool(d.model_switch) and "weight" in self.params
+        self.switched = bool(d.model_switch) and self.spec.search.weighted
         if self.switched:
             self.dimensions += switch_dimensions([self.labels[m] for m in self.models])
 
-    # -- layout ---------------------------------------------------------------------------------
+    # -- what each layout defines ---------------------------------------------------------------
+
+    def _labelled(self) -> list[ModelReference]:
+        """The models named in dimension names."""
+        return self.models
+
+    def _build_dimensions(self) -> list[Dimension]:
+        raise NotImplementedError
+
+    def _decode_genes(self, x: list[float]) -> dict:
+        """The recipe's keys after merge_method, dtype and tokenizer_source."""
+        raise NotImplementedError
+
+    def _encode_genes(self, config: MergeConfig, x: list[float]) -> None:
+        """Set in `x` the layout's genes that `config` gives a value."""
+        raise NotImplementedError
+
+    def _layout(self) -> str:
+        raise NotImplementedError
+
+    def _param_names(self) -> tuple[str, ...]:
+        return self.params
+
+    # -- shared ---------------------------------------------------------------------------------
 
     def _bounds(self, param: str) -> tuple[float, float, float]:
         p = self.spec.search.param(param)
-        if param == "weight":
-            high = p.high if self.definition.effective_normalize else 2 * p.high
-            low = -high if self.definition.allow_negative_weights else p.low
-            return low, high, 1.0 / len(self.models)
-        if p.initial is None:  # a share of the models (tsvm's rank_share: 1 / task models)
-            tasks = [m for m in self.models if m != self.definition.base_model] or self.models
-            return p.low, p.high, min(max(1.0 / len(tasks), p.low), p.high)
         return p.low, p.high, p.initial
 
-    def _build_dimensions(self) -> list[Dimension]:
-        dims = []
+    @property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        size = self.num_layers // self.num_groups
+        return tuple((g * size, (g + 1) * size - 1) for g in range(self.num_groups))
+
+    def _layer_range(self, g: int) -> list[int]:
+        size = self.num_layers // self.num_groups
+        return [g * size, (g + 1) * size]
+
+    def _slice_sources(self, g: int, params_of=None) -> list[dict]:
+        """The sources of layer group g's slice: every model (with `params_of(model index)` as its
+        parameters, if given), then base_model where it is not one of them."""
+        lr = self._layer_range(g)
+        sources = [{"model": str(ref), "layer_range": lr, **({"parameters": params_of(m)} if params_of else {})}
+                   for m, ref in enumerate(self.models)]
+        base = self.definition.base_model
+        if base is not None and base not in self.models:
+            sources.append({"model": str(base), "layer_range": lr})
+        return sources
+
+    def _group_points(self, config: MergeConfig):
+        """(group, its first layer, its position t in [0, 1] along the groups, the recipe's
+        parameter scope there, its sources there): where encode reads `config`'s parameters for
+        each layer group."""
         for g in range(self.num_groups):
-            if self.method == "slerp":
-                if len(self.slerp_pool) > 2:
-                    # which two models take part in this group: the two highest scores
-                    for m in self.slerp_pool:
-                        dims.append(Dimension(f"g{g}.{self.labels[m]}.select", 0.0, 1.0, 0.5))
-                for f in self.filters:
-                    dims.append(Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")))
-                continue
-            if self.global_params:
-                for f in self.filters:
-                    for p in self.global_params:
-                        dims.append(Dimension(f"g{g}.{p}.{f or 'all'}", *self._bounds(p)))
-                continue
-            for m in self.models:
-                for f in self.filters:
-                    for p in self.params:
-                        dims.append(Dimension(f"g{g}.{self.labels[m]}.{p}.{f or 'all'}", *self._bounds(p)))
-        return dims
-
-    def anchors(self) -> list[tuple[str, list[float]]]:
-        """The starting point (mergekit-evolve's: weight 1/n, every other gene at its start, which
-        for task-vector methods is the uniform merge), task arithmetic's weight 1 per model
-        (methods that do not normalise weights), and, for methods with a density, the common
-        hand-made density 0.5. Switch genes stay on."""
-        out = [("start: weight 1/n each" if "weight" in self.params else "start", self.initial())]
-        if "weight" not in self.params:
-            return out
-        one = 1.0 if not self.definition.effective_normalize else 1.0 / len(self.models)
-        if one != 1.0 / len(self.models):
-            out.append(("weight 1 each", self._with({"weight": one})))
-        if "density" in self.params:
-            out.append((f"weight {one:.3g} each, density 0.5", self._with({"weight": one, "density": 0.5})))
-        return distinct_anchors(out)
-
-    def _with(self, values: dict[str, float]) -> list[float]:
-        """The starting point with every gene of the named parameters set (clipped to its bounds)."""
-        x = self.initial()
-        for g in range(self.num_groups):
-            for m in range(len(self.models)):
-                for f in range(len(self.filters)):
-                    for p, param in enumerate(self.params):
-                        if param in values:
-                            i = self._index(g, m, f, p)
-                            x[i] = min(max(values[param], self.dimensions[i].low), self.dimensions[i].high)
-        return x
-
-    def _index(self, g: int, m: int, f: int, p: int) -> int:
-        return ((g * len(self.models) + m) * len(self.filters) + f) * len(self.params) + p
-
-    # -- decode ---------------------------------------------------------------------------------
+            layer = g * (self.num_layers // self.num_groups)
+            yield (g, layer, g / (self.num_groups - 1) if self.num_groups > 1 else 0.0,
+                   *self._scope_for_layer(config, layer))
 
     def _setting(self, values_by_filter: list) -> object:
         """One parameter's value: a scalar (or gradient), or a conditional list over the filters."""
@@ -366,47 +390,19 @@ class Genome(SearchGenome):
             out.append({"filter": f, "value": v} if f is not None else {"value": v})
         return out
 
-    def _fixed_parameters(self) -> dict:
-        if self.global_params:
-            return {}
-        params = {"normalize": self.definition.effective_normalize}
-        if self.spec.task_vector is not None:
-            params["int8_mask"] = True
-        return params
-
-    def _layout(self) -> str:
-        if self.method == "model_stock":
-            return f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a filter_wise switch each"
-        if self.global_params:
-            return (
-                f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s) x "
-                f"{len(self.global_params)} global parameter(s)"
-            )
-        if self.method == "slerp":
-            select = len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0
-            return f"{self.num_groups} layer group(s) x ({select} model choice score(s) + {len(self.filters)} t)"
-        return (
-            f"{self.num_groups} layer group(s) x {len(self.models)} model(s) x {len(self.filters)} "
-            f"parameter set(s) x {len(self.params)} parameter(s)"
-        )
-
     def summary(self) -> str:
         return f"({self._layout()}); method {self.method}"
 
     def describe(self) -> list[str]:
-        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self.params or self.global_params)})"]
+        lines = [f"{self.method} parameter genes: {self.num_params} ({self._layout()}: {', '.join(self._param_names())})"]
         if self.switched:
             lines.append(switch_line(len(self.models)))
         return lines
 
     def explain(self, x: Sequence[float]) -> GenotypeView:
         x = self._check(x)
-        return GenotypeView(self.method, groups=self.layer_groups(), genes=self.gene_values(self.decode(x)),
+        return GenotypeView(self.method, groups=self.groups, genes=self.gene_values(self.decode(x)),
                             models=self._switch_view(x[self.num_params :]) if self.switched else ())
-
-    def layer_groups(self) -> tuple[tuple[int, int], ...]:
-        size = self.num_layers // self.num_groups
-        return tuple((g * size, (g + 1) * size - 1) for g in range(self.num_groups))
 
     def gene_values(self, recipe: MergeConfig, prefix: str = "") -> tuple[GeneValue, ...]:
         """The layout's genes as `recipe` holds them (read back by `encode`: what is merged, so a
@@ -414,135 +410,23 @@ class Genome(SearchGenome):
         values = self.encode(recipe)
         out = []
         for d, v in zip(self.dimensions[: self.num_params], values):
-            head, _, row = d.name.partition(".")  # every layout gene is named g<group>.<row>
-            out.append(GeneValue(prefix + d.name, row, int(head[1:]), v, d.low, d.high))
+            group, row = grouped_gene(d.name)  # every layout gene is named g<group>.<row>
+            out.append(GeneValue(prefix + d.name, row, group, v, d.low, d.high))
         return tuple(out)
 
     def _switch_view(self, genes: Sequence[float]) -> tuple[tuple[str, bool], ...]:
         return tuple((self.labels[m], not o) for m, o in zip(self.models, switched_off(genes)))
 
     def decode_plain(self, x: list[float]) -> dict:
-        recipe = self._decode_layout(x[: self.num_params])
-        if self.switched:
-            off = switched_off(x[self.num_params :])
-            zero_weights(recipe, {str(m) for m, o in zip(self.models, off) if o})
-        return recipe
-
-    def _decode_layout(self, x: list[float]) -> dict:
         d = self.definition
         recipe: dict = {"merge_method": self.method, "dtype": d.dtype}
         if d.tokenizer_source is not None:
             recipe["tokenizer_source"] = d.tokenizer_source
-        if self.method == "slerp":
-            recipe.update(self._decode_slerp(x))
-            return recipe
-        if d.base_model is not None:
-            recipe["base_model"] = str(d.base_model)
-        if self.global_params:
-            recipe.update(self._decode_globals(x))
-            return recipe
-        recipe["parameters"] = self._fixed_parameters()
-
-        def model_params(g: Optional[int], m: int) -> dict:
-            out = {}
-            for p_i, p in enumerate(self.params):
-                if g is None:  # smooth: a gradient over the layer groups
-                    per_filter = [
-                        [x[self._index(gg, m, f_i, p_i)] for gg in range(self.num_groups)]
-                        for f_i in range(len(self.filters))
-                    ]
-                else:
-                    per_filter = [x[self._index(g, m, f_i, p_i)] for f_i in range(len(self.filters))]
-                out[p] = self._setting(per_filter)
-            return out
-
-        if self.num_groups == 1 or d.smooth:
-            group = 0 if self.num_groups == 1 else None
-            recipe["models"] = [
-                {"model": str(ref), "parameters": model_params(group, m)} for m, ref in enumerate(self.models)
-            ]
-            return recipe
-        size = self.num_layers // self.num_groups
-        slices = []
-        for g in range(self.num_groups):
-            lr = [g * size, (g + 1) * size]
-            sources = [
-                {"model": str(ref), "layer_range": lr, "parameters": model_params(g, m)}
-                for m, ref in enumerate(self.models)
-            ]
-            if d.base_model is not None and d.base_model not in self.models:
-                sources.append({"model": str(d.base_model), "layer_range": lr})
-            slices.append({"sources": sources})
-        recipe["slices"] = slices
+        recipe.update(self._decode_genes(x[: self.num_params]))
+        if self.switched:
+            off = switched_off(x[self.num_params :])
+            zero_weights(recipe, {str(m) for m, o in zip(self.models, off) if o})
         return recipe
-
-    def _global_index(self, g: int, f: int, p: int) -> int:
-        return (g * len(self.filters) + f) * len(self.global_params) + p
-
-    def _global_values(self, x: list[float], g: Optional[int]) -> dict:
-        """The global parameters of one layer group (None: gradients over the groups, `smooth`);
-        the switch is true where its gene is >= 0.5."""
-        def value(gg: int, f: int, p: int):
-            v = x[self._global_index(gg, f, p)]
-            return bool(v >= 0.5) if self.global_params[p] == self.switch_param else v
-
-        out = {}
-        for p_i, p in enumerate(self.global_params):
-            if g is None:
-                per_filter = [[value(gg, f_i, p_i) for gg in range(self.num_groups)] for f_i in range(len(self.filters))]
-            else:
-                per_filter = [value(g, f_i, p_i) for f_i in range(len(self.filters))]
-            out[p] = self._setting(per_filter)
-        return out
-
-    def _decode_globals(self, x: list[float]) -> dict:
-        if self.num_groups == 1 or self.definition.smooth:
-            group = 0 if self.num_groups == 1 else None
-            return {"models": [{"model": str(ref)} for ref in self.models], "parameters": self._global_values(x, group)}
-        size = self.num_layers // self.num_groups
-        slices = []
-        for g in range(self.num_groups):
-            lr = [g * size, (g + 1) * size]
-            sources = [{"model": str(ref), "layer_range": lr} for ref in self.models]
-            if self.definition.base_model not in self.models:
-                sources.append({"model": str(self.definition.base_model), "layer_range": lr})
-            slices.append({"sources": sources, "parameters": self._global_values(x, g)})
-        return {"slices": slices}
-
-    def _slerp_pair(self, x: list[float], g: int, offset: int) -> tuple[ModelReference, ModelReference]:
-        pool = self.slerp_pool
-        if len(pool) == 2:
-            base = self.definition.base_model or pool[0]
-            return base, next(m for m in pool if m != base)
-        scores = x[offset : offset + len(pool)]
-        order = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
-        return pool[order[0]], pool[order[1]]
-
-    def _decode_slerp(self, x: list[float]) -> dict:
-        per_group = (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0) + len(self.filters)
-        size = self.num_layers // self.num_groups
-        groups = []
-        for g in range(self.num_groups):
-            offset = g * per_group
-            base, other = self._slerp_pair(x, g, offset)
-            t_start = offset + (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0)
-            groups.append((base, other, self._setting(x[t_start : t_start + len(self.filters)])))
-        if self.num_groups == 1:
-            base, other, t = groups[0]
-            return {"base_model": str(base), "models": [{"model": str(base)}, {"model": str(other)}], "parameters": {"t": t}}
-        slices = []
-        for g, (base, other, t) in enumerate(groups):
-            lr = [g * size, (g + 1) * size]
-            slices.append(
-                {
-                    "sources": [{"model": str(base), "layer_range": lr}, {"model": str(other), "layer_range": lr}],
-                    "base_model": str(base),
-                    "parameters": {"t": t},
-                }
-            )
-        return {"slices": slices}
-
-    # -- encode ---------------------------------------------------------------------------------
 
     def encode(self, config: MergeConfig) -> list[float]:
         """A genotype for an existing recipe of this genome's method (a warm start). Values the
@@ -552,56 +436,7 @@ class Genome(SearchGenome):
         x = self.initial()
         if self.switched:
             x[self.num_params :] = encode_switches(config, self.models)
-        if self.method == "slerp":
-            return self._encode_slerp(config, x)
-        if self.global_params:
-            return self._encode_globals(config, x)
-        for g in range(self.num_groups):
-            t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
-            layer = g * (self.num_layers // self.num_groups)
-            scope, sources = self._scope_for_layer(config, layer)
-            for m, ref in enumerate(self.models):
-                source = next((s for s in sources if s.model == ref), None)
-                for f_i, f in enumerate(self.filters):
-                    name = f"model.layers.{layer}.{f if f is not None else '__other__'}"
-                    for p_i, p in enumerate(self.params):
-                        value = lookup_parameter(scope, p, name, t, source=source)
-                        if value is not None:
-                            x[self._index(g, m, f_i, p_i)] = value
-        return self._check(x)
-
-    def _encode_globals(self, config: MergeConfig, x: list[float]) -> list[float]:
-        for g in range(self.num_groups):
-            t = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
-            layer = g * (self.num_layers // self.num_groups)
-            scope, _ = self._scope_for_layer(config, layer)
-            for f_i, f in enumerate(self.filters):
-                for p_i, p in enumerate(self.global_params):
-                    value = lookup_parameter(scope, p, f"model.layers.{layer}.{f or '__other__'}", t)
-                    if value is None:
-                        continue
-                    if p == self.switch_param:
-                        value = 1.0 if value else 0.0
-                    x[self._global_index(g, f_i, p_i)] = float(value)
-        return self._check(x)
-
-    def _encode_slerp(self, config: MergeConfig, x: list[float]) -> list[float]:
-        per_group = (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0) + len(self.filters)
-        for g in range(self.num_groups):
-            t_frac = g / (self.num_groups - 1) if self.num_groups > 1 else 0.0
-            layer = g * (self.num_layers // self.num_groups)
-            scope, sources = self._scope_for_layer(config, layer)
-            t_start = g * per_group + (len(self.slerp_pool) if len(self.slerp_pool) > 2 else 0)
-            if len(self.slerp_pool) > 2:
-                # the recipe's pair keeps the two top scores: its base first, the other second
-                base = scope.slice_def.base_model if scope.slice_def is not None and scope.slice_def.base_model else config.base_model
-                used = [s.model for s in sources]
-                for i, m in enumerate(self.slerp_pool):
-                    x[g * per_group + i] = 1.0 if m == base else (0.5 if m in used else 0.0)
-            for f_i, f in enumerate(self.filters):
-                value = lookup_parameter(scope, "t", f"model.layers.{layer}.{f or '__other__'}", t_frac)
-                if value is not None:
-                    x[t_start + f_i] = value
+        self._encode_genes(config, x)
         return self._check(x)
 
     def _scope_for_layer(self, config: MergeConfig, layer: int):
@@ -624,6 +459,273 @@ class Genome(SearchGenome):
         return ParameterScope(slc, None, config.parameters), sources
 
 
+def _filter_name(layer: int, f: Optional[str]) -> str:
+    """A tensor name of `layer` that filter `f` (None: the catch-all) selects, for encode's lookups."""
+    return f"model.layers.{layer}.{f if f is not None else '__other__'}"
+
+
+class WeightedGenome(MethodGenome):
+    """Per-model parameters (weight, density, ...) per layer group and filter: linear, task
+    arithmetic and the TIES/DARE/breadcrumbs/DELLA family."""
+
+    @property
+    def differentiable(self) -> Differentiability:
+        tv = self.spec.task_vector
+        if tv is None or (tv.sparsify is None and not tv.consensus):
+            return Differentiability.FULL
+        return Differentiability.MASKS_FIXED
+
+    def _bounds(self, param: str) -> tuple[float, float, float]:
+        if param != "weight":
+            return super()._bounds(param)
+        p = self.spec.search.param(param)
+        high = p.high if self.definition.effective_normalize else 2 * p.high
+        low = -high if self.definition.allow_negative_weights else p.low
+        return low, high, 1.0 / len(self.models)
+
+    def _build_dimensions(self) -> list[Dimension]:
+        return [Dimension(f"g{g}.{self.labels[m]}.{p}.{f or 'all'}", *self._bounds(p))
+                for g in range(self.num_groups) for m in self.models for f in self.filters for p in self.params]
+
+    def _index(self, g: int, m: int, f: int, p: int) -> int:
+        return ((g * len(self.models) + m) * len(self.filters) + f) * len(self.params) + p
+
+    def _layout(self) -> str:
+        return (
+            f"{self.num_groups} layer group(s) x {len(self.models)} model(s) x {len(self.filters)} "
+            f"parameter set(s) x {len(self.params)} parameter(s)"
+        )
+
+    def anchors(self) -> list[tuple[str, list[float]]]:
+        """The starting point (mergekit-evolve's: weight 1/n, every other gene at its start, which
+        for task-vector methods is the uniform merge), task arithmetic's weight 1 per model
+        (methods that do not normalise weights), and, for methods with a density, the common
+        hand-made density 0.5. Switch genes stay on."""
+        out = [("start: weight 1/n each", self.initial())]  # every method of this layout has a weight
+        one = 1.0 if not self.definition.effective_normalize else 1.0 / len(self.models)
+        if one != 1.0 / len(self.models):
+            out.append(("weight 1 each", self._with({"weight": one})))
+        if "density" in self.params:
+            out.append((f"weight {one:.3g} each, density 0.5", self._with({"weight": one, "density": 0.5})))
+        return distinct_anchors(out)
+
+    def _with(self, values: dict[str, float]) -> list[float]:
+        """The starting point with every gene of the named parameters set (clipped to its bounds)."""
+        x = self.initial()
+        for g in range(self.num_groups):
+            for m in range(len(self.models)):
+                for f in range(len(self.filters)):
+                    for p, param in enumerate(self.params):
+                        if param in values:
+                            i = self._index(g, m, f, p)
+                            x[i] = min(max(values[param], self.dimensions[i].low), self.dimensions[i].high)
+        return x
+
+    def _fixed_parameters(self) -> dict:
+        params = {"normalize": self.definition.effective_normalize}
+        if self.spec.task_vector is not None:
+            params["int8_mask"] = True
+        return params
+
+    def _decode_genes(self, x: list[float]) -> dict:
+        d = self.definition
+        recipe: dict = {}
+        if d.base_model is not None:
+            recipe["base_model"] = str(d.base_model)
+        recipe["parameters"] = self._fixed_parameters()
+
+        def model_params(g: Optional[int], m: int) -> dict:
+            out = {}
+            for p_i, p in enumerate(self.params):
+                if g is None:  # smooth: a gradient over the layer groups
+                    per_filter = [
+                        [x[self._index(gg, m, f_i, p_i)] for gg in range(self.num_groups)]
+                        for f_i in range(len(self.filters))
+                    ]
+                else:
+                    per_filter = [x[self._index(g, m, f_i, p_i)] for f_i in range(len(self.filters))]
+                out[p] = self._setting(per_filter)
+            return out
+
+        if self.num_groups == 1 or d.smooth:
+            group = 0 if self.num_groups == 1 else None
+            recipe["models"] = [
+                {"model": str(ref), "parameters": model_params(group, m)} for m, ref in enumerate(self.models)
+            ]
+            return recipe
+        recipe["slices"] = [{"sources": self._slice_sources(g, lambda m: model_params(g, m))}
+                            for g in range(self.num_groups)]
+        return recipe
+
+    def _encode_genes(self, config: MergeConfig, x: list[float]) -> None:
+        for g, layer, t, scope, sources in self._group_points(config):
+            for m, ref in enumerate(self.models):
+                source = next((s for s in sources if s.model == ref), None)
+                for f_i, f in enumerate(self.filters):
+                    for p_i, p in enumerate(self.params):
+                        value = lookup_parameter(scope, p, _filter_name(layer, f), t, source=source)
+                        if value is not None:
+                            x[self._index(g, m, f_i, p_i)] = value
+
+
+class GlobalParamGenome(MethodGenome):
+    """Methods whose searched parameters are global, under the recipe's (or a slice's)
+    `parameters:`, one gene each per layer group and filter (the models take no genes):
+    model_stock's filter_wise switch, the SVD methods' (tsvm, iso_c, iso_cts) alpha and shares."""
+
+    def __init__(self, definition: GenomeDefinition, num_layers: int):
+        search = METHODS[definition.merge_method].search
+        self.switch_param = search.switch.name if search.switch else None
+        self.global_params = tuple(q.name for q in search.global_params) + ((self.switch_param,) if self.switch_param else ())
+        super().__init__(definition, num_layers)
+
+    def _param_names(self) -> tuple[str, ...]:
+        return self.global_params
+
+    def _bounds(self, param: str) -> tuple[float, float, float]:
+        p = self.spec.search.param(param)
+        if p.initial is None:  # a share of the models (tsvm's rank_share: 1 / task models)
+            tasks = [m for m in self.models if m != self.definition.base_model] or self.models
+            return p.low, p.high, min(max(1.0 / len(tasks), p.low), p.high)
+        return super()._bounds(param)
+
+    def _build_dimensions(self) -> list[Dimension]:
+        return [Dimension(f"g{g}.{p}.{f or 'all'}", *self._bounds(p))
+                for g in range(self.num_groups) for f in self.filters for p in self.global_params]
+
+    def _index(self, g: int, f: int, p: int) -> int:
+        return (g * len(self.filters) + f) * len(self.global_params) + p
+
+    def _layout(self) -> str:
+        if self.global_params == (self.switch_param,):
+            return f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s), a {self.switch_param} switch each"
+        return (f"{self.num_groups} layer group(s) x {len(self.filters)} parameter set(s) x "
+                f"{len(self.global_params)} global parameter(s)")
+
+    def _values(self, x: list[float], g: Optional[int]) -> dict:
+        """The global parameters of one layer group (None: gradients over the groups, `smooth`);
+        the switch is true where its gene is >= 0.5."""
+        def value(gg: int, f: int, p: int):
+            v = x[self._index(gg, f, p)]
+            return bool(v >= 0.5) if self.global_params[p] == self.switch_param else v
+
+        out = {}
+        for p_i, p in enumerate(self.global_params):
+            if g is None:
+                per_filter = [[value(gg, f_i, p_i) for gg in range(self.num_groups)] for f_i in range(len(self.filters))]
+            else:
+                per_filter = [value(g, f_i, p_i) for f_i in range(len(self.filters))]
+            out[p] = self._setting(per_filter)
+        return out
+
+    def _decode_genes(self, x: list[float]) -> dict:
+        base = self.definition.base_model
+        recipe: dict = {} if base is None else {"base_model": str(base)}
+        if self.num_groups == 1 or self.definition.smooth:
+            group = 0 if self.num_groups == 1 else None
+            recipe.update({"models": [{"model": str(ref)} for ref in self.models], "parameters": self._values(x, group)})
+            return recipe
+        recipe["slices"] = [{"sources": self._slice_sources(g), "parameters": self._values(x, g)}
+                            for g in range(self.num_groups)]
+        return recipe
+
+    def _encode_genes(self, config: MergeConfig, x: list[float]) -> None:
+        for g, layer, t, scope, _ in self._group_points(config):
+            for f_i, f in enumerate(self.filters):
+                for p_i, p in enumerate(self.global_params):
+                    value = lookup_parameter(scope, p, _filter_name(layer, f), t)
+                    if value is None:
+                        continue
+                    if p == self.switch_param:
+                        value = 1.0 if value else 0.0
+                    x[self._index(g, f_i, p_i)] = float(value)
+
+
+class SlerpGenome(MethodGenome):
+    """slerp: per layer group, which two models of the pool (models and base_model) take part
+    (a score per model, the two highest win; no genes with a pool of two) and `t` per filter."""
+
+    def __init__(self, definition: GenomeDefinition, num_layers: int):
+        pool = list(definition.models)
+        if definition.base_model is not None and definition.base_model not in pool:
+            pool.insert(0, definition.base_model)
+        self.slerp_pool = pool
+        self.scored = len(pool) if len(pool) > 2 else 0  # choice scores per layer group
+        super().__init__(definition, num_layers)
+
+    def _labelled(self) -> list[ModelReference]:
+        return self.slerp_pool
+
+    def _build_dimensions(self) -> list[Dimension]:
+        dims = []
+        for g in range(self.num_groups):
+            if self.scored:  # which two models take part in this group: the two highest scores
+                dims += [Dimension(f"g{g}.{self.labels[m]}.select", 0.0, 1.0, 0.5) for m in self.slerp_pool]
+            dims += [Dimension(f"g{g}.t.{f or 'all'}", *self._bounds("t")) for f in self.filters]
+        return dims
+
+    def _layout(self) -> str:
+        return f"{self.num_groups} layer group(s) x ({self.scored} model choice score(s) + {len(self.filters)} t)"
+
+    def _pair(self, x: list[float], offset: int) -> tuple[ModelReference, ModelReference]:
+        pool = self.slerp_pool
+        if not self.scored:
+            base = self.definition.base_model or pool[0]
+            return base, next(m for m in pool if m != base)
+        scores = x[offset : offset + len(pool)]
+        order = sorted(range(len(pool)), key=lambda i: (-scores[i], i))
+        return pool[order[0]], pool[order[1]]
+
+    def _decode_genes(self, x: list[float]) -> dict:
+        per_group = self.scored + len(self.filters)
+        groups = []
+        for g in range(self.num_groups):
+            offset = g * per_group
+            base, other = self._pair(x, offset)
+            t_start = offset + self.scored
+            groups.append((base, other, self._setting(x[t_start : t_start + len(self.filters)])))
+        if self.num_groups == 1:
+            base, other, t = groups[0]
+            return {"base_model": str(base), "models": [{"model": str(base)}, {"model": str(other)}], "parameters": {"t": t}}
+        slices = []
+        for g, (base, other, t) in enumerate(groups):
+            lr = self._layer_range(g)
+            slices.append(
+                {
+                    "sources": [{"model": str(base), "layer_range": lr}, {"model": str(other), "layer_range": lr}],
+                    "base_model": str(base),
+                    "parameters": {"t": t},
+                }
+            )
+        return {"slices": slices}
+
+    def _encode_genes(self, config: MergeConfig, x: list[float]) -> None:
+        per_group = self.scored + len(self.filters)
+        for g, layer, t_frac, scope, sources in self._group_points(config):
+            t_start = g * per_group + self.scored
+            if self.scored:
+                # the recipe's pair keeps the two top scores: its base first, the other second
+                base = scope.slice_def.base_model if scope.slice_def is not None and scope.slice_def.base_model else config.base_model
+                used = [s.model for s in sources]
+                for i, m in enumerate(self.slerp_pool):
+                    x[g * per_group + i] = 1.0 if m == base else (0.5 if m in used else 0.0)
+            for f_i, f in enumerate(self.filters):
+                value = lookup_parameter(scope, "t", _filter_name(layer, f), t_frac)
+                if value is not None:
+                    x[t_start + f_i] = value
+
+
+def method_genome(definition: GenomeDefinition, num_layers: int) -> MethodGenome:
+    """The genome of one merge method (`definition.merge_method` a string): slerp's own layout,
+    global parameters only (model_stock's switch, the SVD methods), else per-model parameters."""
+    if definition.merge_method == "slerp":
+        return SlerpGenome(definition, num_layers)
+    search = METHODS[definition.merge_method].search
+    if search.global_params or search.switch:
+        return GlobalParamGenome(definition, num_layers)
+    return WeightedGenome(definition, num_layers)
+
+
 def distinct_anchors(anchors: list[tuple[str, list[float]]]) -> list[tuple[str, list[float]]]:
     """The anchors in order, each genotype once (the first label kept)."""
     seen, out = set(), []
@@ -638,18 +740,18 @@ def switch_line(n_models: int) -> str:
     return f"switch genes: {n_models} (one per model; below 0.5 = weight exactly 0; one model always stays on)"
 
 
-class MethodChoiceGenome(SearchGenome):
+class MethodChoiceGenome(Genome):
     """`merge_method` as a list: one categorical gene picks the method, then each method has its
     own genes (a Genome per method, its dimension names prefixed with the method's name); the
     genes of the methods not picked are ignored. The method gene is global, not per layer group:
     a mergekit recipe has one merge_method. Layout: [method, genes of method 1, genes of method 2,
     ..., switch genes (model_switch)]."""
 
-    def __init__(self, definition, num_layers: int):
+    def __init__(self, definition: GenomeDefinition, num_layers: int):
         self.definition = definition
         self.num_layers = num_layers
         self.methods = definition.methods
-        self.choices = [Genome(definition.for_method(m), num_layers) for m in self.methods]
+        self.choices = [method_genome(definition.for_method(m), num_layers) for m in self.methods]
         self.models: list[ModelReference] = list(definition.models)
         k = len(self.methods)
         self.dimensions = [Dimension("method", 0.0, float(k), 0.5)]  # starts on the first method
@@ -662,6 +764,10 @@ class MethodChoiceGenome(SearchGenome):
         if self.switched:
             labels = _unique_labels(self.models)
             self.dimensions += switch_dimensions([labels[m] for m in self.models])
+
+    @property
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        return self.choices[0].groups  # every method's genome has the same layer groups
 
     def chosen(self, x: Sequence[float]) -> int:
         return category(x[0], len(self.methods))
@@ -688,7 +794,7 @@ class MethodChoiceGenome(SearchGenome):
         for sub in self.choices:
             lines += sub.describe()
         if self.switched:
-            weighted = [m for m, sub in zip(self.methods, self.choices) if "weight" in sub.params]
+            weighted = [m for m, sub in zip(self.methods, self.choices) if sub.spec.search.weighted]
             lines.append(switch_line(len(self.models)) + f"; used by {', '.join(weighted)}")
         return lines
 
@@ -697,17 +803,17 @@ class MethodChoiceGenome(SearchGenome):
         i = self.chosen(x)
         sub = self.choices[i]
         switches = ()
-        if self.switched and "weight" in sub.params:  # the other methods ignore the switches
+        if self.switched and sub.spec.search.weighted:  # the other methods ignore the switches
             labels = _unique_labels(self.models)
             switches = tuple((labels[m], not o) for m, o in zip(self.models, switched_off(x[self.num_params :])))
-        return GenotypeView(self.methods[i], methods=tuple(self.methods), groups=sub.layer_groups(),
+        return GenotypeView(self.methods[i], methods=tuple(self.methods), groups=sub.groups,
                             genes=sub.gene_values(self.decode(x), prefix=f"{self.methods[i]}."), models=switches)
 
     def decode_plain(self, x: list[float]) -> dict:
         i = self.chosen(x)
         sub = self.choices[i]
         recipe = sub.decode_plain(x[self.offsets[i] : self.offsets[i] + sub.size])
-        if self.switched and "weight" in sub.params:
+        if self.switched and sub.spec.search.weighted:
             off = switched_off(x[self.num_params :])
             zero_weights(recipe, {str(m) for m, o in zip(self.models, off) if o})
         return recipe
@@ -727,8 +833,8 @@ class MethodChoiceGenome(SearchGenome):
         return self._check(x)
 
 
-def parameter_genome(definition, num_layers: int) -> SearchGenome:
+def parameter_genome(definition: GenomeDefinition, num_layers: int) -> Genome:
     """The genome of a `kind: parameter_space` definition: one method, or a choice of methods."""
     if isinstance(definition.merge_method, str):
-        return Genome(definition, num_layers)
+        return method_genome(definition, num_layers)
     return MethodChoiceGenome(definition, num_layers)

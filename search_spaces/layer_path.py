@@ -38,10 +38,10 @@ from merge_engine.config import MergeConfig, ParameterScope, lookup_parameter
 from merge_engine.errors import ConfigError
 
 from .definition import GenomeDefinition
-from .genome import Dimension, GenotypeView, SearchGenome, distinct_anchors, _unique_labels, category
+from .genome import Dimension, GenotypeView, Genome, distinct_anchors, _unique_labels, category
 
 
-class LayerPathGenome(SearchGenome):
+class LayerPathGenome(Genome):
     def __init__(self, definition: GenomeDefinition, layer_counts: Sequence[int]):
         """`definition`: of kind layer_path; `layer_counts`: each model's number of layers, in the
         order of `definition.models`."""

@@ -1,4 +1,4 @@
-"""The search genome (search_spaces.genome.Genome): layout, bounds, starting point, decode to a
+"""The one-method genomes (search_spaces.genome.method_genome): layout, bounds, starting point, decode to a
 mergekit recipe, encode back, clipping, and the numbers the decoded recipes really merge with.
 
 Layout and decode checks build Genomes straight from a parsed search.yml genome with a given layer
@@ -20,7 +20,7 @@ from merge_engine.config import Conditional, ModelReference, parse_config
 from merge_engine.errors import ConfigError
 from merge_engine.methods import DELLA_DENSITY, DELLA_EPSILON, GAMMA
 from merge_engine.methods import METHODS as REGISTRY
-from search_spaces.genome import Genome
+from search_spaces.genome import MethodGenome, method_genome
 
 METHOD_PARAMS = {name: spec.search.names for name, spec in REGISTRY.items() if spec.search}
 MIN_DENSITY = REGISTRY["ties"].search.param("density").low
@@ -40,11 +40,11 @@ def definition(**genome):
     return parse_search_config({"genome": genome, "tasks": ["t"]}).genome
 
 
-def make(num_layers: int = 4, **genome) -> Genome:
-    return Genome(definition(**genome), num_layers)
+def make(num_layers: int = 4, **genome) -> MethodGenome:
+    return method_genome(definition(**genome), num_layers)
 
 
-def random_x(g: Genome, seed: int) -> list[float]:
+def random_x(g: MethodGenome, seed: int) -> list[float]:
     rng = random.Random(seed)
     return [rng.uniform(d.low, d.high) for d in g.dimensions]
 
@@ -53,13 +53,13 @@ def ref(path: str) -> ModelReference:
     return ModelReference.parse(path)
 
 
-def index(g: Genome, group: int, model: int, flt: int, param: str) -> int:
+def index(g: MethodGenome, group: int, model: int, flt: int, param: str) -> int:
     """Position in the flat vector, from the documented layout [groups, models, sets, params]."""
     params = METHOD_PARAMS[g.method]
     return ((group * len(g.models) + model) * len(g.filters) + flt) * len(params) + params.index(param)
 
 
-def slerp_index(g: Genome, group: int, what) -> int:
+def slerp_index(g: MethodGenome, group: int, what) -> int:
     """slerp layout per group: [select score per pool model (pool > 2)] + [t per parameter set]."""
     pool = len(g.slerp_pool)
     select = pool if pool > 2 else 0
@@ -590,14 +590,14 @@ def test_build_genome_reads_layer_count_from_the_models(llama_models):
 # the numbers a decoded recipe really merges with (planned on the tiny llama models)
 
 
-def _genome(llama_models, **genome) -> Genome:
+def _genome(llama_models, **genome) -> MethodGenome:
     paths = {k: str(v) for k, v in llama_models.items()}
     genome["models"] = [paths[m] for m in genome.get("models", ["a", "b"])]
     if "base_model" in genome:
         genome["base_model"] = paths[genome["base_model"]]
     elif genome["merge_method"] in NEEDS_BASE:
         genome["base_model"] = paths["base"]
-    return Genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
+    return method_genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
 
 
 LAYER = "model.layers.{}.{}.weight"
@@ -684,7 +684,7 @@ def test_linear_with_base_model_is_refused_or_merges(llama_models, granularity):
     except ConfigError as err:  # refusing it up front is fine
         assert "base_model" in str(err)
         return
-    g = Genome(defn, 4)
+    g = method_genome(defn, 4)
     with planned(g.decode(g.initial())) as plan:
         assert len(plan.tasks) == 39
 
@@ -766,7 +766,7 @@ def test_planned_sparsifying_parameters_follow_the_genotype(llama_models, method
         assert task.method.name == method
 
 
-def _stock_index(g: Genome, group: int, flt: int) -> int:
+def _stock_index(g: MethodGenome, group: int, flt: int) -> int:
     return group * len(g.filters) + flt
 
 

@@ -17,7 +17,8 @@ import torch
 from evolve.config import parse_search_config
 from merge_engine.config import parse_config
 from merge_engine.errors import ConfigError
-from search_spaces.genome import SWITCH_ON, Genome, MethodChoiceGenome, parameter_genome
+from search_spaces.genome import (SWITCH_ON, Differentiability, GlobalParamGenome, MethodChoiceGenome, SlerpGenome,
+                                  WeightedGenome, method_genome, parameter_genome)
 
 A, B, C, BASE = "/m/ft_a", "/m/ft_b", "/m/ft_c", "/m/base"
 
@@ -42,6 +43,28 @@ def error(**genome) -> str:
     return str(info.value)
 
 
+def test_one_class_per_layout_and_how_each_is_differentiable():
+    """method_genome picks the layout's class; linear and task arithmetic merge linearly in the
+    genes, the sparsifying methods with their masks fixed; slerp, model_stock, the SVD methods
+    (global parameters only) and a method list give a gradient optimiser nothing to follow."""
+    expected = {"linear": (WeightedGenome, Differentiability.FULL),
+                "task_arithmetic": (WeightedGenome, Differentiability.FULL),
+                "ties": (WeightedGenome, Differentiability.MASKS_FIXED),
+                "dare_linear": (WeightedGenome, Differentiability.MASKS_FIXED),
+                "breadcrumbs": (WeightedGenome, Differentiability.MASKS_FIXED),
+                "slerp": (SlerpGenome, Differentiability.NONE),
+                "model_stock": (GlobalParamGenome, Differentiability.NONE),
+                "tsvm": (GlobalParamGenome, Differentiability.NONE),
+                "iso_c": (GlobalParamGenome, Differentiability.NONE),
+                "iso_cts": (GlobalParamGenome, Differentiability.NONE)}
+    for method, (cls, how) in expected.items():
+        g = make(4, models=[A, B, C], merge_method=method, base_model=None if method == "linear" else BASE)
+        assert type(g) is cls and g.differentiable is how, method
+    choice = make(4, merge_method=["linear", "task_arithmetic"], base_model=BASE)
+    assert choice.differentiable is Differentiability.NONE
+    assert choice.groups == choice.choices[0].groups == ((0, 3),)
+
+
 # ----------------------------------------------------------------------------------------------
 # method gene
 
@@ -49,7 +72,7 @@ def error(**genome) -> str:
 def test_method_list_layout_is_method_gene_then_each_methods_own_genes():
     g = make(4, merge_method=["linear", "ties", "slerp"], base_model=BASE, layer_granularity=2, filters=["mlp"])
     assert isinstance(g, MethodChoiceGenome)
-    singles = [Genome(definition(merge_method=m, base_model=BASE if m != "linear" else None, layer_granularity=2,
+    singles = [method_genome(definition(merge_method=m, base_model=BASE if m != "linear" else None, layer_granularity=2,
                                  filters=["mlp"]), 4) for m in ("linear", "ties", "slerp")]
     assert [s.size for s in singles] == [2 * 2 * 2, 2 * 2 * 2 * 2, 2 * (3 + 2)]
     assert g.size == 1 + 8 + 16 + 10
@@ -75,8 +98,8 @@ def test_method_gene_is_floor_clamped(value, method):
 
 def test_decode_uses_only_the_picked_methods_genes():
     g = make(4, merge_method=["linear", "ties"], base_model=BASE, layer_granularity=2)
-    linear = Genome(definition(merge_method="linear", layer_granularity=2), 4)
-    ties = Genome(definition(merge_method="ties", base_model=BASE, layer_granularity=2), 4)
+    linear = method_genome(definition(merge_method="linear", layer_granularity=2), 4)
+    ties = method_genome(definition(merge_method="ties", base_model=BASE, layer_granularity=2), 4)
     x = random_x(g, 3)
     x[0] = 1.2  # ties
     assert g.decode(x) == ties.decode(x[1 + linear.size :])

@@ -58,7 +58,7 @@ def test_search_facts_are_valid_parameters_with_valid_bounds():
 def test_search_config_and_genome_read_the_registry():
     from evolve.config import parse_search_config
     from search_spaces.definition import SEARCHABLE_METHODS
-    from search_spaces.genome import Genome
+    from search_spaces.genome import MethodGenome, method_genome
 
     assert set(SEARCHABLE_METHODS) == set(searchable_methods())
     for name in searchable_methods():
@@ -70,7 +70,7 @@ def test_search_config_and_genome_read_the_registry():
             genome["base_model"] = "/m/base"
         definition = parse_search_config({"genome": genome, "tasks": ["t"]}).genome
         assert definition.effective_normalize == spec.search.normalize
-        g = Genome(definition, num_layers=2)
+        g = method_genome(definition, num_layers=2)
         assert g.params == spec.search.names
         for dim in g.dimensions:
             param = dim.name.split(".")[-2]

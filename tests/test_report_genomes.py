@@ -350,7 +350,7 @@ def test_pareto(experiments):
 
 
 def test_explain_answers_for_every_layout_without_model_files():
-    """SearchGenome.explain (what the report asks every genome) on layouts built without models:
+    """Genome.explain (what the report asks every genome) on layouts built without models:
     one switched-in model when every switch gene is off, no switch view for a picked method
     without weights, a layer path's placement rule (a used-up layer goes to the nearest free one)."""
     from search_spaces.genome import parameter_genome

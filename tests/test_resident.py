@@ -25,7 +25,7 @@ from merge_engine.options import MergeOptions
 from merge_engine.resident import ResidentMerger
 from merge_engine.streaming import run_merge
 from merge_engine.methods import METHODS as REGISTRY
-from search_spaces.genome import Genome
+from search_spaces.genome import MethodGenome, method_genome
 
 REPO = Path(__file__).resolve().parents[1]
 _VENV_CLI = Path(sys.executable).parent / "mergekit-yaml"
@@ -47,22 +47,22 @@ ALL = layer_names(range(4), MLP + OTHER) | PRE | POST
 assert len(ALL) == 39
 
 
-def make_genome(llama_models, method: str, dtype: str = "bfloat16", **extra) -> Genome:
+def make_genome(llama_models, method: str, dtype: str = "bfloat16", **extra) -> MethodGenome:
     paths = {k: str(v) for k, v in llama_models.items()}
     genome = {"models": [paths["a"], paths["b"]], "merge_method": method, "layer_granularity": 2,
               "filters": ["mlp"], "dtype": dtype, **extra}
     if method != "linear":
         # slerp: base not among the models joins the pool -> three models, chosen per group
         genome["base_model"] = paths["base"]
-    return Genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
+    return method_genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
 
 
-def random_x(g: Genome, seed: int) -> list[float]:
+def random_x(g: MethodGenome, seed: int) -> list[float]:
     rng = random.Random(seed)
     return [rng.uniform(d.low, d.high) for d in g.dimensions]
 
 
-def index(g: Genome, group: int, model: int, flt: int, param: str) -> int:
+def index(g: MethodGenome, group: int, model: int, flt: int, param: str) -> int:
     params = REGISTRY[g.method].search.names
     return ((group * len(g.models) + model) * len(g.filters) + flt) * len(params) + params.index(param)
 

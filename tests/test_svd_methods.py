@@ -359,12 +359,12 @@ def test_resident_equals_streaming_bit_for_bit(llama_models, tmp_path, method):
 
     from evolve.config import parse_search_config
     from merge_engine.resident import ResidentMerger
-    from search_spaces.genome import Genome
+    from search_spaces.genome import method_genome
 
     paths = {k: str(v) for k, v in llama_models.items()}
     genome = {"models": [paths["a"], paths["b"]], "merge_method": method, "base_model": paths["base"],
               "layer_granularity": 2, "filters": ["mlp"], "dtype": "bfloat16"}
-    g = Genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
+    g = method_genome(parse_search_config({"genome": genome, "tasks": ["t"]}).genome, 4)
     rng = random.Random(7)
     cfg = g.decode([rng.uniform(d.low, d.high) for d in g.dimensions])
     merger = ResidentMerger(cfg, MergeOptions(quiet=True))
