@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evolve.cluster import RayCluster  # noqa: E402
 from evolve.loop import Outcome, run_loop  # noqa: E402
-from evolve.optimizers import SearchSpace, make_optimizer  # noqa: E402
+from evolve.optimizers import make_optimizer  # noqa: E402
+from search_spaces.genome import SearchSpace  # noqa: E402
 from evolve.pool import WorkerPool, WorkerSpec  # noqa: E402
 from evolve.store import ExperimentStore  # noqa: E402
 

@@ -246,7 +246,7 @@ def exports_by_z(storage: Path, zs: tuple[float, ...]) -> dict[float, tuple[int,
 
     from evolve.config import parse_search_config
     from evolve.objectives import Scoring
-    from evolve.search import build_genome, search_space
+    from evolve.search import build_genome
     from evolve.selection import choose
     from evolve.store import STUDY_NAME, candidate_row
     from merge_engine.config import load_yaml_text
@@ -254,7 +254,7 @@ def exports_by_z(storage: Path, zs: tuple[float, ...]) -> dict[float, tuple[int,
     manifest = json.loads((storage / "manifest.json").read_text())
     config = parse_search_config(load_yaml_text(manifest["config"], "manifest.json"), "manifest.json")
     genome = build_genome(config)
-    names = search_space(genome).names
+    names = genome.space.names
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{storage / 'study.db'}")
     trials = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.value is not None}

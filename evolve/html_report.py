@@ -306,16 +306,14 @@ def _render(root: Path, study, tmp: Path) -> str:
 
     from .report import plot_fitness, read_runs
     from .store import ExperimentStore
-    from .optimizers import SearchSpace
+    from search_spaces.genome import SearchSpace
 
     manifest = _read_json(root / "manifest.json")
     config = _search_config(manifest)
     genome = _genome(config)
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     if genome is not None:
-        from .search import search_space
-
-        space = search_space(genome)
+        space = genome.space
     else:  # the genes as the study recorded them
         dists = next((t.distributions for t in trials if t.distributions), {})
         space = SearchSpace(tuple(dists), tuple(d.low for d in dists.values()), tuple(d.high for d in dists.values()))

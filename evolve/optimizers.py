@@ -39,18 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The box the optimiser searches: one named, bounded dimension per gene."""
-
-    names: tuple[str, ...]
-    lower: tuple[float, ...]
-    upper: tuple[float, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.names)
+from search_spaces.genome import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -246,9 +235,7 @@ class OptunaSamplerOptimizer(Optimizer):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space = space
         self.objectives = objectives
-        self.distributions = {
-            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
-        }
+        self.distributions = optuna_distributions(space)
         start = dict(zip(space.names, map(float, x0)))
         self.constraints = constraints
         self.study = optuna.create_study(directions=["maximize"] * objectives, sampler=SAMPLERS[sampler](seed, start, popsize))
@@ -334,6 +321,14 @@ OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "optuna-cmaes": _sampler("optuna-cmaes"),
     "random": _sampler("random"),
 }
+
+
+def optuna_distributions(space: SearchSpace) -> dict:
+    """The space as Optuna's distributions (name -> FloatDistribution): the sampler's study and the
+    experiment's study share them."""
+    import optuna
+
+    return {n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)}
 
 
 def make_optimizer(name: str, space: SearchSpace, x0: Sequence[float], seed: int, **options) -> Optimizer:

@@ -32,7 +32,7 @@ from .config import SearchConfig
 from .model_refs import check_experiment_references, check_genome_models, check_template_recipe
 from .loop import Candidate, JournalMismatch, LoopState, Outcome, resume, run_loop
 from .objectives import Scoring, extra_metrics
-from .optimizers import Optimizer, SearchSpace, make_optimizer
+from .optimizers import Optimizer, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
 from .rescore import Rescoring, read_rescore
 from .selection import Selection, exported, ranked
@@ -92,10 +92,6 @@ def build_genome(config: SearchConfig) -> Genome:
     if len(set(counts.values())) > 1:
         raise ConfigError(f"genome.models: models have different layer counts: {counts}")
     return parameter_genome(config.genome, next(iter(counts.values())))
-
-
-def search_space(genome: Genome) -> SearchSpace:
-    return SearchSpace(tuple(d.name for d in genome.dimensions), tuple(genome.lower), tuple(genome.upper))
 
 
 def starting_point(config: SearchConfig, genome: Genome) -> list[float]:
@@ -161,7 +157,7 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float],
     opt = config.optimizer
     anchors = search_anchors(config, genome, x0) if anchors is None else anchors
     return make_optimizer(
-        opt.name, search_space(genome), x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
+        opt.name, genome.space, x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,
         objectives=max(len(config.objective_tasks), 1), constraints=bool(config.constraints),
         anchors=[x for _, x in anchors],
@@ -374,7 +370,7 @@ class SearchRun:
         check_template_recipe(self.genome.decode(self.x0), options.merge_options())
         check_tasks(config, options)
         self.anchors = search_anchors(config, self.genome, self.x0)
-        self.store = ExperimentStore(options.storage_path, search_space(self.genome), [label for label, _ in self.anchors])
+        self.store = ExperimentStore(options.storage_path, self.genome.space, [label for label, _ in self.anchors])
         started_with = self.store.manifest().get("optimizer") if options.resume else None
         self.config = config = resolve_optimizer(config, self.genome.size, started_with)[0]
         self.store.open(

@@ -36,7 +36,9 @@ from merge_engine.config import MergeConfig
 from merge_engine.errors import ConfigError, RunFailure
 
 from .loop import Candidate, JournalEntry, Outcome
-from .optimizers import Proposal, SearchSpace
+from search_spaces.genome import SearchSpace
+
+from .optimizers import Proposal, optuna_distributions
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +200,9 @@ class ExperimentStore:
     def __init__(self, root: Path, space: SearchSpace, anchor_labels: Sequence[str] = ()):
         """`anchor_labels`: what each anchor (a proposal of generation -1, by index) is, kept on its
         trial as the user attribute `anchor`."""
-        import optuna
-
         self.root = Path(root)
         self.space = space
-        self.distributions = {
-            n: optuna.distributions.FloatDistribution(lo, hi) for n, lo, hi in zip(space.names, space.lower, space.upper)
-        }
+        self.distributions = optuna_distributions(space)
         self.anchor_labels = list(anchor_labels)
         self.study = None
         self._writer: Optional[ThreadPoolExecutor] = None

@@ -51,6 +51,20 @@ class Dimension:
 
 
 @dataclass(frozen=True)
+class SearchSpace:
+    """The box the optimiser searches: one named, bounded dimension per gene (Genome.space; the
+    experiment's study and the optimisers take their bounds from it)."""
+
+    names: tuple[str, ...]
+    lower: tuple[float, ...]
+    upper: tuple[float, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
 class GeneValue:
     """One per-layer-group gene of a decoded genotype (GenotypeView.genes)."""
 
@@ -182,12 +196,9 @@ class Genome:
         return len(self.dimensions)
 
     @property
-    def lower(self) -> list[float]:
-        return [d.low for d in self.dimensions]
-
-    @property
-    def upper(self) -> list[float]:
-        return [d.high for d in self.dimensions]
+    def space(self) -> SearchSpace:
+        return SearchSpace(tuple(d.name for d in self.dimensions), tuple(d.low for d in self.dimensions),
+                           tuple(d.high for d in self.dimensions))
 
     @property
     def groups(self) -> tuple[tuple[int, int], ...]:

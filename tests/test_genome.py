@@ -113,7 +113,7 @@ def test_dimension_count_and_order(method, num_layers, granularity, filters, mod
     sets = len(filters or []) + 1
     params = {"linear": 1, "task_arithmetic": 1}.get(method, 2)
     assert g.num_groups == groups
-    assert g.size == groups * len(models) * sets * params == len(g.lower) == len(g.upper) == len(g.initial())
+    assert g.size == groups * len(models) * sets * params == len(g.space.lower) == len(g.space.upper) == len(g.initial())
     assert METHOD_PARAMS[method] == (("weight",) if params == 1 else ("weight", "density"))
     # the flat vector is [groups, models, parameter sets, params], catch-all set last
     names = [d.name for d in g.dimensions]
@@ -225,7 +225,7 @@ def test_initial_point(method, n_models):
     x = g.initial()
     for d, v in zip(g.dimensions, x):
         assert v == (1.0 / n_models if ".weight." in d.name else 1.0)
-    assert g.lower == [d.low for d in g.dimensions] and g.upper == [d.high for d in g.dimensions]
+    assert g.space.lower == tuple(d.low for d in g.dimensions) and g.space.upper == tuple(d.high for d in g.dimensions)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from evolve.html_report import write_report
 from evolve.loop import Outcome, run_loop
 from evolve.report import RunRecord, append_run
 from evolve.objectives import Scoring
-from evolve.search import build_genome, build_optimizer, search_space
+from evolve.search import build_genome, build_optimizer
 from evolve.store import ExperimentStore, recipe_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def run_search(root: Path, models: dict, budget: int = BUDGET, pause: float = 0.
     text = config_text(models, budget, optimizer)
     config = parse_search_config(yaml.safe_load(text))
     genome = build_genome(config)
-    store = ExperimentStore(root, search_space(genome))
+    store = ExperimentStore(root, genome.space)
     store.open(text, {"optimizer": 0}, resume=False)
     optimizer = build_optimizer(config, genome, genome.initial())
     state = run_loop(optimizer, MetricRunner(genome, config), store, budget, on_outcome=lambda c, o: time.sleep(pause))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from evolve.loop import Candidate, JournalEntry, LoopState, Outcome, resume, run_loop
-from evolve.optimizers import OPTIMIZERS, CMAESOptimizer, Result, SearchSpace, make_optimizer
+from evolve.optimizers import OPTIMIZERS, CMAESOptimizer, Result, make_optimizer
+from search_spaces.genome import SearchSpace
 
 SPACE = SearchSpace(("a", "b", "c", "d"), (0.0, 0.0, -1.0, 0.0), (1.0, 1.0, 1.0, 2.0))
 X0 = [0.5, 0.5, 0.0, 1.0]

@@ -13,7 +13,8 @@ import pytest
 from evaluators.racing import paired_difference, paired_estimate, should_stop, split_stages
 from evolve.config import parse_search_config
 from evolve.objectives import Scoring
-from evolve.optimizers import Result, SearchSpace, make_optimizer
+from evolve.optimizers import Result, make_optimizer
+from search_spaces.genome import SearchSpace
 from evolve.rescore import Rescoring, read_rescore, top_candidates
 from evolve.selection import exported
 from evolve.store import recipe_hash, round_to_dtype

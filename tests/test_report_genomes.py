@@ -26,7 +26,7 @@ from evolve.html_report import write_report
 from evolve.loop import Outcome, run_loop
 from evolve.objectives import Scoring
 from evolve.report import RunRecord, append_run, export_pareto
-from evolve.search import build_genome, build_optimizer, search_space
+from evolve.search import build_genome, build_optimizer
 from evolve.store import ExperimentStore, recipe_hash
 from test_html_report import ENV, EVOLVE, Rows, study_rows
 
@@ -69,7 +69,7 @@ def run_experiment(root: Path, search: dict, metrics, budget: int) -> None:
     text = yaml.safe_dump(search)
     config = parse_search_config(yaml.safe_load(text))
     genome = build_genome(config)
-    store = ExperimentStore(root, search_space(genome))
+    store = ExperimentStore(root, genome.space)
     store.open(text, {"optimizer": 0}, resume=False)
     runner = GenotypeRunner(genome, config, metrics)
     store.set_directions(runner.scoring.directions)

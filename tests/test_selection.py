@@ -12,7 +12,8 @@ import pytest
 
 from evolve.loop import resume, run_loop
 from evolve.objectives import Scoring
-from evolve.optimizers import OPTIMIZERS, Result, SearchSpace, make_optimizer
+from evolve.optimizers import OPTIMIZERS, Result, make_optimizer
+from search_spaces.genome import SearchSpace
 from evolve.selection import EXPORT_Z, choose, exported, paired_bound, ranked
 
 WEIGHTS = {"a": 1.0, "b": 0.5}
