@@ -248,7 +248,7 @@ def exports_by_z(storage: Path, zs: tuple[float, ...]) -> dict[float, tuple[int,
     from evolve.objectives import Scoring
     from evolve.search import build_genome
     from evolve.selection import choose
-    from evolve.store import STUDY_NAME, candidate_row
+    from evolve.store import STUDY_NAME, trial_row
     from merge_engine.config import load_yaml_text
 
     manifest = json.loads((storage / "manifest.json").read_text())
@@ -258,7 +258,7 @@ def exports_by_z(storage: Path, zs: tuple[float, ...]) -> dict[float, tuple[int,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{storage / 'study.db'}")
     trials = {t.number: t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.value is not None}
-    rows = [candidate_row(n, t.value, t.user_attrs) for n, t in trials.items()]
+    rows = [trial_row(t) for t in trials.values()]
     weights = Scoring.for_search(config, study.user_attrs.get("directions", {})).signed_weights
     picks = {}
     for z in zs:

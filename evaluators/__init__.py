@@ -16,7 +16,23 @@ torch nor lm-eval.
 from __future__ import annotations
 
 import importlib
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
+
+
+class Status(StrEnum):
+    """What became of one candidate's evaluation (the worker's result, the driver's Outcome, the
+    study's `status` attribute, the re-scoring table: the same strings everywhere)."""
+
+    COMPLETE = "complete"
+    FAILED = "failed"
+    STOPPED = "stopped"  # racing: scored on some stages' items only (evaluators.racing)
+    PENDING = "pending"  # re-scoring: not scored yet (evolve.rescore)
+
+    @property
+    def scored(self) -> bool:
+        """It has a fitness: complete, or stopped early with the paired estimate."""
+        return self in (Status.COMPLETE, Status.STOPPED)
 
 
 @runtime_checkable

@@ -22,6 +22,8 @@ from typing import Optional
 
 from merge_engine.options import MergeOptions
 
+from . import Status
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ class WorkerSettings:
 
 @dataclass
 class CandidateResult:
-    status: str  # "complete" | "failed" | "stopped" (racing: scored on the first items only)
+    status: Status  # racing: STOPPED when scored on the first stages' items only
     metrics: dict
     merge_s: float
     eval_s: float
@@ -161,7 +163,7 @@ class CandidateWorker:
                     metrics, stage, first = self.evaluator.evaluate_raced(
                         race["weights"], race["best_items"], race["fractions"], race["z"])
             eval_s = time.perf_counter() - t_eval
-            status = "complete" if stage is None else "stopped"
+            status = Status.COMPLETE if stage is None else Status.STOPPED
             return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
                                           items=getattr(self.evaluator, "evaluated_items", 0),
                                           first_items=first, stage=stage,
@@ -172,7 +174,7 @@ class CandidateWorker:
                 log.debug("candidate failed: %s", traceback.format_exc())
             return asdict(
                 CandidateResult(
-                    "failed", {}, merge_s, time.perf_counter() - start - merge_s,
+                    Status.FAILED, {}, merge_s, time.perf_counter() - start - merge_s,
                     error=f"{type(err).__name__}: {err}", worker=self.name, fault="memory" if memory else None,
                 )
             )

@@ -147,7 +147,7 @@ def _export(search, storage_path: Path, quiet: bool) -> Optional[dict]:
     out = search.export()
     selection = search.selection()
     if selection is not None:
-        click.echo(f"exported trial {selection.number} (search fitness {selection.row['fitness']:.6g}; "
+        click.echo(f"exported trial {selection.number} (search fitness {selection.row.fitness:.6g}; "
                    f"{selection.reason}); recipe: {storage_path / 'best_config.yaml'}")
     if out is not None:
         click.echo(f"final model: {out}")

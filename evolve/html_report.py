@@ -333,7 +333,7 @@ def _render(root: Path, study, tmp: Path) -> str:
     directions.update(store.directions())
     rows = store.rows()
     top = ranked(rows)
-    best = store.trial(top[0]["number"]) if top else None
+    best = store.trial(top[0].number) if top else None
     # the candidate the search exports, by its one rule (without the config: the best fitness)
     selection = exported(rows, Scoring.for_search(config, directions), _read_json(root / RESCORE)) if config is not None \
         else (Selection(top[0], "the best search fitness") if top else None)

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
+from evaluators import Status
+
 from .optimizers import Optimizer, Proposal, Result
 
 
@@ -36,8 +38,8 @@ class Candidate:
 
 @dataclass
 class Outcome:
-    status: str  # "complete" | "failed" | "stopped" (racing: scored on some stages' items only)
-    fitness: Optional[float]  # for "stopped": the paired estimate from the items scored (evaluators.racing)
+    status: Status  # COMPLETE, FAILED or STOPPED (racing: scored on some stages' items only)
+    fitness: Optional[float]  # for STOPPED: the paired estimate from the items scored (evaluators.racing)
     metrics: dict = field(default_factory=dict)
     error: Optional[str] = None
     timings: dict = field(default_factory=dict)  # merge_s, eval_s, total_s
@@ -60,10 +62,13 @@ class Outcome:
     # attempts lost to a worker fault, in order ("memory": ran out of memory, "died"): evolve.pool
     faults: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        self.status = Status(self.status)  # the study and the workers hand it over as a string
+
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""
-        fitness = self.fitness if self.status in ("complete", "stopped") else None
-        return Result(fitness, tuple(self.objectives), self.violation, self.status == "stopped")
+        fitness = self.fitness if self.status.scored else None
+        return Result(fitness, tuple(self.objectives), self.violation, self.status == Status.STOPPED)
 
 
 @dataclass

@@ -82,10 +82,10 @@ class Scoring:
 
     # -- which candidate is exported ------------------------------------------------------------
 
-    def front(self, rows: Sequence[dict]) -> list[dict]:
-        """The Pareto front of feasible rows ({"metrics", "fitness", "violation", ...}) over the
-        objective tasks (or every task in a weighted search)."""
+    def front(self, rows: Sequence) -> list:
+        """The Pareto front of feasible rows (evolve.selection.CandidateRow) over the objective
+        tasks (or every task in a weighted search)."""
         names = self.objective_names or [t.name for t in self.tasks]
-        feasible = [r for r in rows if r.get("violation", 0.0) <= 0]
-        points = [tuple(r["metrics"][n] for n in names) for r in feasible]
+        feasible = [r for r in rows if r.feasible]
+        points = [tuple(r.metrics[n] for n in names) for r in feasible]
         return [feasible[i] for i in pareto_front(points, [self.directions[n] for n in names])]

@@ -41,6 +41,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Optional
 
+from evaluators import Status
 from merge_engine.errors import RunFailure
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class WorkerPool:
             if is_out_of_memory(err):  # raised out of the actor: its state is not to be trusted
                 fault, error = "memory", _one_line(err)
             else:  # the payload's failure: the worker itself is fine
-                result = {"status": "failed", "error": _one_line(err)}
+                result = {"status": Status.FAILED, "error": _one_line(err)}
         else:
             if isinstance(result, dict) and result.get("fault") is not None:
                 fault, error = str(result["fault"]), str(result.get("error") or "")
@@ -238,7 +239,7 @@ class WorkerPool:
                 kinds = set(job.faults)
                 reason = _FAULT_TEXT.get(fault, f"worker fault {fault}") if len(kinds) == 1 else \
                     f"worker failed ({', '.join(job.faults)})"
-                result = {"status": "failed", "error": f"{reason} {job.attempts} times: {error}"}
+                result = {"status": Status.FAILED, "error": f"{reason} {job.attempts} times: {error}"}
         if job.faults:
             result["faults"] = list(job.faults)
         if done is not None:
@@ -253,7 +254,7 @@ class WorkerPool:
                 log.warning("candidate %s timed out after %.0f s; its worker is replaced", job.key, self.timeout)
                 self._replace(actor)
                 if done is not None:
-                    done.append((job.key, {"status": "failed", "error": f"timed out after {self.timeout:g} s"}, job.attempts))
+                    done.append((job.key, {"status": Status.FAILED, "error": f"timed out after {self.timeout:g} s"}, job.attempts))
 
     def shutdown(self) -> None:
         import ray

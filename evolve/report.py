@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from evaluators import Status
+
 from .store import FINAL_MODEL
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ def search_summary(store, optimizer_name: str, genome_size: int, selection=None)
         f"{retried} attempt(s) retried after a worker died ({memory} of them out of memory), {replaced} worker(s) "
         f"replaced, {timed_out} timed out."
     )
-    stopped = sum(1 for t in trials if t.user_attrs.get("status") == "stopped")
+    stopped = sum(1 for t in trials if t.user_attrs.get("status") == Status.STOPPED)
     reused = sum(1 for t in trials if t.user_attrs.get("reused_from") is not None)
     if stopped or reused:
         lines.append(f"{stopped} candidate(s) stopped early by racing; {reused} identical recipe(s) not evaluated again.")
@@ -208,9 +210,9 @@ def export_pareto(store, genome, scoring) -> Optional[Path]:
     import shutil
 
     rows, seen = [], set()
-    for row in sorted(store.rows(), key=lambda r: r["number"]):
-        if row["recipe_hash"] not in seen:  # identical recipes: the first candidate stands for them
-            seen.add(row["recipe_hash"])
+    for row in sorted(store.rows(), key=lambda r: r.number):
+        if row.recipe_hash not in seen:  # identical recipes: the first candidate stands for them
+            seen.add(row.recipe_hash)
             rows.append(row)
     front = scoring.front(rows)
     out = store.root / "pareto"
@@ -219,12 +221,12 @@ def export_pareto(store, genome, scoring) -> Optional[Path]:
     tmp.mkdir()
     members = []
     for row in front:
-        recipe = genome.decode(store.genotype_of(store.trial(row["number"])))
-        (tmp / f"{row['number']}.yaml").write_text(
-            f"# Pareto front member: trial {row['number']}, metrics {json.dumps(row['metrics'])}\n" + recipe.to_yaml()
+        recipe = genome.decode(store.genotype_of(store.trial(row.number)))
+        (tmp / f"{row.number}.yaml").write_text(
+            f"# Pareto front member: trial {row.number}, metrics {json.dumps(row.metrics)}\n" + recipe.to_yaml()
         )
-        members.append({"number": row["number"], "metrics": row["metrics"], "fitness": row["fitness"],
-                        "recipe": f"pareto/{row['number']}.yaml"})
+        members.append({"number": row.number, "metrics": row.metrics, "fitness": row.fitness,
+                        "recipe": f"pareto/{row.number}.yaml"})
     names = scoring.objective_names or [t.name for t in scoring.tasks]
     (tmp / "front.json").write_text(json.dumps(
         {"directions": {n: scoring.directions[n] for n in names}, "members": members}, indent=2))

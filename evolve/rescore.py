@@ -10,7 +10,7 @@ stopped:
      "rows": [{"number", "recipe_hash", "search_fitness", "heldout_fitness", "metrics", "status"}],
      "chosen": number of the exported candidate, or null while rows are pending}
 
-status: "pending" (not scored yet), "complete" or "failed".
+status: evaluators.Status: "pending" (not scored yet), "complete" or "failed".
 """
 
 from __future__ import annotations
@@ -22,19 +22,21 @@ from typing import Optional, Sequence
 
 from merge_engine.errors import ConfigError
 
+from evaluators import Status
+
 from .objectives import Scoring
-from .selection import ranked
+from .selection import CandidateRow, ranked
 
 RESCORE_FILE = "rescore.json"
 
 
-def top_candidates(rows: Sequence[dict], top_k: int) -> list[dict]:
+def top_candidates(rows: Sequence[CandidateRow], top_k: int) -> list[CandidateRow]:
     """The k best feasible rows by search fitness (earlier first on ties), one per recipe."""
     out, seen = [], set()
     for r in ranked(rows):
-        if r["recipe_hash"] in seen:
+        if r.recipe_hash in seen:
             continue
-        seen.add(r["recipe_hash"])
+        seen.add(r.recipe_hash)
         out.append(r)
         if len(out) == top_k:
             break
@@ -66,38 +68,38 @@ class Rescoring:
         if previous and previous.get("tasks") == self.state["tasks"] and previous.get("top_k") == top_k:
             self.state = previous  # a resumed re-scoring: keep what was scored
 
-    def select(self, rows: Sequence[dict]) -> None:
+    def select(self, rows: Sequence[CandidateRow]) -> None:
         """Fix the candidates (once: a resumed search that added candidates re-selects, keeping
         the scores of those already scored)."""
-        scored = {r["number"]: r for r in self.state["rows"] if r["status"] == "complete"}
+        scored = {r["number"]: r for r in self.state["rows"] if r["status"] == Status.COMPLETE}
         self.state["rows"] = [
-            scored.get(r["number"]) or {"number": r["number"], "recipe_hash": r["recipe_hash"],
-                                        "search_fitness": r["fitness"], "heldout_fitness": None, "metrics": {},
-                                        "status": "pending"}
+            scored.get(r.number) or {"number": r.number, "recipe_hash": r.recipe_hash,
+                                     "search_fitness": r.fitness, "heldout_fitness": None, "metrics": {},
+                                     "status": Status.PENDING}
             for r in top_candidates(rows, self.top_k)
         ]
         self._choose()  # all scored already (a resume after the re-scoring ended): the same pick
         self._save()
 
     def pending(self) -> list[int]:
-        return [r["number"] for r in self.state["rows"] if r["status"] != "complete"]
+        return [r["number"] for r in self.state["rows"] if r["status"] != Status.COMPLETE]
 
     def record(self, number: int, status: str, metrics: dict, scoring: Scoring) -> None:
         row = next(r for r in self.state["rows"] if r["number"] == number)
         row["status"], row["metrics"] = status, metrics
-        if status == "complete":
+        if status == Status.COMPLETE:
             try:
                 row["heldout_fitness"] = scoring.fitness(metrics)
             except KeyError as err:
-                row["status"], row["metrics"] = "failed", {"error": f"no metric {err}"}
+                row["status"], row["metrics"] = Status.FAILED, {"error": f"no metric {err}"}
         self._choose()
         self._save()
 
     def _choose(self) -> None:
-        if any(r["status"] == "pending" for r in self.state["rows"]):
+        if any(r["status"] == Status.PENDING for r in self.state["rows"]):
             self.state["chosen"] = None
             return
-        done = [r for r in self.state["rows"] if r["status"] == "complete" and math.isfinite(r["heldout_fitness"])]
+        done = [r for r in self.state["rows"] if r["status"] == Status.COMPLETE and math.isfinite(r["heldout_fitness"])]
         # the best held-out score; equal held-out scores: the better search fitness, then the earlier
         best = max(done, key=lambda r: (r["heldout_fitness"], r["search_fitness"], -r["number"]), default=None)
         self.state["chosen"] = best["number"] if best else None

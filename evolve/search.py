@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from evaluators import Status
 from evaluators.racing import paired_estimate
 from merge_engine.errors import ConfigError, RunFailure
 from merge_engine.options import MergeOptions
@@ -35,8 +36,8 @@ from .objectives import Scoring, extra_metrics
 from .optimizers import Optimizer, make_optimizer
 from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
 from .rescore import Rescoring, read_rescore
-from .selection import Selection, exported, ranked
-from .store import ExperimentStore, candidate_row, recipe_hash
+from .selection import CandidateRow, Selection, exported, ranked
+from .store import ExperimentStore, recipe_hash
 
 log = logging.getLogger(__name__)
 
@@ -308,9 +309,10 @@ class PoolRunner:
 
     def _reuse(self, candidate: Candidate, number: int, outcome: Outcome) -> Outcome:
         t0, _ = self.submitted.pop(candidate.number)
-        return Outcome(outcome.status, outcome.fitness, dict(outcome.metrics), outcome.error,
-                       {"merge_s": 0.0, "eval_s": 0.0, "total_s": time.perf_counter() - t0}, 0, outcome.recipe_hash,
-                       None, outcome.objectives, outcome.violation, 0, number, item_values=outcome.item_values)
+        # the scores are that candidate's; what this one cost and met is nothing
+        return replace(outcome, metrics=dict(outcome.metrics), timings={"merge_s": 0.0, "eval_s": 0.0,
+                       "total_s": time.perf_counter() - t0}, attempts=0, worker=None, items=0, reused_from=number,
+                       first_items=None, paired_with=None, stage=None, faults=())
 
     def wait(self) -> list[tuple[Candidate, Outcome]]:
         if self.ready:
@@ -323,7 +325,7 @@ class PoolRunner:
             out.append((candidate, outcome))
             del self.evaluating[key]
             followers = self.waiting.pop(candidate.number)
-            if outcome.status in ("complete", "stopped"):  # a failure may be transient: not reused
+            if outcome.status.scored:  # a failure may be transient: not reused
                 self.known[key] = (candidate.number, outcome)
                 out += [(c, self._reuse(c, candidate.number, outcome)) for c in followers]
             else:
@@ -334,24 +336,24 @@ class PoolRunner:
 
     def _outcome(self, result: dict, attempts: int, key: str, total_s: float, paired=None) -> Outcome:
         timings = {"merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0), "total_s": total_s}
-        status, error, metrics = result["status"], result.get("error"), result.get("metrics", {})
+        status, error, metrics = Status(result["status"]), result.get("error"), result.get("metrics", {})
         fitness, objectives, violation = None, (), 0.0
-        if status in ("complete", "stopped"):
+        if status.scored:
             try:
-                if status == "stopped":  # scored on some stages only: the paired estimate ranks it
+                if status == Status.STOPPED:  # scored on some stages only: the paired estimate ranks it
                     fitness = paired_estimate(result["first_items"], paired[1], paired[2], self.scoring.signed_weights)
                 else:
                     scored = self.scoring.score(metrics)
                     fitness, objectives, violation = scored.fitness, scored.objectives, scored.violation
             except KeyError as err:
-                status, error = "failed", f"no metric {err}"
+                status, error = Status.FAILED, f"no metric {err}"
         return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
                        objectives, violation, result.get("items", 0),
-                       first_items=result.get("first_items") if status in ("complete", "stopped") else None,
-                       item_values=result.get("item_values") if status == "complete" else None,
+                       first_items=result.get("first_items") if status.scored else None,
+                       item_values=result.get("item_values") if status == Status.COMPLETE else None,
                        faults=tuple(result.get("faults", ())),
-                       paired_with=paired[0] if paired is not None and status in ("complete", "stopped") else None,
-                       stage=result.get("stage") if status == "stopped" else None)
+                       paired_with=paired[0] if paired is not None and status.scored else None,
+                       stage=result.get("stage") if status == Status.STOPPED else None)
 
 
 # -- one run of the driver ------------------------------------------------------------------------
@@ -382,7 +384,7 @@ class SearchRun:
         journal = self.store.journal() if options.resume else []  # read once: resume and reuse both need it
         # identical recipes are not evaluated again, also across runs of the driver
         self.known = {e.outcome.recipe_hash: (e.candidate.number, e.outcome) for e in journal
-                      if e.outcome is not None and e.outcome.status in ("complete", "stopped") and e.outcome.recipe_hash}
+                      if e.outcome is not None and e.outcome.status.scored and e.outcome.recipe_hash}
         if options.resume:
             try:
                 self.state = resume(self.optimizer, journal)
@@ -395,13 +397,13 @@ class SearchRun:
         self.genotypes = {e.candidate.number: e.candidate.genotype for e in journal}
         top = ranked(self.rows)
         # racing pairs every candidate with the best fitness so far (the live run's, so a resume agrees)
-        self.best_value = top[0]["fitness"] if top else None
-        first_items = self.store.trial(top[0]["number"]).user_attrs.get("first_items") if top else None
-        self.best = (top[0]["number"], top[0]["fitness"], first_items) if first_items else None
+        self.best_value = top[0].fitness if top else None
+        first_items = self.store.trial(top[0].number).user_attrs.get("first_items") if top else None
+        self.best = (top[0].number, top[0].fitness, first_items) if first_items else None
         self.selected: Optional[int] = None  # the candidate best_config.yaml holds (evolve.selection)
         self.finished = len(self.store.finished())
         # a resumed search that completed a candidate before is past the early-failure check
-        self.any_success = any(e.outcome is not None and e.outcome.status != "failed" for e in journal)
+        self.any_success = any(e.outcome is not None and e.outcome.status != Status.FAILED for e in journal)
         self.same_failures, self.last_failure = 0, None
         self.record = RunRecord(started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         self.pool = None
@@ -482,22 +484,20 @@ class SearchRun:
             for key, value in outcome.timings.items():
                 self.seconds[key] = self.seconds.get(key, 0.0) + value
             fit = outcome.fitness
-            counts = outcome.status == "complete" and outcome.violation <= 0  # feasible, on every item
+            counts = outcome.status == Status.COMPLETE and outcome.violation <= 0  # feasible, on every item
             if counts and fit is not None and math.isfinite(fit):
                 self.genotypes[candidate.number] = candidate.genotype
-                self.rows.append(candidate_row(candidate.number, fit, {
-                    "metrics": outcome.metrics, "recipe_hash": outcome.recipe_hash, "item_values": outcome.item_values,
-                    "first_items": outcome.first_items, "tell_order": self.state.told - 1, "anchor": self.anchor_label(candidate)}))
+                self.rows.append(CandidateRow.of(candidate.number, outcome, self.state.told - 1, self.anchor_label(candidate)))
                 if self.best_value is None or fit > self.best_value:
                     self.best_value = fit
                     self.best = (candidate.number, fit, outcome.first_items) if outcome.first_items else None
                 self._select()
             stats = self.pool.stats
-            note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.status == "stopped" else
+            note = outcome.error or (f"stopped early (after stage {outcome.stage})" if outcome.status == Status.STOPPED else
                                      f"infeasible by {outcome.violation:.4g}" if outcome.violation > 0 else
                                      f"same recipe as trial {outcome.reused_from}" if outcome.reused_from is not None else
                                      f"retried after: {', '.join(outcome.faults)}" if outcome.faults else None)
-            chosen_fitness = next((r["fitness"] for r in self.rows if r["number"] == self.selected), None)
+            chosen_fitness = next((r.fitness for r in self.rows if r.number == self.selected), None)
             status.update(candidate.number, self.finished, fit, note, chosen_fitness, outcome.timings,
                           faults_text(stats.retried, stats.replaced, stats.timed_out))
 
@@ -518,8 +518,7 @@ class SearchRun:
         if selection is not None and selection.number != self.selected:
             self.selected = selection.number
             row = selection.row
-            self.store.write_best_config(self.genome.decode(self.genotypes[row["number"]]), row["fitness"], row["metrics"],
-                                         row["number"])
+            self.store.write_best_config(self.genome.decode(self.genotypes[row.number]), row.fitness, row.metrics, row.number)
 
     def _stop_if_failing_alike(self, outcome: Outcome) -> None:
         """The first SAME_FAILURES_TO_STOP candidates of a search all failed with one error: that
@@ -527,7 +526,7 @@ class SearchRun:
         and every later one would fail alike, burning the budget. Stop with that error."""
         if self.any_success:
             return
-        if outcome.status != "failed":
+        if outcome.status != Status.FAILED:
             self.any_success = True
             return
         self.same_failures = self.same_failures + 1 if outcome.error == self.last_failure else 1
@@ -579,7 +578,7 @@ class SearchRun:
         rescored = read_rescore(self.store.root) if self.config.rescore is not None else None
         return exported(self.store.rows(), self.scoring_now(), rescored)
 
-    def chosen(self) -> Optional[dict]:
+    def chosen(self) -> Optional[CandidateRow]:
         selection = self.selection()
         return None if selection is None else selection.row
 
@@ -592,7 +591,7 @@ class SearchRun:
         chosen = self.chosen()
         return export_best(
             self.store, self.genome, self.options.merge_options(overwrite=True), self.options.save_final_model,
-            self.summary(), self.options.quiet, None if chosen is None else chosen["number"],
+            self.summary(), self.options.quiet, None if chosen is None else chosen.number,
         )
 
 

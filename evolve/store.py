@@ -35,10 +35,12 @@ from typing import Optional, Sequence
 from merge_engine.config import MergeConfig
 from merge_engine.errors import ConfigError, RunFailure
 
-from .loop import Candidate, JournalEntry, Outcome
+from evaluators import Status
 from search_spaces.genome import SearchSpace
 
+from .loop import Candidate, JournalEntry, Outcome
 from .optimizers import Proposal, optuna_distributions
+from .selection import CandidateRow
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +190,50 @@ def _lower_thread_priority() -> None:
         pass
 
 
-def candidate_row(number: int, fitness: Optional[float], attrs: dict) -> dict:
-    """One complete candidate as evolve.selection's row, from its journal attributes."""
-    return {"number": number, "fitness": fitness, "metrics": attrs.get("metrics", {}),
-            "violation": attrs.get("violation", 0.0), "recipe_hash": attrs.get("recipe_hash"),
-            "anchor": attrs.get("anchor"), "items": attrs.get("item_values") or attrs.get("first_items"),
-            "order": attrs.get("tell_order", number)}
+def outcome_attrs(outcome: Outcome, tell_order: int) -> dict:
+    """The user attributes a finished candidate's trial holds (read back by `outcome_of`)."""
+    attrs = {
+        "status": outcome.status,
+        "tell_order": tell_order,
+        "metrics": outcome.metrics,
+        "timings": outcome.timings,
+        "attempts": outcome.attempts,
+    }
+    if outcome.recipe_hash:
+        attrs["recipe_hash"] = outcome.recipe_hash
+    if outcome.worker:
+        attrs["worker"] = outcome.worker
+    if outcome.error:
+        attrs["error"] = outcome.error[:2000]
+    optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
+                "first_items": outcome.first_items, "item_values": outcome.item_values,
+                "faults": list(outcome.faults)}
+    attrs.update({k: v for k, v in optional.items() if v})
+    # candidate 0 is a valid number
+    attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
+                                    ("stage", outcome.stage)) if v is not None})
+    if outcome.status == Status.STOPPED and outcome.fitness is not None and math.isfinite(outcome.fitness):
+        attrs["estimate"] = outcome.fitness  # the fitness told to the optimiser: the paired estimate
+    return attrs
+
+
+def outcome_of(attrs: dict, value: Optional[float]) -> Outcome:
+    """A finished trial's outcome, from its user attributes (`outcome_attrs`) and its value."""
+    a = attrs
+    return Outcome(
+        status=a.get("status", Status.FAILED), fitness=value if value is not None else a.get("estimate"),
+        metrics=a.get("metrics", {}), error=a.get("error"), timings=a.get("timings", {}),
+        attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
+        objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
+        reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
+        stage=a.get("stage"), item_values=a.get("item_values"), faults=tuple(a.get("faults", ())),
+    )
+
+
+def trial_row(trial) -> CandidateRow:
+    """A complete trial as evolve.selection's row."""
+    a = trial.user_attrs
+    return CandidateRow.of(trial.number, outcome_of(a, trial.value), a.get("tell_order", trial.number), a.get("anchor"))
 
 
 class ExperimentStore:
@@ -276,15 +316,7 @@ class ExperimentStore:
             if t.state == optuna.trial.TrialState.RUNNING:
                 entries.append(JournalEntry(candidate))
                 continue
-            outcome = Outcome(
-                status=a.get("status", "failed"), fitness=t.value if t.value is not None else a.get("estimate"),
-                metrics=a.get("metrics", {}), error=a.get("error"), timings=a.get("timings", {}),
-                attempts=a.get("attempts", 1), recipe_hash=a.get("recipe_hash"), worker=a.get("worker"),
-                objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
-                reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
-                stage=a.get("stage"), item_values=a.get("item_values"), faults=tuple(a.get("faults", ())),
-            )
-            entries.append(JournalEntry(candidate, outcome, a["tell_order"]))
+            entries.append(JournalEntry(candidate, outcome_of(a, t.value), a["tell_order"]))
         return entries
 
     # -- writing (the loop's Recorder) ------------------------------------------------------------
@@ -356,34 +388,13 @@ class ExperimentStore:
 
         storage = self.study._storage
         trial_id = self._trial_id(candidate.number)
-        attrs = {
-            "status": outcome.status,
-            "tell_order": tell_order,
-            "metrics": outcome.metrics,
-            "timings": outcome.timings,
-            "attempts": outcome.attempts,
-        }
-        if outcome.recipe_hash:
-            attrs["recipe_hash"] = outcome.recipe_hash
-        if outcome.worker:
-            attrs["worker"] = outcome.worker
-        if outcome.error:
-            attrs["error"] = outcome.error[:2000]
-        optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
-                    "first_items": outcome.first_items, "item_values": outcome.item_values,
-                    "faults": list(outcome.faults)}
-        attrs.update({k: v for k, v in optional.items() if v})
-        # candidate 0 is a valid number
-        attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
-                                        ("stage", outcome.stage)) if v is not None})
+        attrs = outcome_attrs(outcome, tell_order)
         finite = outcome.fitness is not None and math.isfinite(outcome.fitness)
-        if outcome.status == "stopped" and finite:
-            attrs["estimate"] = outcome.fitness  # the fitness told to the optimiser: the paired estimate
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id, key, value)
-        if outcome.status == "complete" and finite:
+        if outcome.status == Status.COMPLETE and finite:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.COMPLETE, [outcome.fitness])
-        elif outcome.status == "stopped" and finite:
+        elif outcome.status == Status.STOPPED and finite:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.PRUNED)
         else:
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
@@ -397,10 +408,9 @@ class ExperimentStore:
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
         return [t for t in self.study.get_trials(deepcopy=False) if t.state in states]
 
-    def rows(self) -> list[dict]:
-        """The complete candidates as plain rows, the shape evolve.selection documents (what
-        selection, re-scoring and reports read)."""
-        return [candidate_row(t.number, t.value, t.user_attrs) for t in self.finished() if t.value is not None]
+    def rows(self) -> list[CandidateRow]:
+        """The complete candidates (what selection, re-scoring and reports read)."""
+        return [trial_row(t) for t in self.finished() if t.value is not None]
 
     def set_directions(self, directions: dict) -> None:
         """The evaluator's task directions, kept for exports made without workers."""

@@ -291,7 +291,7 @@ def test_the_sqlite_store_is_a_journal_the_loop_resumes_from(tmp_path):
     from evolve.selection import ranked
 
     best = ranked(store.rows())[0]
-    assert best["fitness"] == max(r[2] for r in history(reference) if r[2] is not None)
+    assert best.fitness == max(r[2] for r in history(reference) if r[2] is not None)
 
 
 def test_a_journal_the_optimizer_does_not_reproduce_is_refused():

@@ -16,7 +16,7 @@ from evolve.objectives import Scoring
 from evolve.optimizers import Result, make_optimizer
 from search_spaces.genome import SearchSpace
 from evolve.rescore import Rescoring, read_rescore, top_candidates
-from evolve.selection import exported
+from evolve.selection import CandidateRow, exported
 from evolve.store import recipe_hash, round_to_dtype
 from merge_engine.config import parse_config
 
@@ -46,12 +46,12 @@ def test_selection_ignores_infeasible_and_follows_the_declared_rule():
     cfg = config(objectives="pareto", optimizer="random", pareto_select="y")
     scoring = Scoring.for_search(cfg, {})
     rows = [
-        {"number": 0, "fitness": 1.9, "metrics": {"x": 1.0, "y": 0.9}, "violation": 0.5},  # infeasible
-        {"number": 1, "fitness": 1.2, "metrics": {"x": 0.9, "y": 0.3}, "violation": 0.0},
-        {"number": 2, "fitness": 1.0, "metrics": {"x": 0.2, "y": 0.8}, "violation": 0.0},
-        {"number": 3, "fitness": 0.9, "metrics": {"x": 0.1, "y": 0.8}, "violation": 0.0},  # dominated by 2
+        CandidateRow(0, 1.9, {"x": 1.0, "y": 0.9}, violation=0.5),  # infeasible
+        CandidateRow(1, 1.2, {"x": 0.9, "y": 0.3}),
+        CandidateRow(2, 1.0, {"x": 0.2, "y": 0.8}),
+        CandidateRow(3, 0.9, {"x": 0.1, "y": 0.8}),  # dominated by 2
     ]
-    assert [r["number"] for r in scoring.front(rows)] == [1, 2]
+    assert [r.number for r in scoring.front(rows)] == [1, 2]
     assert exported(rows, scoring).number == 2  # best on y among the front
     weighted = Scoring.for_search(config(objectives="pareto", optimizer="random"), {})
     assert exported(rows, weighted).number == 1  # best feasible weighted sum (no anchor among the rows)
@@ -76,18 +76,18 @@ def test_config_errors_name_the_problem():
 
 def test_top_candidates_are_distinct_feasible_and_ranked():
     rows = [
-        {"number": 0, "fitness": 0.5, "recipe_hash": "a", "violation": 0.0},
-        {"number": 1, "fitness": 0.9, "recipe_hash": "b", "violation": 0.0},
-        {"number": 2, "fitness": 0.9, "recipe_hash": "b", "violation": 0.0},  # the same recipe again
-        {"number": 3, "fitness": 0.95, "recipe_hash": "c", "violation": 1.0},  # infeasible
-        {"number": 4, "fitness": 0.7, "recipe_hash": "d", "violation": 0.0},
+        CandidateRow(0, 0.5, recipe_hash="a"),
+        CandidateRow(1, 0.9, recipe_hash="b"),
+        CandidateRow(2, 0.9, recipe_hash="b"),  # the same recipe again
+        CandidateRow(3, 0.95, recipe_hash="c", violation=1.0),  # infeasible
+        CandidateRow(4, 0.7, recipe_hash="d"),
     ]
-    assert [r["number"] for r in top_candidates(rows, 3)] == [1, 4, 0]
+    assert [r.number for r in top_candidates(rows, 3)] == [1, 4, 0]
 
 
 def test_rescoring_table_picks_the_best_held_out_and_resumes(tmp_path):
     cfg = config(rescore={"tasks": ["h1", {"name": "h2", "weight": 2.0}], "top_k": 2})
-    rows = [{"number": n, "fitness": f, "recipe_hash": h, "violation": 0.0}
+    rows = [CandidateRow(n, f, recipe_hash=h)
             for n, f, h in ((0, 0.4, "a"), (1, 0.9, "b"), (2, 0.8, "c"))]
     scoring = Scoring(cfg.rescore.tasks, {})
     table = Rescoring(tmp_path, cfg.rescore.tasks, 2)

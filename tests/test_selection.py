@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,15 @@ from evolve.loop import resume, run_loop
 from evolve.objectives import Scoring
 from evolve.optimizers import OPTIMIZERS, Result, make_optimizer
 from search_spaces.genome import SearchSpace
-from evolve.selection import EXPORT_Z, choose, exported, paired_bound, ranked
+from evolve.selection import EXPORT_Z, CandidateRow, choose, exported, paired_bound, ranked
 
 WEIGHTS = {"a": 1.0, "b": 0.5}
 
 
 def row(number, items, anchor=None, order=None, weights=WEIGHTS):
     fitness = sum(w * float(np.mean(items[k])) for k, w in weights.items())
-    return {"number": number, "fitness": fitness, "metrics": {k: float(np.mean(v)) for k, v in items.items()},
-            "violation": 0.0, "recipe_hash": str(number), "anchor": anchor, "items": items,
-            "order": number if order is None else order}
+    return CandidateRow(number, fitness, {k: float(np.mean(v)) for k, v in items.items()}, 0.0, str(number), anchor,
+                        items, number if order is None else order)
 
 
 def test_paired_bound_equals_an_independent_float64_computation():
@@ -100,8 +100,8 @@ def test_among_clear_leaders_the_most_certain_lead_is_exported():
     for i in range(40, 46):
         noisy[i] = 0.0
     wild = row(2, {"a": noisy}, weights=weights)
-    assert wild["fitness"] < steady["fitness"]  # +14 - 6 = +8 items against +10
-    bounds = {r["number"]: paired_bound(r, anchor, weights)[1] for r in (steady, wild)}
+    assert wild.fitness < steady.fitness  # +14 - 6 = +8 items against +10
+    bounds = {r.number: paired_bound(r, anchor, weights)[1] for r in (steady, wild)}
     chosen = choose([anchor, steady, wild], weights)
     assert chosen.number == max(bounds, key=bounds.get)
     assert chosen.bound == pytest.approx(max(bounds.values()))
@@ -110,14 +110,12 @@ def test_among_clear_leaders_the_most_certain_lead_is_exported():
 def test_without_per_item_values_or_anchors_the_rule_is_the_best_fitness():
     rows = [row(0, {"a": [0.5], "b": [0.5]}, anchor="start"), row(1, {"a": [0.6], "b": [0.5]}),
             row(2, {"a": [0.6], "b": [0.5]}, order=0)]
-    for r in rows:
-        r["items"] = None
+    rows = [replace(r, items=None) for r in rows]
     assert choose(rows, WEIGHTS).number == 2  # equal fitness: the earlier told
-    for r in rows:
-        r["anchor"] = None
+    rows = [replace(r, anchor=None) for r in rows]
     assert choose(rows, WEIGHTS).number == 2 and "no anchor" in choose(rows, WEIGHTS).reason
     assert choose([], WEIGHTS) is None
-    infeasible = dict(rows[1], violation=0.2, fitness=9.0)
+    infeasible = replace(rows[1], violation=0.2, fitness=9.0)
     assert choose([infeasible], WEIGHTS) is None
 
 
