@@ -246,7 +246,7 @@ def exports_by_z(storage: Path, zs: tuple[float, ...]) -> dict[float, tuple[int,
 
     from evolve.config import parse_search_config
     from evolve.objectives import Scoring
-    from evolve.search import build_genome
+    from evolve.build import build_genome
     from evolve.selection import choose
     from evolve.store import STUDY_NAME, trial_row
     from merge_engine.config import load_yaml_text

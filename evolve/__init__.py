@@ -1,11 +1,24 @@
 """`mergekit-evolve`: the search loop and everything around it.
 
-    optimizers  Optimizer interface (ask/tell/state_dict) and its registry: pycma, Optuna samplers
-    loop        the pure ask -> evaluate -> tell loop and the journal replay that makes resume exact
-    pool        Ray actors that evaluate candidates: dispatch, retries, replacement, timeouts
-    cluster     connecting to Ray: a private local cluster that dies with the driver, or an existing one
-    store       the experiment directory: Optuna study (SQLite), checkpoint, manifest, best recipe
-    report      status line, fitness plot, model-card summary, export of the best recipe and model
-    search      the driver: wires the above together for one search
-    config, cli the search.yml schema and the command line
+    config       the search.yml schema (the genome's section is search_spaces.definition)
+    options      the command line's run options (EvolveOptions)
+    build        the parts a config describes: genome, starting point, anchors, optimiser
+    optimizers   Optimizer interface (ask/tell) and its registry: pycma, Optuna samplers
+    loop         the pure ask -> evaluate -> tell loop and the journal replay that makes resume exact
+    objectives   scoring: weighted fitness, Pareto objectives, constraints
+    model_refs   the genome's model references resolved and checked before any worker starts
+    tasks_check  the driver's check of the config's tasks and metrics, before any worker starts
+    workers      what workers are started with (evaluator spec, template recipe, environment)
+    pool         Ray actors that evaluate payloads: dispatch, retries, replacement, timeouts
+    pool_runner  the loop's Runner over the pool: recipes out, Outcomes back, identical recipes reused
+    cluster      connecting to Ray: a private local cluster that dies with the driver, or an existing one
+    store        the experiment directory: Optuna study (SQLite), manifest, best recipe; Outcome <-> study
+    selection    which candidate is exported (CandidateRow: one complete candidate)
+    pareto       the Pareto front of points
+    rescore      held-out re-scoring of the top candidates
+    report       status line, fitness plot, model-card summary, export of the best recipe and model
+    html_report  DIR/report.html
+    search       the driver: wires the above together for one search
+    dry_run      `--dry-run`: what a search would do
+    cli          the command line
 """

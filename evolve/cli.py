@@ -97,13 +97,14 @@ def search_command(genome_config_path, storage_path, resume, dry_run, max_fevals
         if updates:
             config = config.model_copy(update=updates)
         if dry_run:
-            from .search import dry_run_report
+            from .dry_run import dry_run_report
 
             click.echo(dry_run_report(config))
             return
         if not storage_path:
             raise ConfigError("--storage-path is required (except with --dry-run)")
-        from .search import EvolveOptions, SearchRun
+        from .options import EvolveOptions
+        from .search import SearchRun
 
         device = "cpu" if merge_cuda is False else "cuda" if (kw["cuda"] or kw["gpu_rich"]) and kw["device"] == "auto" else kw["device"]
         options = EvolveOptions(

@@ -93,7 +93,7 @@ def _task_entries(value):
 
 
 class OptimizerDefinition(Schema):
-    # None: chosen from the budget and the genome (evolve.search.resolve_optimizer)
+    # None: chosen from the budget and the genome (evolve.build.resolve_optimizer)
     name: Optional[Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random"]] = None
     popsize: Optional[int] = Field(default=None, ge=2)
     sigma0: Optional[float] = Field(default=None, gt=0)  # None: 1/6 of each gene's range (wider when chosen)

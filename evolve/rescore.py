@@ -112,3 +112,20 @@ class Rescoring:
         from .store import _atomic_write
 
         _atomic_write(self.path, json.dumps(self.state, indent=2).encode())
+
+
+def score_held_out(table: Rescoring, pool, numbers: Sequence[int], decode, scoring: Scoring, quiet: bool) -> None:
+    """Score candidates `numbers` on a pool of workers built with the held-out evaluator, recording
+    each result in `table` as it comes in. `decode`: candidate number -> its recipe (MergeConfig)."""
+    for number in numbers:
+        pool.submit(number, decode(number).to_plain())
+    remaining = len(numbers)
+    while remaining:
+        for number, result, _attempts in pool.wait():
+            remaining -= 1
+            table.record(number, result["status"], result.get("metrics", {}), scoring)
+            if not quiet:
+                row = next(r for r in table.state["rows"] if r["number"] == number)
+                held = row["heldout_fitness"]
+                print(f"  trial {number}: search {row['search_fitness']:.4f}, held-out "
+                      + (f"{held:.4f}" if held is not None else row["status"]), flush=True)

@@ -149,7 +149,7 @@ def test_optimizer_as_a_string_or_a_mapping(name):
 
 
 def test_optimizer_mapping_without_name_is_chosen_at_the_start():
-    from evolve.search import resolve_optimizer
+    from evolve.build import resolve_optimizer
 
     c = parse({**with_genome(), "optimizer": {"sigma0": 0.1}, "budget": {"max_fevals": 400}})
     assert (c.optimizer.name, c.optimizer.sigma0) == (None, 0.1)
@@ -371,7 +371,8 @@ def test_cli_bad_value_names_its_path(tmp_path):
 @pytest.mark.slow
 def test_check_tasks_finds_a_local_task(tmp_path):
     """The positive side of the unknown-task check: a task YAML in --task-search-path is found."""
-    from evolve.search import EvolveOptions, check_tasks
+    from evolve.options import EvolveOptions
+    from evolve.tasks_check import check_tasks
 
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -441,7 +442,7 @@ def test_dry_run_budget_and_population_overrides(tmp_path, models32):
 
 
 def test_dry_run_report_in_process(tmp_path):
-    from evolve.search import dry_run_report
+    from evolve.dry_run import dry_run_report
 
     models = [fake_model(tmp_path, n, 4) for n in ("a", "b")]
     cfg = parse({"genome": {"models": models, "merge_method": "slerp", "base_model": fake_model(tmp_path, "base", 4),
@@ -453,7 +454,7 @@ def test_dry_run_report_in_process(tmp_path):
 
 
 def test_racing_fraction_one_number_or_increasing_stages(tmp_path):
-    from evolve.search import dry_run_report
+    from evolve.dry_run import dry_run_report
 
     assert parse({**with_genome(), "racing": True}).racing.fractions == [0.2, 0.5]  # the default: two checks
     assert parse({**with_genome(), "racing": {"confidence_z": 2}}).racing.fractions == [0.2, 0.5]

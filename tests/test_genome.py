@@ -572,7 +572,7 @@ def test_granularity_must_divide_layers(num_layers, granularity):
 
 
 def test_build_genome_reads_layer_count_from_the_models(llama_models):
-    from evolve.search import build_genome
+    from evolve.build import build_genome
 
     def config(granularity):
         return parse_search_config({"genome": {
@@ -691,7 +691,7 @@ def test_linear_with_base_model_is_refused_or_merges(llama_models, granularity):
 
 @pytest.mark.parametrize("source", ["union", "ft_a"])
 def test_tokenizer_source_is_refused_up_front_or_merges(llama_models, source):
-    from evolve.search import build_genome
+    from evolve.build import build_genome
 
     paths = {k: str(v) for k, v in llama_models.items()}
     data = {"genome": {"models": [paths["a"], paths["b"]], "base_model": paths["base"], "merge_method": "ties",

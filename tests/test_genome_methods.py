@@ -266,7 +266,8 @@ def test_switched_off_model_merges_as_weight_zero(llama_models, tmp_path):
 
 
 def test_dry_run_lists_method_and_switch_genes(llama_models):
-    from evolve.search import build_genome, dry_run_report
+    from evolve.build import build_genome
+    from evolve.dry_run import dry_run_report
 
     p = _paths(llama_models)
     config = parse_search_config({"genome": {"models": [p["a"], p["b"]], "base_model": p["base"],

@@ -293,7 +293,8 @@ def test_candidates_failing_alike_stop_the_search(quickstart, tmp_path):
     error before any success stop it; a success first, or different errors, do not."""
     from evolve.config import load_search_config
     from evolve.loop import Outcome
-    from evolve.search import EvolveOptions, SearchRun
+    from evolve.options import EvolveOptions
+    from evolve.search import SearchRun
     from merge_engine.errors import RunFailure
 
     cfg = search_yaml(quickstart, tmp_path / "s.yml")

@@ -22,7 +22,7 @@ from evolve.html_report import write_report
 from evolve.loop import Outcome, run_loop
 from evolve.report import RunRecord, append_run
 from evolve.objectives import Scoring
-from evolve.search import build_genome, build_optimizer
+from evolve.build import build_genome, build_optimizer
 from evolve.store import ExperimentStore, recipe_hash
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -212,7 +212,8 @@ def test_too_many_output_layers_for_the_repeats_bound():
 
 
 def test_build_genome_and_dry_run(llama_models, tmp_path):
-    from evolve.search import build_genome, dry_run_report
+    from evolve.build import build_genome
+    from evolve.dry_run import dry_run_report
 
     config = parse_search_config({"genome": {"kind": "layer_path", "models": [str(llama_models["a"]), str(llama_models["b"])],
                                              "num_layers": 6, "scale": True}, "tasks": ["t"]})
@@ -521,7 +522,7 @@ def test_layer_path_over_a_finished_parameter_space_search(quickstart, tmp_path)
     or at a final_model that was never exported, is a one-line error naming the key."""
     import yaml
 
-    from evolve.search import build_genome
+    from evolve.build import build_genome
     from test_search import run_evolve, search_yaml, trials
 
     m = quickstart["models"]

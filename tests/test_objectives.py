@@ -282,7 +282,7 @@ def test_cma_ranks_infeasible_after_feasible_and_failed_last():
 
 
 def test_default_optimizer_follows_the_budget_per_gene_and_a_named_one_is_kept():
-    from evolve.search import CMA_MIN_EVALS_PER_GENE, resolve_optimizer
+    from evolve.build import CMA_MIN_EVALS_PER_GENE, resolve_optimizer
 
     small = config(budget={"max_fevals": CMA_MIN_EVALS_PER_GENE * 6 - 1})
     resolved, why = resolve_optimizer(small, 6)

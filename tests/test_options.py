@@ -103,7 +103,7 @@ def test_command_specific_help_and_defaults():
 
 
 def test_search_worker_receives_the_merge_options(tmp_path):
-    from evolve.search import EvolveOptions
+    from evolve.options import EvolveOptions
 
     merge = options_from_flags(parse("mergekit-evolve", "--random-seed", "5", "--lazy-unpickle", "-j", "2",
                                      "--unsafe-truncate-embeddings", "--device", "cpu"))

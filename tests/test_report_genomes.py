@@ -26,7 +26,7 @@ from evolve.html_report import write_report
 from evolve.loop import Outcome, run_loop
 from evolve.objectives import Scoring
 from evolve.report import RunRecord, append_run, export_pareto
-from evolve.search import build_genome, build_optimizer
+from evolve.build import build_genome, build_optimizer
 from evolve.store import ExperimentStore, recipe_hash
 from test_html_report import ENV, EVOLVE, Rows, study_rows
 

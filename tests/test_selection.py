@@ -184,7 +184,7 @@ def fake_model(root: Path, name: str, layers: int = 4) -> str:
 
 def anchors_of(tmp_path, genome: dict, **config):
     from evolve.config import parse_search_config
-    from evolve.search import build_genome, search_anchors, starting_point
+    from evolve.build import build_genome, search_anchors, starting_point
 
     cfg = parse_search_config({"genome": genome, "tasks": ["t"], **config})
     g = build_genome(cfg)

@@ -1,0 +1,114 @@
+"""The search loop's Runner over a pool of workers (evolve.loop.Runner, evolve.pool.WorkerPool)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Callable, Optional
+
+from evaluators import Status
+from evaluators.racing import paired_estimate
+from search_spaces.genome import Genome
+
+from .loop import Candidate, Outcome
+from .objectives import Scoring
+from .store import recipe_hash
+
+
+class PoolRunner:
+    """The loop's Runner over a WorkerPool: decodes genotypes into recipes, turns worker results
+    into Outcomes scored by `scoring`.
+
+    A recipe identical to one already evaluated (same `recipe_hash`: weights compared as the
+    engine rounds them) is never evaluated again: it gets that candidate's outcome
+    (`reused_from`), or waits for it while it is still running. With `race`, each candidate is
+    sent with the best complete candidate's per-item values and the racing rule (see
+    evaluators.racing); `best()` gives that candidate as (number, fitness, per-item values),
+    or None."""
+
+    def __init__(self, pool, genome: Genome, scoring: Scoring, known: Optional[dict] = None, race=None,
+                 best: Callable[[], Optional[tuple[int, float, dict]]] = lambda: None):
+        self.pool = pool
+        self.genome = genome
+        self.scoring = scoring
+        self.capacity = pool.capacity
+        self.race = race
+        self.best = best
+        self.known: dict[str, tuple[int, Outcome]] = dict(known or {})  # recipe hash -> (number, outcome)
+        self.submitted: dict[int, tuple[float, str]] = {}  # number -> (submit time, recipe hash)
+        self.evaluating: dict[str, int] = {}  # recipe hash -> the candidate evaluating it
+        self.waiting: dict[int, list[Candidate]] = {}  # that candidate -> identical ones waiting for it
+        self.ready: list[tuple[Candidate, Outcome]] = []
+        self.paired: dict[int, tuple[int, float, dict]] = {}  # number -> the best it was raced against
+
+    def submit(self, candidate: Candidate) -> None:
+        recipe = self.genome.decode(candidate.genotype)
+        key = recipe_hash(recipe)
+        self.submitted[candidate.number] = (time.perf_counter(), key)
+        if key in self.known:
+            self.ready.append((candidate, self._reuse(candidate, *self.known[key])))
+        elif key in self.evaluating:
+            self.waiting[self.evaluating[key]].append(candidate)
+        else:
+            self.evaluating[key] = candidate.number
+            self.waiting[candidate.number] = []
+            payload = recipe.to_plain()
+            if self.race is not None:
+                # an anchor is raced against nothing: scored on every item (the export rule compares
+                # with it), its per-item values kept in stage order like any raced candidate's
+                best = self.best() if candidate.proposal.generation >= 0 else None
+                if best is not None:  # the best may change before this result is in: keep the one sent
+                    self.paired[candidate.number] = best
+                payload = {"recipe": payload, "race": {
+                    "best_items": None if best is None else best[2], "weights": self.scoring.signed_weights,
+                    "fractions": self.race.fractions, "z": self.race.confidence_z,
+                }}
+            self.pool.submit(candidate, payload)
+
+    def _reuse(self, candidate: Candidate, number: int, outcome: Outcome) -> Outcome:
+        t0, _ = self.submitted.pop(candidate.number)
+        # the scores are that candidate's; what this one cost and met is nothing
+        return replace(outcome, metrics=dict(outcome.metrics), timings={"merge_s": 0.0, "eval_s": 0.0,
+                       "total_s": time.perf_counter() - t0}, attempts=0, worker=None, items=0, reused_from=number,
+                       first_items=None, paired_with=None, stage=None, faults=())
+
+    def wait(self) -> list[tuple[Candidate, Outcome]]:
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
+        out = []
+        for candidate, result, attempts in self.pool.wait():
+            t0, key = self.submitted.pop(candidate.number)
+            outcome = self._outcome(result, attempts, key, time.perf_counter() - t0, self.paired.pop(candidate.number, None))
+            out.append((candidate, outcome))
+            del self.evaluating[key]
+            followers = self.waiting.pop(candidate.number)
+            if outcome.status.scored:  # a failure may be transient: not reused
+                self.known[key] = (candidate.number, outcome)
+                out += [(c, self._reuse(c, candidate.number, outcome)) for c in followers]
+            else:
+                for c in followers:  # evaluate the identical ones after all
+                    self.submitted.pop(c.number)
+                    self.submit(c)
+        return out
+
+    def _outcome(self, result: dict, attempts: int, key: str, total_s: float, paired=None) -> Outcome:
+        timings = {"merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0), "total_s": total_s}
+        status, error, metrics = Status(result["status"]), result.get("error"), result.get("metrics", {})
+        fitness, objectives, violation = None, (), 0.0
+        if status.scored:
+            try:
+                if status == Status.STOPPED:  # scored on some stages only: the paired estimate ranks it
+                    fitness = paired_estimate(result["first_items"], paired[1], paired[2], self.scoring.signed_weights)
+                else:
+                    scored = self.scoring.score(metrics)
+                    fitness, objectives, violation = scored.fitness, scored.objectives, scored.violation
+            except KeyError as err:
+                status, error = Status.FAILED, f"no metric {err}"
+        return Outcome(status, fitness, metrics, error, timings, attempts, key, result.get("worker"),
+                       objectives, violation, result.get("items", 0),
+                       first_items=result.get("first_items") if status.scored else None,
+                       item_values=result.get("item_values") if status == Status.COMPLETE else None,
+                       faults=tuple(result.get("faults", ())),
+                       paired_with=paired[0] if paired is not None and status.scored else None,
+                       stage=result.get("stage") if status == Status.STOPPED else None)
