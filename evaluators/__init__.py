@@ -5,11 +5,13 @@ attached to the worker's resident model once, and then scores the model as it is
 
     attach(model, tokenizer) -> None     keep references; the model's weights change in place
     evaluate() -> {metric name: value}   score the model as it is now
+    evaluate_raced(weights, best, fractions, z) -> (metrics, stopped after stage, per-item values)
+                                         score stage by stage against the best so far (evaluators.racing)
     directions                           {metric name: "maximize" | "minimize"}
 
 Registered kinds (`EVALUATORS`): `lm_eval` (lm-eval tasks, evaluators.lm_eval_tasks) and
 `python` (any importable callable `fn(model, tokenizer) -> dict`, evaluators.python_callable).
-Adding one = a class with those three members + one registry line. This module imports neither
+Adding one = a class with those four members + one registry line. This module imports neither
 torch nor lm-eval.
 """
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 
 class Status(StrEnum):
@@ -42,6 +44,10 @@ class Evaluator(Protocol):
     def attach(self, model, tokenizer) -> None: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+    def evaluate_raced(self, weights: dict[str, float], best: Optional[dict[str, list[float]]],
+                       fractions: Sequence[float], z: float) -> tuple[dict[str, float], Optional[int], dict[str, list[float]]]:
+        """Racing (a search with `racing:`): see evaluators.lm_eval_tasks.LMEvalEvaluator.evaluate_raced."""
 
 
 # kind -> "module:factory"; the factory takes the spec's options as keyword arguments

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
 
 def import_callable(path: str):
@@ -42,3 +42,8 @@ class PythonEvaluator:
         if not isinstance(metrics, dict):
             raise TypeError(f"evaluator function returned {type(metrics).__name__}, not a dict of metrics")
         return {str(k): float(v) for k, v in metrics.items()}
+
+    def evaluate_raced(self, weights: dict[str, float], best: Optional[dict[str, list[float]]],
+                       fractions: Sequence[float], z: float) -> tuple[dict[str, float], Optional[int], dict[str, list[float]]]:
+        # a callable returns metrics, not per-item values: there are no stages to race on
+        raise ValueError("racing: a python evaluator reports no per-item values; turn racing off")
