@@ -24,7 +24,18 @@ import click
 from .cli import apply_environment, run_cli, setup_logging
 from .options import NO_EFFECT, merge_options, options_from_flags
 from .errors import ConfigError, ModelError
-from .methods.svd import EXACT_SVD_SHARE, POWER_ITERATIONS, top_singular_triplets  # noqa: F401 (re-exported)
+
+_SVD_NAMES = ("EXACT_SVD_SHARE", "POWER_ITERATIONS", "top_singular_triplets")
+
+
+def __getattr__(name: str):
+    """The SVD's names, re-exported from methods.svd on first use (it imports torch; --help must not)."""
+    if name in _SVD_NAMES:
+        from .methods import svd
+
+        return getattr(svd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +295,8 @@ def extract_lora(
 
 def low_rank_factors(delta, max_rank: int, sv_epsilon: float, distribute_scale: bool):
     """(A [r, in], B [out, r]) with B @ A the best rank-r approximation of `delta` (float32)."""
+    from .methods.svd import top_singular_triplets
+
     u, s, vh = top_singular_triplets(delta.float(), max_rank)
     r = s.numel()
     if sv_epsilon > 0:
