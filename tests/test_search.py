@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evolve.selection import BOUND_EPS, EXPORT_Z
+
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]  # mergekit-evolve on a local Ray cluster
 
 EVOLVE = str(Path(sys.executable).parent / "mergekit-evolve")
@@ -63,9 +65,10 @@ def trials(storage: Path) -> list[dict]:
     return out
 
 
-def exported_by_rule(rows: list[dict], z: float = 2.0) -> dict:
+def exported_by_rule(rows: list[dict], z: float = EXPORT_Z) -> dict:
     """The export rule computed here from the study's rows (float64, numpy): the highest lower
-    confidence bound of the paired lead over the best anchor, the anchor itself at 0."""
+    confidence bound of the paired lead over the best anchor, the anchor itself at 0 (a bound
+    must beat it by more than rounding, BOUND_EPS)."""
     import numpy as np
 
     complete = sorted((r for r in rows if r["state"] == "COMPLETE" and r.get("violation", 0.0) <= 0),
@@ -78,7 +81,7 @@ def exported_by_rule(rows: list[dict], z: float = 2.0) -> dict:
         d = {t: np.array(r["item_values"][t], dtype=np.float64) - np.array(anchor["item_values"][t], dtype=np.float64)
              for t in ("qs_arithmetic", "qs_facts")}
         bound = sum(v.mean() for v in d.values()) - z * np.sqrt(sum(v.var(ddof=1) / len(v) for v in d.values()))
-        if bound > best_bound:
+        if bound > best_bound + BOUND_EPS:
             best, best_bound = r, bound
     return best
 
