@@ -56,6 +56,9 @@ class CandidateResult:
     # a complete candidate's per-item values (result key -> values in the evaluator's item order),
     # when every metric is a mean over items (what the export rule pairs, evolve.selection)
     item_values: Optional[dict] = None
+    # a gradient search's candidate: where the gradient steps after its scoring ended
+    # (evaluators.descent.DescentResult.to_plain)
+    descent: Optional[dict] = None
 
 
 # What allocators say when they fail: torch's CPU allocator ("DefaultCPUAllocator: can't allocate
@@ -128,6 +131,7 @@ class CandidateWorker:
         self.evaluator = build_evaluator(settings.evaluator)
         self.evaluator.attach(self.model, self.tokenizer)
         self.name = f"{os.uname().nodename}:{os.getpid()}{_ray_node_suffix()}"
+        self.descent = None  # evaluators.descent.Descent, built by the first gradient request
 
     @staticmethod
     def _no_grad():
@@ -142,12 +146,13 @@ class CandidateWorker:
     def evaluate(self, payload: dict) -> dict:
         """Merge and score one candidate. `payload`: a recipe, or {"recipe": recipe, "race":
         {"best_items", "weights", "fractions", "z"}} to race it against the best complete candidate's
-        per-item values `best_items` (None: nothing to beat yet; see evaluators.racing)."""
+        per-item values `best_items` (None: nothing to beat yet; see evaluators.racing), and/or
+        "descent": an evaluators.descent.DescentRequest, gradient steps to take after scoring."""
         from merge_engine.config import parse_config
 
-        race = None
+        race = descent = None
         if "recipe" in payload and "merge_method" not in payload:
-            payload, race = payload["recipe"], payload.get("race")
+            payload, race, descent = payload["recipe"], payload.get("race"), payload.get("descent")
         start = time.perf_counter()
         merge_s = 0.0
         try:
@@ -157,17 +162,26 @@ class CandidateWorker:
             t_eval = time.perf_counter()
             stage, first = None, None
             with self._no_grad():
-                if race is None:
+                if descent is not None and not descent.score:
+                    metrics = {}  # known already: the driver reuses the identical recipe's scores
+                elif race is None:
                     metrics = self.evaluator.evaluate()
                 else:
                     metrics, stage, first = self.evaluator.evaluate_raced(
                         race["weights"], race["best_items"], race["fractions"], race["z"])
             eval_s = time.perf_counter() - t_eval
             status = Status.COMPLETE if stage is None else Status.STOPPED
-            return asdict(CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
-                                          items=getattr(self.evaluator, "evaluated_items", 0),
-                                          first_items=first, stage=stage,
-                                          item_values=getattr(self.evaluator, "item_values", None) if stage is None else None))
+            scored = descent is None or descent.score
+            result = CandidateResult(status, metrics, merge_s, eval_s, stats.recomputed, worker=self.name,
+                                     items=getattr(self.evaluator, "evaluated_items", 0) if scored else 0,
+                                     first_items=first, stage=stage,
+                                     item_values=getattr(self.evaluator, "item_values", None) if stage is None and scored else None)
+            if descent is not None:
+                from .descent import Descent
+
+                self.descent = self.descent or Descent(self.merger, self.evaluator)
+                result.descent = self.descent.run(config, descent).to_plain()
+            return asdict(result)
         except Exception as err:  # a failed candidate is data, not a crash
             memory = is_out_of_memory(err)
             if not memory:  # formatting a traceback allocates: not while memory is short

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from merge_engine.errors import ConfigError
-from search_spaces.genome import Genome, distinct_anchors, parameter_genome, read_num_layers
+from search_spaces.genome import Differentiability, Genome, distinct_anchors, parameter_genome, read_num_layers
 from search_spaces.layer_path import LayerPathGenome
 
 from .config import SearchConfig
@@ -87,9 +87,29 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float],
     """`anchors`: search_anchors' result when the caller has it (the user's recipe files are read once)."""
     opt = config.optimizer
     anchors = search_anchors(config, genome, x0) if anchors is None else anchors
+    gradient = {}
+    if opt.name in ("gradient", "cma+gradient"):
+        check_gradient_genome(genome, opt.name)
+        gradient = {"genes": genome.gradient_genes(), "learning_rate": opt.learning_rate, "batch_size": opt.batch_size,
+                    "gradient_steps": opt.gradient_steps, "loss": opt.loss, "gradient_share": opt.gradient_share}
     return make_optimizer(
         opt.name, genome.space, x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,
         objectives=max(len(config.objective_tasks), 1), constraints=bool(config.constraints),
-        anchors=[x for _, x in anchors],
+        anchors=[x for _, x in anchors], **gradient,
     )
+
+
+def check_gradient_genome(genome: Genome, name: str) -> None:
+    """The gradient optimiser needs a merge differentiable in the genes, with the genes' decoding
+    affine (search_spaces: Differentiability.FULL): one line naming what stands in the way."""
+    how = genome.differentiable
+    if how == Differentiability.FULL and genome.gradient_genes():
+        return
+    method = getattr(genome, "method", None) or "this genome"
+    if how == Differentiability.MASKS_FIXED:
+        why = (f"merge method {method} is differentiable only with its sparsification and sign masks held fixed, "
+               "which this version does not compute")
+    else:
+        why = f"the merge is not differentiable in the genes of {method} (a layer path, a method list, slerp, model_stock and the SVD methods are not)"
+    raise ConfigError(f"optimizer: {name}: {why}; use merge_method linear or task_arithmetic, or another optimizer")

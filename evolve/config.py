@@ -93,13 +93,23 @@ def _task_entries(value):
 
 
 class OptimizerDefinition(Schema):
-    # None: chosen from the budget and the genome (evolve.build.resolve_optimizer)
-    name: Optional[Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random"]] = None
+    # None: chosen from the budget and the genome (evolve.build.resolve_optimizer); `[cma, gradient]`
+    # is read as "cma+gradient" (evolve.gradient)
+    name: Optional[Literal["cma", "optuna-cmaes", "tpe", "nsga2", "random", "gradient", "cma+gradient"]] = None
     popsize: Optional[int] = Field(default=None, ge=2)
     sigma0: Optional[float] = Field(default=None, gt=0)  # None: 1/6 of each gene's range (wider when chosen)
     seed: int = 0
     # evomerge, cma only: true = classic CMA-ES, workers wait for each generation's last result
     generation_barrier: bool = False
+    # evomerge, gradient and [cma, gradient] only (docs/mergekit-evolve.md): Adam's step as a share
+    # of each gene's range, steps between two scored candidates, search items per step, the loss
+    # (nll: of the correct choice; entropy: of the predictions, no labels used), and in
+    # [cma, gradient] the share of max_fevals the gradient stage gets
+    learning_rate: Optional[float] = Field(default=None, gt=0, le=1)
+    gradient_steps: Optional[int] = Field(default=None, ge=1)
+    batch_size: Optional[int] = Field(default=None, ge=1)
+    loss: Literal["nll", "entropy"] = "nll"
+    gradient_share: Optional[float] = Field(default=None, gt=0, lt=1)
 
 
 class BudgetDefinition(Schema):
@@ -173,6 +183,11 @@ class SearchConfig(Schema):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer_name(cls, value):
+        if isinstance(value, list) or (isinstance(value, dict) and isinstance(value.get("name"), list)):
+            names = value if isinstance(value, list) else value["name"]
+            if names != ["cma", "gradient"]:
+                raise ValueError(f"a list of optimizers must be [cma, gradient] (a CMA-ES stage, then gradient refinement), not {names}")
+            value = {**(value if isinstance(value, dict) else {}), "name": "cma+gradient"}
         return {"name": value} if isinstance(value, str) else value
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 from evaluators import Status
+from evaluators.descent import DescentResult
 
 from .optimizers import Optimizer, Proposal, Result
 
@@ -61,6 +62,9 @@ class Outcome:
     item_values: Optional[dict] = None
     # attempts lost to a worker fault, in order ("memory": ran out of memory, "died"): evolve.pool
     faults: tuple[str, ...] = ()
+    # a gradient search's candidate: where the worker's steps after scoring it ended
+    # (evaluators.descent.DescentResult.to_plain; what the optimiser is told, and resume replays)
+    descent: Optional[dict] = None
 
     def __post_init__(self):
         self.status = Status(self.status)  # the study and the workers hand it over as a string
@@ -68,7 +72,8 @@ class Outcome:
     def result(self) -> Result:
         """What the optimiser is told (the same live and when a resume replays the journal)."""
         fitness = self.fitness if self.status.scored else None
-        return Result(fitness, tuple(self.objectives), self.violation, self.status == Status.STOPPED)
+        descent = DescentResult.from_plain(self.descent) if self.descent is not None else None
+        return Result(fitness, tuple(self.objectives), self.violation, self.status == Status.STOPPED, descent)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from evaluators.descent import DescentRequest, DescentResult
 from search_spaces.genome import SearchSpace
 
 
@@ -51,6 +52,8 @@ class Proposal:
     genotype: tuple[float, ...]
     generation: int
     index: int
+    # a gradient search's candidate: the steps its worker takes after scoring it (evolve.gradient)
+    descent: Optional[DescentRequest] = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Result:
     objectives: tuple[float, ...] = ()  # multi-objective searches: each maximised (minimised ones negated)
     violation: float = 0.0  # > 0: outside the constraints by that much (its scores are kept)
     stopped: bool = False  # racing stopped it early: `fitness` is the estimate from its first items
+    descent: Optional[DescentResult] = None  # a gradient search's candidate: where its steps ended
 
 
 class Optimizer(ABC):
@@ -313,9 +317,28 @@ def _sampler(kind: str) -> Callable:
     return factory
 
 
+def _gradient(space, x0, seed, genes=(), learning_rate=None, gradient_steps=None, batch_size=None, loss="nll",
+              anchors=(), start=None, **_):
+    from .gradient import BATCH_SIZE, GRADIENT_STEPS, LEARNING_RATE, GradientOptimizer
+
+    return GradientOptimizer(space, x0, seed, genes, learning_rate or LEARNING_RATE, gradient_steps or GRADIENT_STEPS,
+                             batch_size or BATCH_SIZE, loss, anchors, start)
+
+
+def _cma_then_gradient(space, x0, seed, max_fevals=None, gradient_share=None, **options):
+    from .gradient import GRADIENT_SHARE, ChainedOptimizer, first_stage_budget
+
+    first = _cma(space, x0, seed, max_fevals=max_fevals, **options)
+    second = {k: v for k, v in options.items() if k != "anchors"}
+    budget = first_stage_budget(max_fevals, GRADIENT_SHARE if gradient_share is None else gradient_share)
+    return ChainedOptimizer(first, budget, lambda start: _gradient(space, x0, seed, start=start, **second))
+
+
 # name -> factory(space, x0, seed, **options). Options an optimiser does not use are ignored.
 OPTIMIZERS: dict[str, Callable[..., Optimizer]] = {
     "cma": _cma,
+    "gradient": _gradient,
+    "cma+gradient": _cma_then_gradient,
     "tpe": _sampler("tpe"),
     "nsga2": _sampler("nsga2"),
     "optuna-cmaes": _sampler("optuna-cmaes"),

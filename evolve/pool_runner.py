@@ -40,12 +40,15 @@ class PoolRunner:
         self.waiting: dict[int, list[Candidate]] = {}  # that candidate -> identical ones waiting for it
         self.ready: list[tuple[Candidate, Outcome]] = []
         self.paired: dict[int, tuple[int, float, dict]] = {}  # number -> the best it was raced against
+        self.steps_only: dict[int, tuple[int, Outcome]] = {}  # descent candidates of known recipes -> their scores
 
     def submit(self, candidate: Candidate) -> None:
         recipe = self.genome.decode(candidate.genotype)
         key = recipe_hash(recipe)
         self.submitted[candidate.number] = (time.perf_counter(), key)
-        if key in self.known:
+        if candidate.proposal.descent is not None:
+            self._submit_descent(candidate, recipe, key)
+        elif key in self.known:
             self.ready.append((candidate, self._reuse(candidate, *self.known[key])))
         elif key in self.evaluating:
             self.waiting[self.evaluating[key]].append(candidate)
@@ -65,6 +68,27 @@ class PoolRunner:
                 }}
             self.pool.submit(candidate, payload)
 
+    def _submit_descent(self, candidate: Candidate, recipe, key: str) -> None:
+        request = candidate.proposal.descent
+        probes, steps = [], []
+        for g in request.genes:
+            d = self.genome.dimensions[g]
+            x = list(candidate.genotype)
+            # a tenth of the range, inwards: the decoding is affine in these genes, so any step
+            # inside the bounds gives the exact slope
+            step = 0.1 * (d.high - d.low) * (1 if x[g] + 0.1 * (d.high - d.low) <= d.high else -1)
+            x[g] += step
+            probes.append(self.genome.decode(x).to_plain())
+            steps.append(step)
+        known = self.known.get(key)
+        if known is not None:
+            self.steps_only[candidate.number] = known
+        else:
+            self.evaluating.setdefault(key, candidate.number)
+            self.waiting.setdefault(candidate.number, [])
+        request = replace(request, probes=tuple(probes), probe_steps=tuple(steps), score=known is None)
+        self.pool.submit(candidate, {"recipe": recipe.to_plain(), "descent": request})
+
     def _reuse(self, candidate: Candidate, number: int, outcome: Outcome) -> Outcome:
         t0, _ = self.submitted.pop(candidate.number)
         # the scores are that candidate's; what this one cost and met is nothing
@@ -78,10 +102,14 @@ class PoolRunner:
             return out
         out = []
         for candidate, result, attempts in self.pool.wait():
+            if candidate.number in self.steps_only:
+                out.append((candidate, self._steps_outcome(candidate, result, attempts)))
+                continue
             t0, key = self.submitted.pop(candidate.number)
             outcome = self._outcome(result, attempts, key, time.perf_counter() - t0, self.paired.pop(candidate.number, None))
             out.append((candidate, outcome))
-            del self.evaluating[key]
+            if self.evaluating.get(key) == candidate.number:
+                del self.evaluating[key]
             followers = self.waiting.pop(candidate.number)
             if outcome.status.scored:  # a failure may be transient: not reused
                 self.known[key] = (candidate.number, outcome)
@@ -91,6 +119,17 @@ class PoolRunner:
                     self.submitted.pop(c.number)
                     self.submit(c)
         return out
+
+    def _steps_outcome(self, candidate: Candidate, result: dict, attempts: int) -> Outcome:
+        """A descent candidate whose recipe was scored before: that candidate's scores, this
+        run's gradient steps (or its failure)."""
+        number, known = self.steps_only.pop(candidate.number)
+        if Status(result["status"]) != Status.COMPLETE:
+            t0, key = self.submitted.pop(candidate.number)
+            return self._outcome(result, attempts, key, time.perf_counter() - t0)
+        reused = self._reuse(candidate, number, known)
+        return replace(reused, attempts=attempts, worker=result.get("worker"), descent=result.get("descent"),
+                       timings={**reused.timings, "merge_s": result.get("merge_s", 0.0)})
 
     def _outcome(self, result: dict, attempts: int, key: str, total_s: float, paired=None) -> Outcome:
         timings = {"merge_s": result.get("merge_s", 0.0), "eval_s": result.get("eval_s", 0.0), "total_s": total_s}
@@ -111,4 +150,5 @@ class PoolRunner:
                        item_values=result.get("item_values") if status == Status.COMPLETE else None,
                        faults=tuple(result.get("faults", ())),
                        paired_with=paired[0] if paired is not None and status.scored else None,
-                       stage=result.get("stage") if status == Status.STOPPED else None)
+                       stage=result.get("stage") if status == Status.STOPPED else None,
+                       descent=result.get("descent") if status.scored else None)

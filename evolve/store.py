@@ -207,7 +207,7 @@ def outcome_attrs(outcome: Outcome, tell_order: int) -> dict:
         attrs["error"] = outcome.error[:2000]
     optional = {"objectives": list(outcome.objectives), "violation": outcome.violation, "items": outcome.items,
                 "first_items": outcome.first_items, "item_values": outcome.item_values,
-                "faults": list(outcome.faults)}
+                "faults": list(outcome.faults), "descent": outcome.descent}
     attrs.update({k: v for k, v in optional.items() if v})
     # candidate 0 is a valid number
     attrs.update({k: v for k, v in (("reused_from", outcome.reused_from), ("paired_with", outcome.paired_with),
@@ -227,6 +227,7 @@ def outcome_of(attrs: dict, value: Optional[float]) -> Outcome:
         objectives=tuple(a.get("objectives", ())), violation=a.get("violation", 0.0), items=a.get("items", 0),
         reused_from=a.get("reused_from"), first_items=a.get("first_items"), paired_with=a.get("paired_with"),
         stage=a.get("stage"), item_values=a.get("item_values"), faults=tuple(a.get("faults", ())),
+        descent=a.get("descent"),
     )
 
 

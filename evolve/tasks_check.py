@@ -57,6 +57,16 @@ def check_tasks(config: SearchConfig, options: EvolveOptions) -> None:
         raise ConfigError(f"tasks: lm-eval cannot load {', '.join(names)}: {detail}") from None
     from evaluators.lm_eval_tasks import reported_metrics
 
+    if config.optimizer.name in ("gradient", "cma+gradient"):
+        from evaluators.gradient_loss import DIFFERENTIABLE_OUTPUT_TYPES
+
+        for i, task in enumerate(config.tasks):
+            kind = loaded[task.name].get_config("output_type") if task.name in loaded else None
+            if kind not in DIFFERENTIABLE_OUTPUT_TYPES:
+                raise ConfigError(
+                    f"tasks[{i}]: optimizer {config.optimizer.name}: task {task.name} is {kind}, which has no differentiable "
+                    f"loss (only {' and '.join(DIFFERENTIABLE_OUTPUT_TYPES)} tasks have); use another optimizer")
+
     asked = [(f"{key}.metric", t.name, t.metric) for key, t in keyed]
     asked += [(f"constraints[{i}].metric", c.task, c.metric) for i, c in enumerate(config.constraints) if c.metric]
     for key, name, metric in asked:

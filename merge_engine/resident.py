@@ -30,6 +30,7 @@ import torch
 from .architecture import ArchitectureInfo, config_object, transformers_class
 from .config import MergeConfig
 from .errors import ModelError
+from .methods.differentiable import inner_products, weight_gradients
 from .methods.task_arithmetic import merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, donor_of, open_inputs, plan_merge
@@ -264,15 +265,18 @@ class ResidentMerger:
 
     # -- candidates -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def apply(self, config: MergeConfig, check_finite: bool = False) -> ApplyStats:
         """Write the recipe's merged tensors into the attached model; unchanged ones are skipped.
         With `check_finite`, a merged tensor holding inf/NaN raises ModelError naming it."""
+        return self.apply_plan(self.plan(config), check_finite)
+
+    @torch.no_grad()
+    def apply_plan(self, plan: MergePlan, check_finite: bool = False) -> ApplyStats:
+        """`apply` for a plan already made (a gradient step changes only its tasks' weights)."""
         if self.model is None:
             raise RuntimeError("no model attached: call build_model() or attach() first")
         start = time.perf_counter()
         stats = ApplyStats()
-        plan = self.plan(config)
         for task in plan.tasks:
             key = _task_key(task)
             if self._last.get(task.out.name) == key:
@@ -309,6 +313,27 @@ class ResidentMerger:
             torch.cuda.synchronize(self.device)
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def parameter(self, task: TensorTask, plan: MergePlan) -> Optional[torch.Tensor]:
+        """The live model's parameter that output tensor `task` is written to (None: an LM head
+        tied to the embedding, which the embedding's parameter stands for)."""
+        return self._target(task, plan.architecture)
+
+    def weight_gradients(self, task: TensorTask, grad: torch.Tensor) -> list[float]:
+        """dL/d(weight of each input) of output tensor `task` (0 for the base), given `grad` =
+        dL/d(the merged tensor), for the methods smooth in their weights (methods.differentiable)."""
+        method = task.method.name
+        if method == "task_arithmetic":
+            _, vectors, positions, _ = self._task_vectors(task)
+        else:
+            positions = list(range(len(task.inputs)))
+            vectors = [self._input(task, i) for i in positions]
+        weights = [task.model_params[i]["weight"] for i in positions]
+        per_vector = weight_gradients(method, task.params, weights, inner_products(grad, vectors))
+        out = [0.0] * len(task.inputs)
+        for i, g in zip(positions, per_vector):
+            out[i] = g
+        return out
 
     def merged_tensors(self, config: MergeConfig) -> dict[str, torch.Tensor]:
         """Every output tensor of the recipe (for tests and export checks), without a model."""

@@ -209,6 +209,11 @@ class Genome:
     def differentiable(self) -> Differentiability:
         return Differentiability.NONE
 
+    def gradient_genes(self) -> tuple[int, ...]:
+        """The genes a gradient optimiser trains (those the decoded merge is differentiable in,
+        with the decoding affine in them); empty for a layout without any."""
+        return ()
+
     def initial(self) -> list[float]:
         return [d.initial for d in self.dimensions]
 
@@ -485,6 +490,14 @@ class WeightedGenome(MethodGenome):
         if tv is None or (tv.sparsify is None and not tv.consensus):
             return Differentiability.FULL
         return Differentiability.MASKS_FIXED
+
+    def gradient_genes(self) -> tuple[int, ...]:
+        """Every weight gene (a weight, or a point of the weight's gradient list with `smooth`),
+        for the methods smooth in their weights; switch genes and densities are not trained."""
+        if self.differentiable != Differentiability.FULL:
+            return ()
+        p = self.params.index("weight")
+        return tuple(i for i in range(self.num_params) if i % len(self.params) == p)
 
     def _bounds(self, param: str) -> tuple[float, float, float]:
         if param != "weight":

@@ -51,7 +51,19 @@ class VirtualRunner:
         self.now = end
         if cand.number % 9 == 4:
             return [(cand, Outcome("failed", None, error="boom"))]
-        return [(cand, Outcome("complete", score(cand.genotype), {"score": score(cand.genotype)}))]
+        descent = descend(cand.proposal.descent, cand.genotype) if cand.proposal.descent else None
+        return [(cand, Outcome("complete", score(cand.genotype), {"score": score(cand.genotype)}, descent=descent))]
+
+
+def descend(request, genotype) -> dict:
+    """A gradient search's steps (evolve.gradient) on -score, whose gradient is 2 (x - TARGET)."""
+    from evaluators.descent import DescentResult, adam_step
+
+    x, adam = [genotype[g] for g in request.genes], request.adam
+    for _ in range(request.steps):
+        grad = [2 * (x[i] - float(TARGET[g])) for i, g in enumerate(request.genes)]
+        x, adam = adam_step(x, grad, adam, request.learning_rates, request.lower, request.upper)
+    return DescentResult(tuple(x), adam).to_plain()
 
 
 class Crash(Exception):
@@ -91,7 +103,8 @@ class MemoryJournal:
 
 
 def build(name: str, **options):
-    return make_optimizer(name, SPACE, X0, seed=3, popsize=6, **options)
+    # genes: what the gradient optimisers train (every gene here); the others ignore it
+    return make_optimizer(name, SPACE, X0, seed=3, popsize=6, genes=(0, 1, 2, 3), **options)
 
 
 def run(name, capacity, budget, journal, state=None, runner=None, optimizer=None, **options):

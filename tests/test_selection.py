@@ -137,7 +137,7 @@ ANCHORS = [[0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.5, 0.5]]
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_proposes_the_anchors_first(name):
-    opt = make_optimizer(name, SPACE, ANCHORS[0], seed=0, popsize=4, anchors=ANCHORS)
+    opt = make_optimizer(name, SPACE, ANCHORS[0], seed=0, popsize=4, anchors=ANCHORS, genes=(0, 1))
     first = [opt.ask() for _ in range(3)]
     assert [list(p.genotype) for p in first] == ANCHORS
     assert [(p.generation, p.index) for p in first] == [(-1, 0), (-1, 1), (-1, 2)]
@@ -166,9 +166,9 @@ def test_replay_with_anchors_reaches_the_same_state(name):
     from test_loop import MemoryJournal, VirtualRunner
 
     journal = MemoryJournal()
-    opt = make_optimizer(name, SPACE, ANCHORS[0], seed=3, popsize=4, anchors=ANCHORS)
+    opt = make_optimizer(name, SPACE, ANCHORS[0], seed=3, popsize=4, anchors=ANCHORS, genes=(0, 1))
     run_loop(opt, VirtualRunner(3), journal, 14)
-    again = make_optimizer(name, SPACE, ANCHORS[0], seed=3, popsize=4, anchors=ANCHORS)
+    again = make_optimizer(name, SPACE, ANCHORS[0], seed=3, popsize=4, anchors=ANCHORS, genes=(0, 1))
     resume(again, journal.journal())
     assert [again.ask() for _ in range(5)] == [opt.ask() for _ in range(5)]
 

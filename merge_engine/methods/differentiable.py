@@ -1,0 +1,51 @@
+"""Gradients of a loss with respect to the per-model weights of one merged tensor, for the merges
+that are smooth in them: `linear` and `task_arithmetic` (what a gradient search learns; see
+docs/mergekit-evolve.md, "optimizer: gradient").
+
+Both are weighted sums, `merged = offset + c * sum_i w_i v_i / D`, with v_i model i's tensor
+(linear; offset 0, c 1) or its task vector against the base (task arithmetic; offset the base, c
+its `lambda`), and D the weights' sum S when normalising, else 1. Given G = dL/d merged, every
+weight's derivative follows from the inner products u_i = <G, v_i>:
+
+    not normalising:          dL/dw_i = c * u_i
+    normalising (D = S):      dL/dw_i = c * (u_i - sum_j w_j u_j / S) / S
+
+So the chain rule costs one pass over the inputs per tensor, and no autograd graph over the merge
+is ever built. As the engine merges (methods/task_arithmetic.py), a task-arithmetic sum below 1e-8
+in magnitude is not divided by; `linear` refuses such a sum (it raises when merging).
+
+The engine rounds each weight to the tensor's dtype before merging (mergekit's quirk: 0.3 is
+0.30078125 in bfloat16), a step function of the weight; its derivative is taken as 1 (straight
+through), which is what makes a bfloat16 merge learnable at all.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+SMOOTH_METHODS = ("linear", "task_arithmetic")
+ZERO_SUM = 1e-8  # the engine's threshold below which a task-arithmetic sum is not divided by
+
+
+def inner_products(grad: torch.Tensor, vectors: Sequence[torch.Tensor]) -> list[float]:
+    """<grad, v_i> for each v_i, accumulated in float64 (a sum over millions of products)."""
+    g = grad.reshape(-1).double()
+    # an input larger than the merged tensor (an embedding with more rows) counts by its
+    # top-left block, the part the merge uses
+    block = tuple(slice(0, n) for n in grad.shape)
+    return [float(torch.dot(g, v[block].reshape(-1).double())) for v in vectors]
+
+
+def weight_gradients(method: str, params: dict, weights: Sequence[float], products: Sequence[float]) -> list[float]:
+    """dL/dw_i from the inner products `products` (u_i = <dL/d merged, v_i>) of the method's
+    vectors v_i (linear: the inputs; task_arithmetic: the task vectors), for `weights` w_i."""
+    if method not in SMOOTH_METHODS:
+        raise ValueError(f"merge method {method} is not differentiable in its weights (known: {', '.join(SMOOTH_METHODS)})")
+    scale = float(params.get("lambda", 1.0)) if method == "task_arithmetic" else 1.0
+    total = float(sum(weights))
+    if not params.get("normalize") or (method == "task_arithmetic" and abs(total) < ZERO_SUM):
+        return [scale * u for u in products]
+    mean = sum(w * u for w, u in zip(weights, products)) / total
+    return [scale * (u - mean) / total for u in products]

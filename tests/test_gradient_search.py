@@ -1,0 +1,255 @@
+"""`optimizer: gradient` (evolve.gradient, evaluators.descent, merge_engine.methods.differentiable):
+the weight derivatives against finite differences of the engine's own merges, Adam against an
+independent float64 implementation, the genome's trained genes, the config, the optimiser's
+protocol, and exact resume through the real SQLite store."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators.descent import AdamState, DescentResult, adam_step
+from evolve.gradient import ChainedOptimizer, GradientOptimizer, first_stage_budget
+from evolve.optimizers import Result, make_optimizer
+from merge_engine.methods import METHODS
+from merge_engine.methods.common import TensorContext
+from merge_engine.methods.differentiable import inner_products, weight_gradients
+from search_spaces.genome import SearchSpace
+
+# -- the weight derivatives ----------------------------------------------------------------------
+
+
+def engine_merge(method: str, tensors, weights, params) -> torch.Tensor:
+    """The engine's own merge of float64 tensors (base first for task arithmetic)."""
+    base_index = 0 if method == "task_arithmetic" else None
+    spec = METHODS[method]
+    defaults = {k: v for k, v in spec.model_params.items() if k != "weight"}
+    weighted = [{**defaults, "weight": w} for w in weights]
+    if base_index is not None:
+        weighted = [{**defaults, "weight": 0.0}] + weighted
+    full = {k: v for k, v in METHODS[method].global_params.items()}
+    full.update(params)
+    return METHODS[method].function(tensors, base_index, full, weighted, TensorContext("model.layers.0.mlp.up_proj.weight"))
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"normalize": False}),
+    ("task_arithmetic", {"normalize": False, "lambda": 0.7}),
+    ("task_arithmetic", {"normalize": True}),
+    ("linear", {"normalize": True}),
+    ("linear", {"normalize": False}),
+])
+def test_weight_gradients_match_finite_differences_of_the_engine_merge(method, params):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    models = [base + 0.3 * torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(3)]
+    grad = torch.randn(6, 5, generator=gen, dtype=torch.float64)  # dL/d merged: L = <grad, merged>
+    weights = [0.4, 0.9, 0.25]
+    tensors = [base] + models if method == "task_arithmetic" else models
+    vectors = [m - base for m in models] if method == "task_arithmetic" else models
+    got = weight_gradients(method, params, weights, inner_products(grad, vectors))
+    def slope(i: int, h: float) -> float:
+        up, down = list(weights), list(weights)
+        up[i] += h
+        down[i] -= h
+        loss_up = float((grad * engine_merge(method, tensors, up, params)).sum())
+        loss_down = float((grad * engine_merge(method, tensors, down, params)).sum())
+        return (loss_up - loss_down) / (2 * h)
+
+    # the engine sums in float32: wide steps keep its rounding small, and Richardson's
+    # extrapolation of two central differences cancels their error up to h^4
+    h = 0.05
+    for i in range(3):
+        assert got[i] == pytest.approx((4 * slope(i, h / 2) - slope(i, h)) / 3, rel=1e-4, abs=5e-5)
+
+
+def test_inner_products_take_the_top_left_block_of_a_larger_embedding():
+    grad = torch.ones(2, 3)
+    bigger = torch.arange(20, dtype=torch.float32).view(4, 5)
+    assert inner_products(grad, [bigger]) == [float(bigger[:2, :3].sum())]
+
+
+def test_only_the_smooth_methods_have_weight_gradients():
+    with pytest.raises(ValueError, match="ties is not differentiable"):
+        weight_gradients("ties", {}, [1.0], [1.0])
+
+
+# -- Adam ----------------------------------------------------------------------------------------
+
+
+def test_adam_step_is_adam_projected_onto_the_box():
+    """Against numpy float64 (Kingma & Ba's update with bias correction), three steps."""
+    lr, lo, hi = np.array([0.1, 0.05, 0.2]), np.array([0.0, 0.0, -1.0]), np.array([1.0, 1.0, 0.1])
+    x = np.array([0.5, 0.02, 0.0])
+    m = v = np.zeros(3)
+    state, got = AdamState.fresh(3), list(x)
+    for t, g in enumerate([np.array([1.0, 2.0, -3.0]), np.array([-0.5, 1.0, -1.0]), np.array([0.2, 0.1, -2.0])], 1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        x = np.clip(x - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8), lo, hi)
+        got, state = adam_step(got, list(g), state, tuple(lr), tuple(lo), tuple(hi))
+    assert got == pytest.approx(list(x), abs=1e-15)
+    assert got[1] == 0.0 and got[2] == 0.1  # pushed against the bounds, kept inside
+    assert state.steps == 3 and state.m == pytest.approx(list(m)) and state.v == pytest.approx(list(v))
+
+
+def test_a_descent_result_survives_json_exactly():
+    import json
+
+    result = DescentResult((0.1 + 0.2, 1 / 3), AdamState((1e-17, -0.3), (2.5e-9, 0.7), 12), (0.69, 0.5), 1.25)
+    assert DescentResult.from_plain(json.loads(json.dumps(result.to_plain()))) == result
+
+
+# -- the genome and the config -------------------------------------------------------------------
+
+
+def genome_of(tmp_path, **genome):
+    from evolve.build import build_genome
+    from evolve.config import parse_search_config
+    from test_selection import fake_model
+
+    models = [fake_model(tmp_path, n) for n in ("a", "b", "base")]
+    definition = {"models": models[:2], "base_model": models[2], "merge_method": "task_arithmetic", **genome}
+    return build_genome(parse_search_config({"genome": definition, "tasks": ["t"]}))
+
+
+def test_the_trained_genes_are_the_weights(tmp_path):
+    g = genome_of(tmp_path, layer_granularity=2, model_switch=True)
+    assert [g.dimensions[i].name for i in g.gradient_genes()] == [
+        "g0.a.weight.all", "g0.b.weight.all", "g1.a.weight.all", "g1.b.weight.all"]
+    assert g.size == 6  # and two switch genes, never trained
+
+
+@pytest.mark.parametrize("genome,why", [
+    ({"merge_method": "ties"}, "ties is differentiable only with its sparsification and sign masks held fixed"),
+    ({"merge_method": "slerp", "base_model": None}, "not differentiable in the genes of slerp"),
+    ({"merge_method": ["ties", "task_arithmetic"]}, "not differentiable in the genes of this genome"),
+])
+def test_a_genome_without_gradient_is_refused_in_one_line(tmp_path, genome, why):
+    from evolve.build import check_gradient_genome
+    from merge_engine.errors import ConfigError
+
+    if genome.get("merge_method") == "slerp":
+        from test_selection import fake_model
+
+        genome = {**genome, "models": [fake_model(tmp_path, "a"), fake_model(tmp_path, "b")]}
+    with pytest.raises(ConfigError) as err:
+        check_gradient_genome(genome_of(tmp_path, **genome), "gradient")
+    message = str(err.value)
+    assert why in message and "\n" not in message and message.startswith("optimizer: gradient:")
+
+
+def test_the_optimizer_list_is_cma_then_gradient():
+    from evolve.config import parse_search_config
+    from merge_engine.errors import ConfigError
+
+    genome = {"models": ["a", "b"], "base_model": "c", "merge_method": "task_arithmetic"}
+    cfg = parse_search_config({"genome": genome, "tasks": ["t"],
+                               "optimizer": {"name": ["cma", "gradient"], "learning_rate": 0.05, "loss": "entropy"}})
+    assert (cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.optimizer.loss) == ("cma+gradient", 0.05, "entropy")
+    with pytest.raises(ConfigError, match=r"must be \[cma, gradient\]"):
+        parse_search_config({"genome": genome, "tasks": ["t"], "optimizer": ["tpe", "gradient"]})
+    with pytest.raises(ConfigError, match="optimizer.loss"):
+        parse_search_config({"genome": genome, "tasks": ["t"], "optimizer": {"name": "gradient", "loss": "mse"}})
+
+
+# -- the optimiser's protocol --------------------------------------------------------------------
+
+SPACE = SearchSpace(("w0", "w1", "s"), (0.0, 0.0, 0.0), (2.0, 2.0, 1.0))
+ANCHORS = [(0.5, 0.5, 0.75), (1.0, 1.0, 0.75)]
+
+
+def test_the_descent_starts_at_the_best_anchor_and_moves_one_candidate_at_a_time():
+    opt = GradientOptimizer(SPACE, ANCHORS[0], seed=4, genes=(0, 1), learning_rate=0.05, gradient_steps=3,
+                            batch_size=5, anchors=ANCHORS)
+    a, b = opt.ask(), opt.ask()
+    assert (a.genotype, b.genotype, a.descent, b.descent) == (ANCHORS[0], ANCHORS[1], None, None)
+    assert opt.ask() is None  # it starts at the best anchor: wait for both
+    opt.tell(b, Result(0.8))
+    opt.tell(a, Result(0.6))
+    first = opt.ask()
+    assert first.genotype == ANCHORS[1] and opt.ask() is None  # sequential: each starts where the last ended
+    request = first.descent
+    assert (request.genes, request.start, request.steps, request.batch_size, request.seed) == ((0, 1), (1.0, 1.0), 3, 5, 4)
+    assert request.learning_rates == pytest.approx((0.1, 0.1)) and request.adam == AdamState.fresh(2)
+    moved = AdamState((0.1, -0.2), (0.01, 0.04), 3)
+    opt.tell(first, Result(0.85, descent=DescentResult((1.2, 0.7), moved)))
+    second = opt.ask()
+    assert second.genotype == (1.2, 0.7, 0.75) and second.descent.adam == moved  # the switch gene is kept
+    opt.tell(second, Result(None))  # failed: the next candidate retries from the same point and moments
+    third = opt.ask()
+    assert third.genotype == second.genotype and third.descent.adam == moved and third.generation == 2
+
+
+def test_cma_then_gradient_refines_the_best_of_the_first_stage_without_scoring_an_anchor_again():
+    assert first_stage_budget(60, 0.5) == 30 and first_stage_budget(10, 0.25) == 8 and first_stage_budget(2, 0.9) == 1
+    opt = make_optimizer("cma+gradient", SPACE, ANCHORS[0], seed=1, popsize=4, anchors=ANCHORS, genes=(0, 1),
+                         max_fevals=10, gradient_share=0.4)
+    assert isinstance(opt, ChainedOptimizer) and opt.first_budget == 6
+    told = []
+
+    def fitness(p):
+        return Result(-abs(p.genotype[0] - 1.5) - len(told) * 0.001)
+
+    for _ in range(2):  # the anchors: CMA-ES samples once they are told
+        p = opt.ask()
+        told.append((p, fitness(p)))
+        opt.tell(*told[-1])
+    running = []
+    for _ in range(4):
+        p = opt.ask()
+        assert p is not None and p.descent is None
+        running.append(p)
+    assert opt.ask() is None  # the first stage's budget is spent; its results are not all in
+    for p in running:
+        told.append((p, fitness(p)))
+        opt.tell(*told[-1])
+    best = max(told, key=lambda pr: pr[1].fitness)[0].genotype
+    refined = opt.ask()
+    assert refined.genotype == best and refined.descent is not None and refined.generation == 0
+
+
+def test_a_gradient_journal_resumes_exactly_from_the_sqlite_store(tmp_path):
+    """The real ExperimentStore as the journal: stopped after 6 candidates and resumed, a
+    gradient search proposes exactly what the uninterrupted one did (the descent results are
+    read back from the study's JSON)."""
+    from evolve.loop import resume, run_loop
+    from evolve.store import ExperimentStore
+    from test_loop import SPACE as LOOP_SPACE, X0, MemoryJournal, VirtualRunner, history
+
+    def build():
+        return make_optimizer("gradient", LOOP_SPACE, X0, seed=2, genes=(0, 1, 3), learning_rate=0.07)
+
+    reference = MemoryJournal()
+    run_loop(build(), VirtualRunner(1), reference, 14)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_six(candidate, outcome):
+        seen.append(candidate.number)
+        if len(seen) == 6:
+            raise Stop()
+
+    store = ExperimentStore(tmp_path, LOOP_SPACE)
+    store.open("config", {}, resume=False)
+    with pytest.raises(Stop):
+        run_loop(build(), VirtualRunner(1), store, 14, on_outcome=stop_after_six)
+    store.close()
+    store = ExperimentStore(tmp_path, LOOP_SPACE)
+    store.open("config", {}, resume=True)
+    optimizer = build()
+    state = resume(optimizer, store.journal())
+    runner = VirtualRunner(1)
+    run_loop(optimizer, runner, store, 14, state)
+    store.close()
+    got = [(e.candidate.number, e.candidate.genotype, e.outcome.fitness) for e in store.journal()]
+    assert runner.evaluations == list(range(6, 14)) and got == history(reference)
+    # and the search went downhill: the last candidate is closer to the optimum than the start
+    fitness = [f for _, _, f in got if f is not None]
+    assert fitness[-1] > fitness[0] + 0.1 and not math.isnan(fitness[-1])
