@@ -127,7 +127,9 @@ class Descent:
                 if a.method.name not in SMOOTH_METHODS:
                     continue
                 for i, (pa, pb) in enumerate(zip(a.model_params, b.model_params)):
-                    slope = (pb.get("weight", 0.0) - pa.get("weight", 0.0)) / h
+                    if pa.get("weight") is None or pb.get("weight") is None:
+                        continue  # an input without a weight (task arithmetic's base)
+                    slope = (pb["weight"] - pa["weight"]) / h
                     if slope != 0.0:
                         jac.entries.setdefault(n, []).append((i, k, slope))
         return jac

@@ -95,7 +95,7 @@ class LMEvalEvaluator:
                 task_obj.set_config(key="num_fewshot", value=num_fewshot)
             elif task_obj.get_config("num_fewshot") is None:
                 task_obj.set_config(key="num_fewshot", value=0)
-            task_obj.set_fewshot_seed(seed=seed)
+        self.reseed_fewshot()
         self.samples = self._subsets()
         not_mean = self._not_a_mean()
         if racing and not_mean:
@@ -163,11 +163,19 @@ class LMEvalEvaluator:
             for request_type in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
                 setattr(self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True))
 
+    def reseed_fewshot(self) -> None:
+        """Seed every task's few-shot sampler with the evaluation seed. lm-eval's sampler is
+        stateful: without this before each evaluation, every candidate would get other few-shot
+        examples (other prompts), and only the first evaluation would match the seed."""
+        for task_obj in self.loaded["tasks"].values():
+            task_obj.set_fewshot_seed(seed=self.seed)
+
     def _run(self, samples: Optional[dict], per_item: bool = False) -> dict:
         from lm_eval.evaluator import evaluate
 
         if self.lm is None:
             raise RuntimeError("attach a model first")
+        self.reseed_fewshot()
         return evaluate(
             lm=self.lm,
             task_dict=self.loaded,

@@ -133,6 +133,24 @@ class ChainedOptimizer(Optimizer):
             self.first.tell(proposal, result)
 
 
+def descent_probes(genome, genotype: Sequence[float], genes: Sequence[int]) -> tuple[tuple[dict, ...], tuple[float, ...]]:
+    """(per gene: the recipe, as plain data, with that gene moved by its step; the steps): what the
+    worker plans to get the decoding's Jacobian (evaluators.descent). A step is a tenth of the gene's
+    range, inwards; the decoding is affine in these genes, so any step inside the bounds gives the
+    exact slope."""
+    probes, steps = [], []
+    for g in genes:
+        d = genome.dimensions[g]
+        step = 0.1 * (d.high - d.low)
+        if genotype[g] + step > d.high:
+            step = -step
+        x = list(genotype)
+        x[g] += step
+        probes.append(genome.decode(x).to_plain())
+        steps.append(step)
+    return tuple(probes), tuple(steps)
+
+
 def first_stage_budget(max_fevals: Optional[int], share: float = GRADIENT_SHARE) -> int:
     """Candidates the first stage of `[cma, gradient]` gets: the rest of max_fevals after the
     gradient stage's share (at least one of each)."""

@@ -10,6 +10,7 @@ from evaluators import Status
 from evaluators.racing import paired_estimate
 from search_spaces.genome import Genome
 
+from .gradient import descent_probes
 from .loop import Candidate, Outcome
 from .objectives import Scoring
 from .store import recipe_hash
@@ -70,16 +71,7 @@ class PoolRunner:
 
     def _submit_descent(self, candidate: Candidate, recipe, key: str) -> None:
         request = candidate.proposal.descent
-        probes, steps = [], []
-        for g in request.genes:
-            d = self.genome.dimensions[g]
-            x = list(candidate.genotype)
-            # a tenth of the range, inwards: the decoding is affine in these genes, so any step
-            # inside the bounds gives the exact slope
-            step = 0.1 * (d.high - d.low) * (1 if x[g] + 0.1 * (d.high - d.low) <= d.high else -1)
-            x[g] += step
-            probes.append(self.genome.decode(x).to_plain())
-            steps.append(step)
+        probes, steps = descent_probes(self.genome, candidate.genotype, request.genes)
         known = self.known.get(key)
         if known is not None:
             self.steps_only[candidate.number] = known
