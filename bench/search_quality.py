@@ -2,7 +2,7 @@
 """Search quality: evolved merge recipes vs random search vs fixed merge baselines, on held-out items.
 
     python bench/search_quality.py [--experiment conflict|quickstart] [--seeds 5] [--budget N]
-        [--optimizers cma,tpe,nsga2,random] [--work-dir bench_output/search_quality] [--threads 1]
+        [--optimizers cma,tpe,nsga2,random,gradient,cma+gradient] [--work-dir bench_output/search_quality] [--threads 1]
 
 For every (optimizer, seed) the real `mergekit-evolve` CLI runs the experiment's search.yml with
 `optimizer.name`, `optimizer.seed` and `budget.max_fevals` changed (a generated copy of the file);
@@ -157,8 +157,16 @@ def _write_json(path: Path, data) -> None:
 def parse_variant(spec: str) -> tuple[str, dict, set]:
     """`name[:key=value/...][+racing[@z[:fraction[/fraction...]]]][+pareto][+ps]` -> (optimizer name or "default", optimizer
     options, modifiers). "default" names no optimizer: mergekit-evolve's own choice applies."""
+    from evolve.optimizers import OPTIMIZERS
+
+    # an optimizer whose own name holds a "+" (cma+gradient) is not a modifier
+    joined = next((n for n in OPTIMIZERS if "+" in n and (spec == n or spec.startswith((n + ":", n + "+")))), None)
+    if joined is not None:
+        spec = spec.replace(joined, "JOINED", 1)
     base, *mods = spec.split("+")
     name, _, opts = base.partition(":")
+    if joined is not None:
+        name = joined
     options = {}
     for item in filter(None, opts.split("/")):
         key, _, value = item.partition("=")

@@ -346,3 +346,71 @@ def test_a_candidate_with_steps_is_scored_then_descends(quickstart, tmp_path):
     again = worker.evaluate({"recipe": genome.decode(x).to_plain(), "descent": replace(request, score=False)})
     assert again["metrics"] == {} and again["items"] == 0
     assert DescentResult.from_plain(again["descent"]).end == pytest.approx(done.end, abs=1e-6)
+
+
+# -- a whole gradient search through the CLI -----------------------------------------------------
+
+
+def trial_params(storage) -> dict[int, dict[str, float]]:
+    import sqlite3
+
+    con = sqlite3.connect(storage / "study.db")
+    rows = con.execute("SELECT t.number, p.param_name, p.param_value FROM trial_params p "
+                       "JOIN trials t ON t.trial_id = p.trial_id").fetchall()
+    con.close()
+    out: dict[int, dict[str, float]] = {}
+    for number, name, value in rows:
+        out.setdefault(number, {})[name] = value
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.ray
+def test_a_gradient_search_runs_resumes_exactly_and_exports_a_recipe_mergekit_yaml_replays(quickstart, tmp_path):
+    """`optimizer: gradient` through mergekit-evolve on a real Ray cluster: the anchors first, then
+    candidates that each start where the previous one's steps ended (the first one at the best
+    anchor, its scores reused); stopped after 4 candidates and resumed it is the uninterrupted
+    search; the exported recipe, merged by mergekit-yaml, is the final model bit for bit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from helpers import read_model
+    from test_search import ENV, run_evolve, search_yaml, trials
+
+    cfg = search_yaml(quickstart, tmp_path / "search.yml", optimizer="gradient", budget=7)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["optimizer"] = {"name": "gradient", "seed": 1, "learning_rate": 0.05, "gradient_steps": 3, "batch_size": 12}
+    cfg.write_text(yaml.safe_dump(doc))
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    proc = run_evolve(cfg, whole, quickstart["tasks"], "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, params = trials(whole), trial_params(whole)
+    assert len(rows) == 7 and all(r["state"] == "COMPLETE" for r in rows)
+    assert [r.get("anchor") is not None for r in rows] == [True, True] + [False] * 5
+    assert [("descent" in r) for r in rows] == [False, False] + [True] * 5
+    best_anchor = max(rows[:2], key=lambda r: r["value"])
+    assert params[2] == params[best_anchor["number"]] and rows[2]["reused_from"] == best_anchor["number"]
+    assert rows[2]["value"] == best_anchor["value"] and rows[2].get("items", 0) == 0  # scored once, only stepped
+    names = sorted(params[0])  # the study's gene names: g<group>.<model>.weight.all
+    for prev, row in zip(rows[2:], rows[3:]):
+        assert [params[row["number"]][n] for n in names] == pytest.approx(prev["descent"]["end"], abs=0)
+        assert prev["descent"]["steps"] == 3 * (prev["number"] - 1) and len(prev["descent"]["losses"]) == 3
+    assert params[6] != params[2]  # it moved
+
+    first = run_evolve(cfg, part, quickstart["tasks"], "--quiet", "--max-fevals", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_evolve(cfg, part, quickstart["tasks"], "--quiet", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = trials(part)
+    assert [(r["number"], r["value"], r.get("descent", {}).get("end")) for r in resumed] == [
+        (r["number"], r["value"], r.get("descent", {}).get("end")) for r in rows]
+    assert trial_params(part) == params
+
+    replay = tmp_path / "replay"
+    merged = subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(whole / "best_config.yaml"), str(replay), "--quiet"], env=ENV, capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    final, replayed = read_model(whole / "final_model"), read_model(replay)
+    assert final.keys() == replayed.keys() and all(torch.equal(final[k], replayed[k]) for k in final)
