@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from search_quality import experiment
 
     from evaluators.descent import Descent
-    from evaluators.worker import CandidateWorker
+    from evaluators.worker import CandidateRequest, CandidateWorker
     from evolve.build import build_genome
     from evolve.config import parse_search_config
     from evolve.gradient import GradientOptimizer, descent_probes
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     backward_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = worker.evaluate({"recipe": recipe.to_plain(), "descent": replace(request, score=False)})
+    result = worker.evaluate(CandidateRequest(recipe.to_plain(), descent=replace(request, score=False)))
     steps_s = time.perf_counter() - t0
     if result["status"] != "complete":
         raise SystemExit(f"the gradient steps failed: {result['error']}")

@@ -13,6 +13,10 @@ Registered kinds (`EVALUATORS`): `lm_eval` (lm-eval tasks, evaluators.lm_eval_ta
 `python` (any importable callable `fn(model, tokenizer) -> dict`, evaluators.python_callable).
 Adding one = a class with those four members + one registry line. This module imports neither
 torch nor lm-eval.
+
+A gradient search (evolve.gradient) also has the worker take gradient steps after scoring:
+evaluators.descent (the steps, Adam, the chain rule through the genome's decoding) over the loss
+of evaluators.gradient_loss (lm-eval's items, differentiable); only `lm_eval` evaluators have it.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Optional
 from merge_engine.options import MergeOptions
 
 from . import Status
+from .descent import DescentRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,25 @@ class WorkerSettings:
     evaluator: dict  # {"kind": ..., **options}: see evaluators.build_evaluator
     merge_options: MergeOptions  # the resident merges' options; num_threads: this worker's threads
     eval_dtype: Optional[str] = None  # None: float32 on CPU (bf16 maths is slow there), bfloat16 on GPU
+
+
+@dataclass(frozen=True)
+class RaceRequest:
+    """Score the candidate stage by stage against the best complete candidate (evaluators.racing)."""
+
+    best_items: Optional[dict]  # that candidate's per-item values, task -> values (None: nothing to beat yet)
+    weights: dict  # task -> signed weight of the fitness
+    fractions: tuple  # the stage boundaries
+    z: float  # the stopping rule's confidence
+
+
+@dataclass(frozen=True)
+class CandidateRequest:
+    """What the driver sends a worker for one candidate (evolve.pool_runner)."""
+
+    recipe: dict  # the decoded recipe, as plain data
+    race: Optional[RaceRequest] = None
+    descent: Optional[DescentRequest] = None  # gradient steps to take after scoring (evaluators.descent)
 
 
 @dataclass
@@ -143,16 +163,14 @@ class CandidateWorker:
         """Called once by the pool when the worker is up."""
         return {"directions": dict(self.evaluator.directions), "worker": self.name, "pid": os.getpid()}
 
-    def evaluate(self, payload: dict) -> dict:
-        """Merge and score one candidate. `payload`: a recipe, or {"recipe": recipe, "race":
-        {"best_items", "weights", "fractions", "z"}} to race it against the best complete candidate's
-        per-item values `best_items` (None: nothing to beat yet; see evaluators.racing), and/or
-        "descent": an evaluators.descent.DescentRequest, gradient steps to take after scoring."""
+    def evaluate(self, request: CandidateRequest | dict) -> dict:
+        """Merge and score one candidate: a CandidateRequest, or a bare recipe (plain data) to
+        score it plainly."""
         from merge_engine.config import parse_config
 
-        race = descent = None
-        if "recipe" in payload and "merge_method" not in payload:
-            payload, race, descent = payload["recipe"], payload.get("race"), payload.get("descent")
+        if isinstance(request, dict):
+            request = CandidateRequest(request)
+        payload, race, descent = request.recipe, request.race, request.descent
         start = time.perf_counter()
         merge_s = 0.0
         try:
@@ -168,7 +186,7 @@ class CandidateWorker:
                     metrics = self.evaluator.evaluate()
                 else:
                     metrics, stage, first = self.evaluator.evaluate_raced(
-                        race["weights"], race["best_items"], race["fractions"], race["z"])
+                        race.weights, race.best_items, race.fractions, race.z)
             eval_s = time.perf_counter() - t_eval
             status = Status.COMPLETE if stage is None else Status.STOPPED
             scored = descent is None or descent.score

@@ -3,7 +3,9 @@
     config       the search.yml schema (the genome's section is search_spaces.definition)
     options      the command line's run options (EvolveOptions)
     build        the parts a config describes: genome, starting point, anchors, optimiser
-    optimizers   Optimizer interface (ask/tell) and its registry: pycma, Optuna samplers
+    ask_tell     the Optimizer interface: Proposal, Result, ask/tell
+    optimizers   the optimisers' registry and lifecycle: pycma, Optuna samplers, and
+    gradient     gradient descent on the genes in the workers (optimizer: gradient, [cma, gradient])
     loop         the pure ask -> evaluate -> tell loop and the journal replay that makes resume exact
     objectives   scoring: weighted fitness, Pareto objectives, constraints
     model_refs   the genome's model references resolved and checked before any worker starts

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from evaluators.descent import AdamState, DescentRequest
 
-from .optimizers import Optimizer, Proposal, Result, _finite
+from .ask_tell import Optimizer, Proposal, Result, finite
 
 # Defaults (docs/mergekit-evolve.md): a step of 2 % of a gene's range (Adam's first steps move each
 # gene by about its learning rate), 4 steps of 8 items between two scored candidates.
@@ -38,8 +38,8 @@ GRADIENT_SHARE = 0.5  # [cma, gradient]: the share of max_fevals the gradient st
 def best_told(results: Sequence[tuple[tuple[float, ...], Result]]) -> Optional[tuple[float, ...]]:
     """The genotype with the highest finite fitness among feasible results (the first on ties),
     else among all; None when none has a finite fitness."""
-    finite = [(x, r) for x, r in results if _finite(r.fitness) and not r.stopped]
-    feasible = [(x, r) for x, r in finite if r.violation <= 0] or finite
+    scored = [(x, r) for x, r in results if finite(r.fitness) and not r.stopped]
+    feasible = [(x, r) for x, r in scored if r.violation <= 0] or scored
     if not feasible:
         return None
     return max(enumerate(feasible), key=lambda item: (item[1][1].fitness, -item[0]))[1][0]

@@ -14,8 +14,9 @@ Lifecycle of an optimiser during a search:
    search, the constraint violation (> 0: infeasible, ranked below every feasible candidate) and
    whether racing stopped the candidate early (its fitness is then an estimate from a subset of
    the items: Optuna samplers record it as a pruned trial, CMA-ES ranks it by the estimate).
-   `ask()` may return None: "nothing to propose until more results are told" (only the classic
-   CMA-ES generation barrier does that).
+   `ask()` may return None: "nothing to propose until more results are told" (CMA-ES waiting for
+   its anchors or behind its generation barrier; the gradient optimiser while its one candidate
+   runs, since the next one starts where that one's gradient steps end: evolve.gradient).
 3. Nothing of an optimiser is ever saved: a freshly built one (same name, space, x0, seed and
    options), asked and told again in the journal's recorded order, is in exactly the state of the
    one that was never stopped (`evolve.loop.resume`). So an optimiser must be a deterministic
@@ -35,53 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from evaluators.descent import DescentRequest, DescentResult
 from search_spaces.genome import SearchSpace
 
-
-@dataclass(frozen=True)
-class Proposal:
-    """One point to evaluate. `generation` and `index` are the optimiser's own bookkeeping (for
-    pycma: the distribution update it was sampled after and its position among that update's
-    samples; -1 marks the starting point)."""
-
-    genotype: tuple[float, ...]
-    generation: int
-    index: int
-    # a gradient search's candidate: the steps its worker takes after scoring it (evolve.gradient)
-    descent: Optional[DescentRequest] = None
-
-
-@dataclass(frozen=True)
-class Result:
-    """What an optimiser is told about one evaluated proposal."""
-
-    fitness: Optional[float]  # one number to maximise; None: the candidate failed
-    objectives: tuple[float, ...] = ()  # multi-objective searches: each maximised (minimised ones negated)
-    violation: float = 0.0  # > 0: outside the constraints by that much (its scores are kept)
-    stopped: bool = False  # racing stopped it early: `fitness` is the estimate from its first items
-    descent: Optional[DescentResult] = None  # a gradient search's candidate: where its steps ended
-
-
-class Optimizer(ABC):
-    generational: bool = False
-    objectives: int = 1  # how many objectives `tell` expects (> 1: Result.objectives is used)
-
-    @abstractmethod
-    def ask(self) -> Optional[Proposal]:
-        """The next point to evaluate, or None if the optimiser must first be told more results."""
-
-    @abstractmethod
-    def tell(self, proposal: Proposal, result: Result) -> None:
-        """The result of a proposal. Any order, each proposal once."""
-
-
-def _finite(value: Optional[float]) -> bool:
-    return value is not None and math.isfinite(value)
+from .ask_tell import Optimizer, Proposal, Result, finite  # noqa: F401  (the interface, re-exported for callers)
+from .gradient import (BATCH_SIZE, GRADIENT_SHARE, GRADIENT_STEPS, LEARNING_RATE, ChainedOptimizer,
+                       GradientOptimizer, first_stage_budget)
 
 
 @contextlib.contextmanager
@@ -194,12 +155,12 @@ class CMAESOptimizer(Optimizer):
 
     def tell(self, proposal: Proposal, result: Result) -> None:
         if proposal.generation < 0:  # an anchor is not a sample of any distribution
-            loss = -result.fitness if _finite(result.fitness) else math.inf
+            loss = -result.fitness if finite(result.fitness) else math.inf
             self.anchor_results[proposal.index] = (loss, result.violation)
             return
         # pycma minimises. Failures rank last; infeasible candidates after every feasible one, by
         # violation (the penalty is relative to the population, so it is applied in _update)
-        loss = -result.fitness if _finite(result.fitness) else math.inf
+        loss = -result.fitness if finite(result.fitness) else math.inf
         self.results.append((proposal.genotype, loss, proposal.generation < self.updates, result.violation))
         if len(self.results) >= self.popsize and self.sampled_since_update:
             self._update()
@@ -208,8 +169,8 @@ class CMAESOptimizer(Optimizer):
         import numpy as np
 
         xs = [np.array(x) for x, _, _, _ in self.results]
-        finite = [loss for _, loss, _, violation in self.results if math.isfinite(loss) and violation <= 0]
-        worst = (max(finite) + 1.0 + abs(max(finite))) if finite else 1.0
+        feasible = [loss for _, loss, _, violation in self.results if math.isfinite(loss) and violation <= 0]
+        worst = (max(feasible) + 1.0 + abs(max(feasible))) if feasible else 1.0
         worst_violation = max([v for _, _, _, v in self.results] + [0.0])
         losses = [
             worst + worst_violation + 1.0 if not math.isfinite(loss) else worst + violation if violation > 0 else loss
@@ -260,7 +221,7 @@ class OptunaSamplerOptimizer(Optimizer):
         if self.constraints:  # Optuna's samplers read it: <= 0 is feasible
             trial.set_constraint("violation", float(result.violation))
         values = result.objectives if self.objectives > 1 else (result.fitness,)
-        if not _finite(result.fitness) or not all(_finite(v) for v in values):
+        if not finite(result.fitness) or not all(finite(v) for v in values):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         elif result.stopped and self.objectives == 1:
             # honest about racing: a pruned trial with its estimate as the last intermediate value
@@ -319,15 +280,11 @@ def _sampler(kind: str) -> Callable:
 
 def _gradient(space, x0, seed, genes=(), learning_rate=None, gradient_steps=None, batch_size=None, loss="nll",
               anchors=(), start=None, **_):
-    from .gradient import BATCH_SIZE, GRADIENT_STEPS, LEARNING_RATE, GradientOptimizer
-
     return GradientOptimizer(space, x0, seed, genes, learning_rate or LEARNING_RATE, gradient_steps or GRADIENT_STEPS,
                              batch_size or BATCH_SIZE, loss, anchors, start)
 
 
 def _cma_then_gradient(space, x0, seed, max_fevals=None, gradient_share=None, **options):
-    from .gradient import GRADIENT_SHARE, ChainedOptimizer, first_stage_budget
-
     first = _cma(space, x0, seed, max_fevals=max_fevals, **options)
     second = {k: v for k, v in options.items() if k != "anchors"}
     budget = first_stage_budget(max_fevals, GRADIENT_SHARE if gradient_share is None else gradient_share)

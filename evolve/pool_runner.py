@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 from evaluators import Status
 from evaluators.racing import paired_estimate
+from evaluators.worker import CandidateRequest, RaceRequest
 from search_spaces.genome import Genome
 
 from .gradient import descent_probes
@@ -56,17 +57,16 @@ class PoolRunner:
         else:
             self.evaluating[key] = candidate.number
             self.waiting[candidate.number] = []
-            payload = recipe.to_plain()
+            race = None
             if self.race is not None:
                 # an anchor is raced against nothing: scored on every item (the export rule compares
                 # with it), its per-item values kept in stage order like any raced candidate's
                 best = self.best() if candidate.proposal.generation >= 0 else None
                 if best is not None:  # the best may change before this result is in: keep the one sent
                     self.paired[candidate.number] = best
-                payload = {"recipe": payload, "race": {
-                    "best_items": None if best is None else best[2], "weights": self.scoring.signed_weights,
-                    "fractions": self.race.fractions, "z": self.race.confidence_z,
-                }}
+                race = RaceRequest(None if best is None else best[2], self.scoring.signed_weights,
+                                   tuple(self.race.fractions), self.race.confidence_z)
+            payload = CandidateRequest(recipe.to_plain(), race=race)
             self.pool.submit(candidate, payload)
 
     def _submit_descent(self, candidate: Candidate, recipe, key: str) -> None:
@@ -79,7 +79,7 @@ class PoolRunner:
             self.evaluating.setdefault(key, candidate.number)
             self.waiting.setdefault(candidate.number, [])
         request = replace(request, probes=tuple(probes), probe_steps=tuple(steps), score=known is None)
-        self.pool.submit(candidate, {"recipe": recipe.to_plain(), "descent": request})
+        self.pool.submit(candidate, CandidateRequest(recipe.to_plain(), descent=request))
 
     def _reuse(self, candidate: Candidate, number: int, outcome: Outcome) -> Outcome:
         t0, _ = self.submitted.pop(candidate.number)

@@ -333,8 +333,10 @@ def test_a_candidate_with_steps_is_scored_then_descends(quickstart, tmp_path):
     worker, genome = quickstart_worker(quickstart, tmp_path, eval_dtype=None)
     x = genome.initial()
     request = request_at(genome, x, gradient_steps=6, batch_size=1000, learning_rate=0.05)
-    plain = worker.evaluate({"recipe": genome.decode(x).to_plain()})
-    result = worker.evaluate({"recipe": genome.decode(x).to_plain(), "descent": request})
+    from evaluators.worker import CandidateRequest
+
+    plain = worker.evaluate(genome.decode(x).to_plain())
+    result = worker.evaluate(CandidateRequest(genome.decode(x).to_plain(), descent=request))
     assert result["status"] == "complete", result["error"]
     assert result["metrics"] == plain["metrics"] and result["item_values"] == plain["item_values"]
     done = DescentResult.from_plain(result["descent"])
@@ -343,7 +345,7 @@ def test_a_candidate_with_steps_is_scored_then_descends(quickstart, tmp_path):
     # the same request again gives the same numbers (seeded batches, deterministic maths)
     from dataclasses import replace
 
-    again = worker.evaluate({"recipe": genome.decode(x).to_plain(), "descent": replace(request, score=False)})
+    again = worker.evaluate(CandidateRequest(genome.decode(x).to_plain(), descent=replace(request, score=False)))
     assert again["metrics"] == {} and again["items"] == 0
     assert DescentResult.from_plain(again["descent"]).end == pytest.approx(done.end, abs=1e-6)
 

@@ -1,0 +1,52 @@
+"""The ask/tell interface every optimiser implements (evolve.optimizers documents the lifecycle and
+holds the registry; evolve.gradient's optimisers implement it too)."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+from evaluators.descent import DescentRequest, DescentResult
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One point to evaluate. `generation` and `index` are the optimiser's own bookkeeping (for
+    pycma: the distribution update it was sampled after and its position among that update's
+    samples; -1 marks the starting point)."""
+
+    genotype: tuple[float, ...]
+    generation: int
+    index: int
+    # a gradient search's candidate: the steps its worker takes after scoring it (evolve.gradient)
+    descent: Optional[DescentRequest] = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What an optimiser is told about one evaluated proposal."""
+
+    fitness: Optional[float]  # one number to maximise; None: the candidate failed
+    objectives: tuple[float, ...] = ()  # multi-objective searches: each maximised (minimised ones negated)
+    violation: float = 0.0  # > 0: outside the constraints by that much (its scores are kept)
+    stopped: bool = False  # racing stopped it early: `fitness` is the estimate from its first items
+    descent: Optional[DescentResult] = None  # a gradient search's candidate: where its steps ended
+
+
+class Optimizer(ABC):
+    generational: bool = False
+    objectives: int = 1  # how many objectives `tell` expects (> 1: Result.objectives is used)
+
+    @abstractmethod
+    def ask(self) -> Optional[Proposal]:
+        """The next point to evaluate, or None if the optimiser must first be told more results."""
+
+    @abstractmethod
+    def tell(self, proposal: Proposal, result: Result) -> None:
+        """The result of a proposal. Any order, each proposal once."""
+
+
+def finite(value: Optional[float]) -> bool:
+    return value is not None and math.isfinite(value)
