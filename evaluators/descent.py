@@ -167,31 +167,43 @@ class Descent:
         return DescentResult(tuple(x), adam, tuple(losses), time.perf_counter() - start)
 
     def _loss_and_gradients(self, plan, jac: _Jacobian, n_genes: int, batch, objective: str) -> tuple[float, list[float]]:
-        """The mini-batch loss and its gradient in every trained gene."""
+        """The mini-batch loss and its gradient in every trained gene. Each parameter's gradient
+        is turned into gene gradients as soon as the backward pass has finished it, then freed:
+        no model-sized gradient buffer ever exists (a hook after gradient accumulation, which
+        runs once per parameter, after a tied parameter's uses are summed)."""
         import torch
 
         model = self.merger.model
-        targets = {n: self.merger.parameter(plan.tasks[n], plan) for n in jac.entries}
-        trained = {id(p): p for p in targets.values() if p is not None}
+        tasks_of: dict[int, list[int]] = {}  # parameter -> the output tensors written to it
+        trained: dict[int, torch.Tensor] = {}
+        for n in jac.entries:
+            param = self.merger.parameter(plan.tasks[n], plan)
+            if param is not None:  # None: a tied LM head, the embedding's parameter stands for it
+                tasks_of.setdefault(id(param), []).append(n)
+                trained[id(param)] = param
+        genes = [0.0] * n_genes
+
+        def consume(param: torch.Tensor) -> None:
+            for n in tasks_of[id(param)]:
+                per_input = self.merger.weight_gradients(plan.tasks[n], param.grad)
+                for i, k, slope in jac.entries[n]:
+                    genes[k] += slope * per_input[i]
+            param.grad = None
+
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        hooks = []
         try:
             for p in model.parameters():
                 p.requires_grad_(id(p) in trained)
                 p.grad = None
+            hooks = [p.register_post_accumulate_grad_hook(consume) for p in trained.values()]
             with torch.enable_grad():
                 loss = self.loss.loss(batch, objective)
                 loss.backward()
-            genes = [0.0] * n_genes
-            for n, entries in jac.entries.items():
-                param = targets[n]
-                if param is None or param.grad is None:
-                    continue  # a tied LM head: the embedding's parameter carries its gradient
-                per_input = self.merger.weight_gradients(plan.tasks[n], param.grad)
-                for i, k, slope in entries:
-                    genes[k] += slope * per_input[i]
             return float(loss.detach()), genes
         finally:
+            for hook in hooks:
+                hook.remove()
             for name, p in model.named_parameters():
                 p.grad = None
                 p.requires_grad_(flags[name])
-

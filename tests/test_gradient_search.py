@@ -306,7 +306,13 @@ def test_the_gene_gradient_is_the_slope_of_the_real_loss(quickstart, tmp_path):
     plan = worker.merger.plan(recipe)
     jac = descent._jacobian(plan, request)
     worker.merger.apply_plan(plan)
+    held = []  # gradients alive while the backward pass runs: each is consumed and freed at once
+    for p in worker.model.parameters():
+        p.register_hook(lambda g: held.append(sum(q.grad is not None for q in worker.model.parameters())) or g)
     _, grads = descent._loss_and_gradients(plan, jac, len(x), batch, "nll")
+    assert held and max(held) <= 1
+    assert all(p.grad is None for p in worker.model.parameters())
+    assert all(p.requires_grad for p in worker.model.parameters())  # as transformers built it
 
     def loss_at(point) -> float:
         worker.merger.apply(genome.decode(point))
