@@ -255,3 +255,30 @@ def test_randomized_svd_on_cuda():
         errors[device] = float(torch.linalg.matrix_norm(x - (uu * ss) @ vh).cpu()) / optimum
     assert errors["cuda"] <= 1.01, errors
     assert abs(errors["cuda"] - errors["cpu"]) <= 0.005, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# the gradient search's chain rule on CUDA (evaluators.descent; lm-eval is not on the GPU machine,
+# so the engine's part is checked here: per-weight gradients of resident merges)
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16"])
+def test_weight_gradients_on_cuda_match_cpu(request, name, kind):
+    """dL/d(each model's weight) of every merged tensor, L = sum(G * merged) with a fixed random
+    G: on CUDA within 1e-3 (relative to the largest) of the CPU's (float32 sums in other orders)."""
+    models = pick_models(request, kind)
+    config = recipe(models, name, kind)
+    got = {}
+    for device in ("cpu", "cuda"):
+        merger = ResidentMerger(config, MergeOptions(quiet=True, device=device, random_seed=0))
+        out = {}
+        for task in merger.plan(config).tasks:
+            shape = tuple(task.out.shape)
+            grad = torch.randn(shape, generator=torch.Generator().manual_seed(len(out))).to(device=device, dtype=task.out.dtype)
+            out[task.out.name] = merger.weight_gradients(task, grad)
+        got[device] = out
+        merger.close()
+    scale = max(abs(g) for gs in got["cpu"].values() for g in gs)
+    for key, cpu in got["cpu"].items():
+        assert got["cuda"][key] == pytest.approx(cpu, abs=1e-3 * scale), key
