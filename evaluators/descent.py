@@ -15,8 +15,9 @@ The decoding's Jacobian comes from the recipe alone, without this package knowin
 (evaluators sits beside search_spaces, not above it): with each request come the recipe at the
 candidate and, per gene, the recipe with that gene moved by a known step (`probes`). Planned, they
 give each merged tensor's per-model weights as a function of the genes, which is affine for the
-genomes this optimiser accepts (search_spaces: Differentiability.FULL): a weight gene is a weight,
-or a point of a gradient list that the engine interpolates linearly. Between the candidate and the
+genes this optimiser trains (search_spaces: Genome.gradient_genes): a weight gene is a weight, or
+a point of a gradient list that the engine interpolates linearly. For the TIES family the masks
+are held fixed at each step's weights (merge_engine.methods.differentiable). Between the candidate and the
 end of the steps the worker merges at `weights(x) = weights(x0) + J (x - x0)`, exactly what the
 driver's decoding of x gives.
 """
@@ -116,7 +117,7 @@ class Descent:
 
     def _jacobian(self, plan, request: DescentRequest) -> _Jacobian:
         from merge_engine.config import parse_config
-        from merge_engine.methods.differentiable import SMOOTH_METHODS
+        from merge_engine.methods.differentiable import has_weight_gradients
 
         jac = _Jacobian()
         for k, (probe, h) in enumerate(zip(request.probes, request.probe_steps)):
@@ -124,7 +125,7 @@ class Descent:
             if [t.out.name for t in moved.tasks] != [t.out.name for t in plan.tasks]:
                 raise ValueError("gradient probe: moving one gene changed the recipe's tensors (not a weight gene)")
             for n, (a, b) in enumerate(zip(plan.tasks, moved.tasks)):
-                if a.method.name not in SMOOTH_METHODS:
+                if not has_weight_gradients(a.method):
                     continue
                 for i, (pa, pb) in enumerate(zip(a.model_params, b.model_params)):
                     if pa.get("weight") is None or pb.get("weight") is None:

@@ -102,14 +102,12 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float],
 
 def check_gradient_genome(genome: Genome, name: str) -> None:
     """The gradient optimiser needs a merge differentiable in the genes, with the genes' decoding
-    affine (search_spaces: Differentiability.FULL): one line naming what stands in the way."""
-    how = genome.differentiable
-    if how == Differentiability.FULL and genome.gradient_genes():
+    affine (search_spaces: Differentiability FULL, or MASKS_FIXED: the TIES family's weights with
+    its masks held fixed): one line naming what stands in the way."""
+    if genome.differentiable != Differentiability.NONE and genome.gradient_genes():
         return
     method = getattr(genome, "method", None) or "this genome"
-    if how == Differentiability.MASKS_FIXED:
-        why = (f"merge method {method} is differentiable only with its sparsification and sign masks held fixed, "
-               "which this version does not compute")
-    else:
-        why = f"the merge is not differentiable in the genes of {method} (a layer path, a method list, slerp, model_stock and the SVD methods are not)"
-    raise ConfigError(f"optimizer: {name}: {why}; use merge_method linear or task_arithmetic, or another optimizer")
+    raise ConfigError(
+        f"optimizer: {name}: the merge is not differentiable in the genes of {method} (a layer path, a method list, "
+        "slerp, model_stock and the SVD methods are not); use linear or the task-arithmetic family "
+        "(task_arithmetic, ties, dare_ties, ...), or another optimizer")

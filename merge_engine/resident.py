@@ -30,7 +30,7 @@ import torch
 from .architecture import ArchitectureInfo, config_object, transformers_class
 from .config import MergeConfig
 from .errors import ModelError
-from .methods.differentiable import inner_products, weight_gradients
+from .methods.differentiable import SMOOTH_METHODS, inner_products, masked_weight_gradients, weight_gradients
 from .methods.task_arithmetic import merge_task_vectors, task_vectors, variant_extras
 from .options import MergeOptions
 from .plan import MergePlan, TensorTask, donor_of, open_inputs, plan_merge
@@ -321,15 +321,30 @@ class ResidentMerger:
 
     def weight_gradients(self, task: TensorTask, grad: torch.Tensor) -> list[float]:
         """dL/d(weight of each input) of output tensor `task` (0 for the base), given `grad` =
-        dL/d(the merged tensor), for the methods smooth in their weights (methods.differentiable)."""
+        dL/d(the merged tensor): exact for linear and task_arithmetic, with the masks held fixed
+        at the current weights for the rest of the task-vector family (methods.differentiable)."""
         method = task.method.name
-        if method == "task_arithmetic":
-            _, vectors, positions, _ = self._task_vectors(task)
+        variant = task.method.task_vector
+        if variant is not None:
+            base, vectors, positions, histograms = self._task_vectors(task)
         else:
             positions = list(range(len(task.inputs)))
             vectors = [self._input(task, i) for i in positions]
         weights = [task.model_params[i]["weight"] for i in positions]
-        per_vector = weight_gradients(method, task.params, weights, inner_products(grad, vectors))
+        if variant is None or method in SMOOTH_METHODS:
+            per_vector = weight_gradients(method, task.params, weights, inner_products(grad, vectors))
+        else:
+            # each model's sparsified vector times lambda: the engine's merge with its weight 1 and
+            # the others 0, onto a zero base (so no rounding of the base enters it); the masks do
+            # not depend on the weights, and with one model every kept entry agrees with itself
+            ctx = task_context(task, self.options.random_seed)
+            zero = torch.zeros_like(base)
+            densities = [task.model_params[i]["density"] for i in positions]
+            extras = variant_extras(variant, task.model_params, positions)
+            parts = [merge_task_vectors(zero, vectors, [float(i == j) for i in range(len(vectors))], densities,
+                                        task.params, variant, ctx, histograms, extras=extras, positions=positions)
+                     for j in range(len(vectors))]
+            per_vector = masked_weight_gradients(grad, parts, weights, variant.consensus, bool(task.params.get("normalize")))
         out = [0.0] * len(task.inputs)
         for i, g in zip(positions, per_vector):
             out[i] = g

@@ -492,10 +492,9 @@ class WeightedGenome(MethodGenome):
         return Differentiability.MASKS_FIXED
 
     def gradient_genes(self) -> tuple[int, ...]:
-        """Every weight gene (a weight, or a point of the weight's gradient list with `smooth`),
-        for the methods smooth in their weights; switch genes and densities are not trained."""
-        if self.differentiable != Differentiability.FULL:
-            return ()
+        """Every weight gene (a weight, or a point of the weight's gradient list with `smooth`);
+        switch genes and the sparsification's genes (density, gamma, epsilon: step functions of
+        the masks) are not trained."""
         p = self.params.index("weight")
         return tuple(i for i in range(self.num_params) if i % len(self.params) == p)
 

@@ -123,8 +123,14 @@ def test_the_trained_genes_are_the_weights(tmp_path):
     assert g.size == 6  # and two switch genes, never trained
 
 
+def test_a_ties_genome_trains_its_weights_not_its_densities(tmp_path):
+    g = genome_of(tmp_path, merge_method="ties")
+    assert [g.dimensions[i].name for i in g.gradient_genes()] == ["g0.a.weight.all", "g0.b.weight.all"]
+    assert g.size == 4  # and a density gene per model, held
+
+
 @pytest.mark.parametrize("genome,why", [
-    ({"merge_method": "ties"}, "ties is differentiable only with its sparsification and sign masks held fixed"),
+    ({"merge_method": "model_stock"}, "not differentiable in the genes of model_stock"),
     ({"merge_method": "slerp", "base_model": None}, "not differentiable in the genes of slerp"),
     ({"merge_method": ["ties", "task_arithmetic"]}, "not differentiable in the genes of this genome"),
 ])
@@ -422,3 +428,52 @@ def test_a_gradient_search_runs_resumes_exactly_and_exports_a_recipe_mergekit_ya
     assert merged.returncode == 0, merged.stderr[-2000:]
     final, replayed = read_model(whole / "final_model"), read_model(replay)
     assert final.keys() == replayed.keys() and all(torch.equal(final[k], replayed[k]) for k in final)
+
+
+# -- the task-vector family with its masks held fixed --------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della", "dare_linear", "breadcrumbs"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_masked_weight_gradients_are_the_derivative_with_the_masks_held_fixed(method, normalize):
+    """The engine's one-hot merges (each model's sparsified vector) put back together with the sign
+    election equal the engine's own merge at the weights; and the gradients equal float64 autograd
+    through that reconstruction with the masks (and elected signs) detached."""
+    from merge_engine.methods.differentiable import masked_weight_gradients
+    from merge_engine.methods.task_arithmetic import merge_task_vectors
+
+    spec = METHODS[method]
+    variant = spec.task_vector
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(40, 30, generator=gen)  # float32: the sparsifications rank float32 bits
+    deltas = [0.1 * torch.randn(40, 30, generator=gen) for _ in range(3)]
+    weights, densities = [0.8, 0.5, 1.3], [0.6, 0.5, 0.7]
+    params = {**spec.global_params, "normalize": normalize, "lambda": 0.9}
+    extras = [0.05] * 3 if variant.extra else None
+    ctx = TensorContext("model.layers.0.mlp.up_proj.weight", labels=["a", "b", "c"])
+    merged = merge_task_vectors(base, deltas, weights, densities, params, variant, ctx, {}, extras=extras)
+    parts = [merge_task_vectors(torch.zeros_like(base), deltas, [float(i == j) for i in range(3)], densities, params,
+                                variant, ctx, {}, extras=extras) for j in range(3)]
+    assert all(int((p != 0).sum()) < p.numel() for p in parts) or variant.sparsify is None  # sparsified
+
+    w = torch.tensor(weights, dtype=torch.float64, requires_grad=True)
+    S = torch.stack(parts).double()
+    if variant.consensus:
+        majority = torch.where((w.detach().view(-1, 1, 1) * S).sum(0) >= 0, 1.0, -1.0)
+        agree = (S * majority > 0).double()
+    else:
+        agree = torch.ones_like(S)
+    numerator = (w.view(-1, 1, 1) * agree * S).sum(0)
+    if normalize and variant.consensus:
+        divisor = (w.view(-1, 1, 1) * agree).sum(0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    elif normalize:
+        divisor = w.sum()
+    else:
+        divisor = torch.ones((), dtype=torch.float64)
+    rebuilt = numerator / divisor
+    assert torch.allclose(rebuilt.detach().float(), merged - base, atol=1e-6, rtol=1e-5)
+    grad = torch.randn(40, 30, generator=gen)
+    (rebuilt * grad.double()).sum().backward()
+    got = masked_weight_gradients(grad, parts, weights, variant.consensus, normalize)
+    assert got == pytest.approx(w.grad.tolist(), rel=1e-5, abs=1e-6)
