@@ -14,8 +14,9 @@ the candidate's outcome), so the usual replay rebuilds it bit for bit; each step
 seeded by the search seed and Adam's step count.
 
 A failed candidate (or failed steps) leaves the point and the moments as they were; the next
-candidate retries from there with the next mini-batches. Genes the merge is not differentiable in
-(switch genes) are never trained: they keep the start's values.
+candidate retries from there with the next mini-batches. Only weight genes are trained
+(search_spaces: Genome.gradient_genes); switch genes and a sparsification's densities keep the
+start's values.
 """
 
 from __future__ import annotations
