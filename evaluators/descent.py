@@ -104,6 +104,16 @@ class _Jacobian:
     entries: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
 
 
+def _layout_key(plan) -> tuple:
+    """What a plan's weight Jacobian depends on: its tensors, their methods and inputs, and every
+    parameter but the weights themselves (a weight of exactly 0 counts: a switched-off model)."""
+    return tuple(
+        (t.out.name, t.method.name, tuple(str(i.model) for i in t.inputs), tuple(sorted(t.params.items())),
+         tuple((tuple(sorted((k, v) for k, v in mp.items() if k != "weight")), mp.get("weight") == 0.0)
+               for mp in t.model_params))
+        for t in plan.tasks)
+
+
 class Descent:
     """The worker's gradient steps (see the module docstring). `merger`: the worker's
     ResidentMerger (its model attached); `evaluator`: the worker's lm-eval evaluator."""
@@ -114,8 +124,19 @@ class Descent:
         check_differentiable(evaluator)
         self.merger = merger
         self.loss = ItemLoss(evaluator)
+        # the decoding is affine in the trained genes, so its Jacobian depends only on the recipe's
+        # layout and on what is not trained (densities, switched-off models): planned once per
+        # layout, not once per candidate (120 plans cost most of an evaluation on a 30-layer model)
+        self._jacobians: dict[tuple, _Jacobian] = {}
 
     def _jacobian(self, plan, request: DescentRequest) -> _Jacobian:
+        """The Jacobian at `plan` (cached by everything it depends on, `_layout_key`)."""
+        key = (request.genes, _layout_key(plan))
+        if key not in self._jacobians:
+            self._jacobians[key] = self._plan_jacobian(plan, request)
+        return self._jacobians[key]
+
+    def _plan_jacobian(self, plan, request: DescentRequest) -> _Jacobian:
         from merge_engine.config import parse_config
         from merge_engine.methods.differentiable import has_weight_gradients
 
