@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from evaluators.descent import DescentRequest, DescentResult
 
@@ -50,3 +50,15 @@ class Optimizer(ABC):
 
 def finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def best_told(results: Sequence[tuple[tuple[float, ...], Result]]) -> Optional[tuple[float, ...]]:
+    """The genotype an optimiser starts from or continues with: the highest finite fitness among
+    the feasible results (the first in `results` on ties), else among all; results racing stopped
+    early do not count. None when none has a finite fitness. CMA-ES centres its distribution on
+    it, the gradient search starts its descent there, `[cma, gradient]` hands it to the second stage."""
+    scored = [(x, r) for x, r in results if finite(r.fitness) and not r.stopped]
+    feasible = [(x, r) for x, r in scored if r.violation <= 0] or scored
+    if not feasible:
+        return None
+    return max(enumerate(feasible), key=lambda item: (item[1][1].fitness, -item[0]))[1][0]

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from evaluators.descent import AdamState, DescentRequest
 
-from .ask_tell import Optimizer, Proposal, Result, finite
+from .ask_tell import Optimizer, Proposal, Result, best_told, finite
 
 # Defaults (docs/mergekit-evolve.md): a step of 2 % of a gene's range (Adam's first steps move each
 # gene by about its learning rate), 4 steps of 8 items between two scored candidates.
@@ -34,16 +34,6 @@ LEARNING_RATE = 0.02
 GRADIENT_STEPS = 4
 BATCH_SIZE = 8
 GRADIENT_SHARE = 0.5  # [cma, gradient]: the share of max_fevals the gradient stage gets
-
-
-def best_told(results: Sequence[tuple[tuple[float, ...], Result]]) -> Optional[tuple[float, ...]]:
-    """The genotype with the highest finite fitness among feasible results (the first on ties),
-    else among all; None when none has a finite fitness."""
-    scored = [(x, r) for x, r in results if finite(r.fitness) and not r.stopped]
-    feasible = [(x, r) for x, r in scored if r.violation <= 0] or scored
-    if not feasible:
-        return None
-    return max(enumerate(feasible), key=lambda item: (item[1][1].fitness, -item[0]))[1][0]
 
 
 class GradientOptimizer(Optimizer):
@@ -63,7 +53,7 @@ class GradientOptimizer(Optimizer):
         # with `start` (the second stage of [cma, gradient]) no anchor is scored again
         self.anchors = [] if start is not None else [tuple(map(float, a)) for a in anchors] or [tuple(map(float, x0))]
         self.anchors_asked = 0
-        self.anchor_results: list[tuple[tuple[float, ...], Result]] = []
+        self.anchor_results: dict[int, Result] = {}  # index -> result
         self.x: Optional[tuple[float, ...]] = tuple(map(float, start)) if start is not None else None
         self.adam = AdamState.fresh(len(self.genes))
         self.in_flight = False
@@ -76,7 +66,7 @@ class GradientOptimizer(Optimizer):
         if self.x is None:
             if len(self.anchor_results) < len(self.anchors):
                 return None  # the descent starts at the best anchor: wait for them all
-            self.x = best_told(self.anchor_results) or self.anchors[0]
+            self.x = best_told([(self.anchors[i], r) for i, r in sorted(self.anchor_results.items())]) or self.anchors[0]
         if self.in_flight:
             return None  # each candidate starts where the previous one's steps end
         self.in_flight = True
@@ -89,7 +79,7 @@ class GradientOptimizer(Optimizer):
 
     def tell(self, proposal: Proposal, result: Result) -> None:
         if proposal.descent is None:
-            self.anchor_results.append((proposal.genotype, result))
+            self.anchor_results[proposal.index] = result
             return
         self.in_flight = False
         if result.descent is None:

@@ -43,6 +43,9 @@ READ_TIMEOUT_S = 30.0  # how long the copy waits for a writer's transaction to e
 # fANOVA's forest: Optuna's default (64 trees, depth 64) took 2 minutes on 2000 trials of 64 genes,
 # this one 5 to 20 s (2 busy cores); on the quickstart study both rank the genes alike
 FANOVA_TREES, FANOVA_DEPTH = 32, 8
+# below this many complete trials fANOVA's forest fits noise (and loading it, scikit-learn, is most
+# of a small report's time): the section says so instead
+MIN_IMPORTANCE_TRIALS = 10
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -492,8 +495,9 @@ def _pareto(root: Path, complete: list, tasks: list[str], directions: dict) -> s
 def _importance(study, complete: list) -> str:
     import optuna
 
-    if len(complete) < 2:
-        return f'<p class="note">Too few complete trials ({len(complete)}) to estimate importance.</p>'
+    if len(complete) < MIN_IMPORTANCE_TRIALS:
+        return (f'<p class="note">Too few complete trials ({len(complete)}) to estimate importance '
+                f'(at least {MIN_IMPORTANCE_TRIALS}).</p>')
     try:
         importances = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(n_trees=FANOVA_TREES, max_depth=FANOVA_DEPTH, seed=0)

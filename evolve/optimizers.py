@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from search_spaces.genome import SearchSpace
 
-from .ask_tell import Optimizer, Proposal, Result, finite  # noqa: F401  (the interface, re-exported for callers)
+from .ask_tell import Optimizer, Proposal, Result, best_told, finite  # noqa: F401  (the interface, re-exported for callers)
 from .gradient import (BATCH_SIZE, GRADIENT_SHARE, GRADIENT_STEPS, LEARNING_RATE, ChainedOptimizer,
                        GradientOptimizer, first_stage_budget)
 
@@ -108,7 +108,7 @@ class CMAESOptimizer(Optimizer):
         self.es = None  # built once the anchors are in: centred on the best of them
         self.x0 = tuple(map(float, x0))
         self.anchors = [tuple(map(float, a)) for a in anchors] or [self.x0]
-        self.anchor_results: dict[int, tuple[float, float]] = {}  # index -> (loss, violation)
+        self.anchor_results: dict[int, Result] = {}  # index -> result
         self.barrier = generation_barrier
         self.anchors_asked = 0
         self.updates = 0  # distribution updates so far (= the generation of new samples)
@@ -122,12 +122,12 @@ class CMAESOptimizer(Optimizer):
         return int(self.es.popsize)
 
     def _start(self) -> None:
-        """pycma's strategy, centred on the best anchor told (by fitness, feasible first, the first
-        on ties); with one anchor, on it whatever its result (the classic start at x0)."""
+        """pycma's strategy, centred on the best anchor told (`best_told`); with one anchor, on it
+        whatever its result (the classic start at x0)."""
         import cma
 
-        told = sorted(self.anchor_results.items(), key=lambda kv: (kv[1][1] > 0, kv[1][0], kv[0]))
-        mean = self.anchors[told[0][0]] if len(self.anchors) > 1 and told and math.isfinite(told[0][1][0]) else self.anchors[0]
+        best = best_told([(self.anchors[i], r) for i, r in sorted(self.anchor_results.items())])
+        mean = best if len(self.anchors) > 1 and best is not None else self.anchors[0]
         with _numpy_global_rng(self._rng):
             self.es = cma.CMAEvolutionStrategy(list(mean), self._sigma0, self._opts)
 
@@ -155,8 +155,7 @@ class CMAESOptimizer(Optimizer):
 
     def tell(self, proposal: Proposal, result: Result) -> None:
         if proposal.generation < 0:  # an anchor is not a sample of any distribution
-            loss = -result.fitness if finite(result.fitness) else math.inf
-            self.anchor_results[proposal.index] = (loss, result.violation)
+            self.anchor_results[proposal.index] = result
             return
         # pycma minimises. Failures rank last; infeasible candidates after every feasible one, by
         # violation (the penalty is relative to the population, so it is applied in _update)

@@ -35,7 +35,7 @@ from .pool_runner import PoolRunner
 from .report import RunRecord, StatusLine, append_run, export_best, export_pareto, faults_text, overhead_text, search_summary
 from .rescore import Rescoring, read_rescore, score_held_out
 from .selection import CandidateRow, Selection, exported, ranked
-from .store import ExperimentStore
+from .store import ExperimentStore, check_storage
 from .tasks_check import check_tasks
 from .workers import evaluator_spec, worker_pool
 
@@ -51,6 +51,8 @@ class SearchRun:
     def __init__(self, config: SearchConfig, config_text: str, options: EvolveOptions):
         self.config = config
         self.options = options
+        # a wrong --storage-path (or a damaged experiment to resume) is refused before anything heavy
+        check_storage(options.storage_path, config_text, options.resume)
         # every model resolves (hub ids cached or downloaded once, model+lora merged) before any worker starts
         check_genome_models(config.genome, options.lora_cache, options.merge.lora_merge_dtype)
         self.genome = build_genome(config)

@@ -150,6 +150,42 @@ def check_study_file(path: Path) -> None:
         raise ConfigError(f"{path}: holds no evomerge study (studies: {', '.join(names) or 'none'})")
 
 
+def check_storage(root: Path, config_text: str, resume: bool) -> None:
+    """Everything about --storage-path that can refuse a run, read-only and before anything heavy
+    (the driver calls it first, so a wrong folder is refused in a fraction of a second, before the
+    models, torch or lm-eval are loaded; `ExperimentStore.open` calls it again):
+    resume: a manifest of this config and store format, and a readable evomerge study;
+    a new search: a new or empty folder."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    config_hash = text_hash(config_text)
+    if resume:
+        if not manifest_path.exists():
+            raise ConfigError(f"--resume: {root} holds no experiment (no manifest.json)")
+        manifest = read_manifest(root)
+        if manifest.get("config_hash") != config_hash:
+            raise ConfigError(
+                f"--resume: the search config differs from the one {root} was started with "
+                f"(see {manifest_path}); resume with the same file or use a new --storage-path"
+            )
+        if manifest.get("store_format") != STORE_FORMAT:
+            raise ConfigError(
+                f"--resume: {root} was written by an older evomerge (store format "
+                f"{manifest.get('store_format', 1)}, this version writes {STORE_FORMAT}); start a new --storage-path"
+            )
+        check_study_file(root / "study.db")
+    elif manifest_path.exists() or (root / "study.db").exists():
+        raise ConfigError(
+            f"--storage-path {root} already holds an experiment: pass --resume to continue it, "
+            "or choose another directory"
+        )
+    elif root.is_dir() and {p.name for p in root.iterdir()} - OWN_BEFORE_START:
+        raise ConfigError(
+            f"--storage-path {root} is a folder with other files in it, not an experiment: choose a new or "
+            "empty folder (a search writes its study, recipe and final model there)"
+        )
+
+
 def open_study(path: Path, create: bool):
     """The experiment's Optuna study in `path` (SQLite); `create`: make it if it is not there."""
     import optuna
@@ -260,32 +296,9 @@ class ExperimentStore:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        check_storage(self.root, config_text, resume)
         manifest_path = self.root / "manifest.json"
         config_hash = text_hash(config_text)
-        if resume:
-            if not manifest_path.exists():
-                raise ConfigError(f"--resume: {self.root} holds no experiment (no manifest.json)")
-            manifest = read_manifest(self.root)
-            if manifest.get("config_hash") != config_hash:
-                raise ConfigError(
-                    f"--resume: the search config differs from the one {self.root} was started with "
-                    f"(see {manifest_path}); resume with the same file or use a new --storage-path"
-                )
-            if manifest.get("store_format") != STORE_FORMAT:
-                raise ConfigError(
-                    f"--resume: {self.root} was written by an older evomerge (store format "
-                    f"{manifest.get('store_format', 1)}, this version writes {STORE_FORMAT}); start a new --storage-path"
-                )
-        elif manifest_path.exists() or (self.root / "study.db").exists():
-            raise ConfigError(
-                f"--storage-path {self.root} already holds an experiment: pass --resume to continue it, "
-                "or choose another directory"
-            )
-        elif self.root.is_dir() and {p.name for p in self.root.iterdir()} - OWN_BEFORE_START:
-            raise ConfigError(
-                f"--storage-path {self.root} is a folder with other files in it, not an experiment: choose a new or "
-                "empty folder (a search writes its study, recipe and final model there)"
-            )
         self.root.mkdir(parents=True, exist_ok=True)
         if not resume:
             manifest = {
@@ -298,8 +311,6 @@ class ExperimentStore:
                 **(extra or {}),
             }
             _atomic_write(manifest_path, json.dumps(manifest, indent=2).encode())
-        if resume:
-            check_study_file(self.root / "study.db")
         self.study = open_study(self.root / "study.db", create=not resume)
         self._trials_in_study = len(self.study.get_trials(deepcopy=False))
 

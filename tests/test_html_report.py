@@ -243,7 +243,7 @@ def test_one_complete_trial_and_models_out_of_reach(tmp_path, llama_models):
     run_search(root, models, budget=1)
     shutil.rmtree(tmp_path / "models")
     text = write_report(root).read_text()
-    assert "Too few complete trials (1) to estimate importance." in text
+    assert "Too few complete trials (1) to estimate importance (at least 10)." in text
     assert "the values shown are the trial's genotype" in text
     heat = [c for c in Rows(text).cells if c.get("class") == "heat"]
     params = study_rows(root)[0]["params"]
