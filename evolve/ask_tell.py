@@ -52,13 +52,22 @@ def finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)
 
 
+def ranked_told(results: Sequence[tuple[tuple[float, ...], Result]]) -> list[tuple[float, ...]]:
+    """The distinct genotypes with a finite fitness, best first: the feasible ones by fitness, then
+    the others by fitness (the first in `results` on ties); results racing stopped early do not
+    count."""
+    scored = [(i, x, r) for i, (x, r) in enumerate(results) if finite(r.fitness) and not r.stopped]
+    order = sorted(scored, key=lambda item: (item[2].violation > 0, -item[2].fitness, item[0]))
+    ranked: list[tuple[float, ...]] = []
+    for _, x, _ in order:
+        if x not in ranked:
+            ranked.append(x)
+    return ranked
+
+
 def best_told(results: Sequence[tuple[tuple[float, ...], Result]]) -> Optional[tuple[float, ...]]:
-    """The genotype an optimiser starts from or continues with: the highest finite fitness among
-    the feasible results (the first in `results` on ties), else among all; results racing stopped
-    early do not count. None when none has a finite fitness. CMA-ES centres its distribution on
-    it, the gradient search starts its descent there, `[cma, gradient]` hands it to the second stage."""
-    scored = [(x, r) for x, r in results if finite(r.fitness) and not r.stopped]
-    feasible = [(x, r) for x, r in scored if r.violation <= 0] or scored
-    if not feasible:
-        return None
-    return max(enumerate(feasible), key=lambda item: (item[1][1].fitness, -item[0]))[1][0]
+    """The genotype an optimiser starts from or continues with (`ranked_told`'s first), None when no
+    result has a finite fitness. CMA-ES centres its distribution on it, the gradient search starts
+    its descent there, `[cma, gradient]` hands it to the second stage."""
+    ranked = ranked_told(results)
+    return ranked[0] if ranked else None

@@ -91,7 +91,8 @@ def build_optimizer(config: SearchConfig, genome: Genome, x0: list[float],
     if opt.name in ("gradient", "cma+gradient"):
         check_gradient_genome(genome, opt.name)
         gradient = {"genes": genome.gradient_genes(), "learning_rate": opt.learning_rate, "batch_size": opt.batch_size,
-                    "gradient_steps": opt.gradient_steps, "loss": opt.loss, "gradient_share": opt.gradient_share}
+                    "gradient_steps": opt.gradient_steps, "loss": opt.loss, "gradient_share": opt.gradient_share,
+                    "chains": opt.chains}
     return make_optimizer(
         opt.name, genome.space, x0, opt.seed, popsize=opt.popsize, sigma0=opt.sigma0,
         max_fevals=config.budget.max_fevals, generation_barrier=opt.generation_barrier,

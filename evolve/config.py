@@ -104,12 +104,14 @@ class OptimizerDefinition(Schema):
     # evomerge, gradient and [cma, gradient] only (docs/mergekit-evolve.md): Adam's step as a share
     # of each gene's range, steps between two scored candidates, search items per step, the loss
     # (nll: of the correct choice; entropy: of the predictions, no labels used), and in
-    # [cma, gradient] the share of max_fevals the gradient stage gets
+    # [cma, gradient] the share of max_fevals the gradient stage gets, and how many descents run side
+    # by side (one per worker keeps them all busy)
     learning_rate: Optional[float] = Field(default=None, gt=0, le=1)
     gradient_steps: Optional[int] = Field(default=None, ge=1)
     batch_size: Optional[int] = Field(default=None, ge=1)
     loss: Literal["nll", "entropy"] = "nll"
     gradient_share: Optional[float] = Field(default=None, gt=0, lt=1)
+    chains: Optional[int] = Field(default=None, ge=1)
 
 
 class BudgetDefinition(Schema):

@@ -278,16 +278,16 @@ def _sampler(kind: str) -> Callable:
 
 
 def _gradient(space, x0, seed, genes=(), learning_rate=None, gradient_steps=None, batch_size=None, loss="nll",
-              anchors=(), start=None, **_):
+              anchors=(), starts=None, chains=None, **_):
     return GradientOptimizer(space, x0, seed, genes, learning_rate or LEARNING_RATE, gradient_steps or GRADIENT_STEPS,
-                             batch_size or BATCH_SIZE, loss, anchors, start)
+                             batch_size or BATCH_SIZE, loss, anchors, starts, chains or 1)
 
 
 def _cma_then_gradient(space, x0, seed, max_fevals=None, gradient_share=None, **options):
     first = _cma(space, x0, seed, max_fevals=max_fevals, **options)
     second = {k: v for k, v in options.items() if k != "anchors"}
     budget = first_stage_budget(max_fevals, GRADIENT_SHARE if gradient_share is None else gradient_share)
-    return ChainedOptimizer(first, budget, lambda start: _gradient(space, x0, seed, start=start, **second))
+    return ChainedOptimizer(first, budget, lambda ranked: _gradient(space, x0, seed, starts=ranked, **second))
 
 
 # name -> factory(space, x0, seed, **options). Options an optimiser does not use are ignored.

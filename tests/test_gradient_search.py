@@ -6,6 +6,7 @@ protocol, and exact resume through the real SQLite store."""
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -188,6 +189,33 @@ def test_the_descent_starts_at_the_best_anchor_and_moves_one_candidate_at_a_time
     opt.tell(second, Result(None))  # failed: the next candidate retries from the same point and moments
     third = opt.ask()
     assert third.genotype == second.genotype and third.descent.adam == moved and third.generation == 2
+
+
+def test_chains_descend_side_by_side_from_the_best_starts_each_with_its_own_batches():
+    """chains: 3 with two anchors: chain 0 at the better anchor, chain 1 at the other, chain 2 at a
+    seeded point of the trained genes' box (the untrained switch gene from the best); each chain
+    continues from its own end point and moments, and draws its own mini-batches."""
+    opt = GradientOptimizer(SPACE, ANCHORS[0], seed=4, genes=(0, 1), anchors=ANCHORS, chains=3)
+    a, b = opt.ask(), opt.ask()
+    opt.tell(a, Result(0.6))
+    opt.tell(b, Result(0.8))
+    starts = [opt.ask() for _ in range(3)]
+    assert opt.ask() is None  # every chain has a candidate running
+    assert [p.index for p in starts] == [0, 1, 2] and [p.generation for p in starts] == [0, 1, 2]
+    assert starts[0].genotype == ANCHORS[1] and starts[1].genotype == ANCHORS[0]
+    rng = random.Random(4)
+    assert starts[2].genotype == (rng.uniform(SPACE.lower[0], SPACE.upper[0]), rng.uniform(SPACE.lower[1], SPACE.upper[1]),
+                                  ANCHORS[1][2])
+    assert [p.descent.seed for p in starts] == [4, 5, 6] and all(p.descent.adam == AdamState.fresh(2) for p in starts)
+    moved = AdamState((0.1, -0.2), (0.01, 0.04), 4)
+    opt.tell(starts[1], Result(0.7, descent=DescentResult((1.5, 0.25), moved)))
+    again = opt.ask()
+    assert again.index == 1 and again.genotype == (1.5, 0.25, ANCHORS[0][2]) and again.descent.adam == moved
+    assert again.descent.seed == 5 and again.generation == 3 and opt.ask() is None
+    # [cma, gradient]: the chains start at the first stage's distinct candidates, best first
+    chained = make_optimizer("gradient", SPACE, ANCHORS[0], seed=4, genes=(0, 1), chains=2,
+                             starts=[ANCHORS[1], ANCHORS[0]])
+    assert [chained.ask().genotype for _ in range(2)] == [ANCHORS[1], ANCHORS[0]]
 
 
 def test_cma_then_gradient_refines_the_best_of_the_first_stage_without_scoring_an_anchor_again():

@@ -102,9 +102,15 @@ class MemoryJournal:
         return [entries[n] for n in sorted(entries)]
 
 
+# every registered optimiser, and the gradient ones with several chains side by side
+VARIANTS = {**{name: (name, {}) for name in OPTIMIZERS},
+            "gradient, 3 chains": ("gradient", {"chains": 3}), "cma+gradient, 3 chains": ("cma+gradient", {"chains": 3})}
+
+
 def build(name: str, **options):
     # genes: what the gradient optimisers train (every gene here); the others ignore it
-    return make_optimizer(name, SPACE, X0, seed=3, popsize=6, genes=(0, 1, 2, 3), **options)
+    optimizer, variant = VARIANTS[name]
+    return make_optimizer(optimizer, SPACE, X0, seed=3, popsize=6, genes=(0, 1, 2, 3), **variant, **options)
 
 
 def run(name, capacity, budget, journal, state=None, runner=None, optimizer=None, **options):
@@ -120,7 +126,7 @@ def history(journal: MemoryJournal):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_uninterrupted_runs_are_reproducible_and_spend_the_budget(name):
     a, b = MemoryJournal(), MemoryJournal()
     run(name, 3, 40, a)
@@ -136,7 +142,7 @@ def test_uninterrupted_runs_are_reproducible_and_spend_the_budget(name):
     assert best > score(X0) + (0.2 if name == "nsga2" else 0.3)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_crashes_at_random_moments_resume_to_the_uninterrupted_run(name):
     """One worker: the uninterrupted run is a fixed sequence. Crash three times at random events,
     losing up to 3 unwritten events each time, resume from the journal: same candidates,
@@ -166,7 +172,7 @@ def test_crashes_at_random_moments_resume_to_the_uninterrupted_run(name):
     assert history(MemoryJournal(events)) == history(reference)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_replay_restores_the_exact_optimizer_state_with_parallel_workers(name):
     """Four workers, results out of order: after a crash the rebuilt optimiser proposes exactly
     what the crashed one would have proposed next."""
@@ -247,7 +253,7 @@ def test_stop_lets_running_candidates_finish_and_resume_continues_exactly():
 def test_replay_does_not_depend_on_numpy_global_random_state():
     """A resumed driver's process has used numpy's global generator in its own way: the replayed
     optimiser still continues the original stream."""
-    for name in OPTIMIZERS:
+    for name in VARIANTS:
         journal = MemoryJournal()
         a = build(name)
         run_loop(a, VirtualRunner(1), journal, 9)
