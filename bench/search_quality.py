@@ -2,7 +2,7 @@
 """Search quality: evolved merge recipes vs random search vs fixed merge baselines, on held-out items.
 
     python bench/search_quality.py [--experiment conflict|quickstart] [--seeds 5] [--budget N]
-        [--optimizers cma,tpe,nsga2,random,gradient,cma+gradient] [--work-dir bench_output/search_quality] [--threads 1]
+        [--optimizers cma,tpe,nsga2,random,gradient,cma+gradient] [--work-dir bench_output/search_quality] [--threads 1] [--num-workers 1]
 
 For every (optimizer, seed) the real `mergekit-evolve` CLI runs the experiment's search.yml with
 `optimizer.name`, `optimizer.seed` and `budget.max_fevals` changed (a generated copy of the file);
@@ -214,7 +214,7 @@ def evaluated_items(storage: Path) -> int:
 
 
 def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: int, task_dir: Path,
-               threads: int, score: Scorer, layer_source=None) -> dict:
+               threads: int, score: Scorer, layer_source=None, workers: int = 1) -> dict:
     """One cached (optimizer, seed) search: the CLI, then the held-out score of its final model."""
     done = run_dir / "result.json"
     if done.exists():
@@ -224,7 +224,7 @@ def run_search(run_dir: Path, source: Path, optimizer: str, seed: int, budget: i
     cfg.write_text(search_yml_copy(source, optimizer, seed, budget, layer_source))
     storage = run_dir / "evolve"
     cmd = [str(BIN / "mergekit-evolve"), str(cfg), "--storage-path", str(storage), "--task-search-path", str(task_dir),
-           "-j", str(threads), "--quiet"]
+           "-j", str(threads), "--quiet", *(["--num-workers", str(workers)] if workers > 1 else [])]
     if (storage / "study.db").exists():
         cmd.append("--resume")  # an earlier bench run stopped inside this search
     t0 = time.perf_counter()
@@ -378,6 +378,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per search worker and for scoring (default 1: the models are tiny, and on a "
                         "busy machine two threads waiting on each other are far slower than one)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="search workers per search (mergekit-evolve --num-workers; runs cached apart, with -wN)")
     p.add_argument("--export-z", default="0,1,2,3",
                    help="also score what the export rule would export with each of these z (evolve.selection; "
                         "'' for none): the measurement behind EXPORT_Z")
@@ -428,7 +430,7 @@ def main(argv=None) -> int:
     for seed in range(args.seeds):
         for opt in optimizers:
             run_name = opt.replace(':', '_').replace('=', '').replace(',', '_').replace('/', '-')
-            run_dir = work / "runs" / f"{run_name}-seed{seed}-b{budget}"
+            run_dir = work / "runs" / f"{run_name}-seed{seed}-b{budget}{f'-w{args.num_workers}' if args.num_workers > 1 else ''}"
             layer_source = None
             if "ps" in parse_variant(opt)[2]:
                 # PS+DFS: this seed's parameter-space search first (the experiment's own search.yml,
@@ -440,7 +442,7 @@ def main(argv=None) -> int:
                     results[opt].append({"error": f"parameter-space stage: {ps['error']}"})
                     continue
                 layer_source = ps_dir / "evolve" / "final_model"
-            r = run_search(run_dir, source, opt, seed, budget, task_dir, args.threads, score, layer_source)
+            r = run_search(run_dir, source, opt, seed, budget, task_dir, args.threads, score, layer_source, args.num_workers)
             if zs and "heldout" in r:
                 r = score_exports_by_z(run_dir, r, zs, score)
             if layer_source is not None and "heldout" in r:
