@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     items = plain["items"]
 
     request = GradientOptimizer(genome.space, x0, genes=genome.gradient_genes(), gradient_steps=args.steps,
-                                batch_size=args.batch_size, start=x0).ask().descent
+                                batch_size=args.batch_size, starts=[x0]).ask().descent
     t0 = time.perf_counter()
     probes, steps = descent_probes(genome, x0, request.genes)
     probe_s = time.perf_counter() - t0

@@ -320,7 +320,7 @@ def request_at(genome, x, **fields):
 
     from evolve.gradient import descent_probes
 
-    opt = GradientOptimizer(genome.space, x, seed=5, genes=genome.gradient_genes(), start=x, **fields)
+    opt = GradientOptimizer(genome.space, x, seed=5, genes=genome.gradient_genes(), starts=[x], **fields)
     request = opt.ask().descent
     probes, steps = descent_probes(genome, x, request.genes)
     return replace(request, probes=probes, probe_steps=steps)
