@@ -10,9 +10,9 @@ moments. That end point is the next candidate of its chain. A chain is sequentia
 starts where the previous one's steps ended); `chains: N` runs N chains side by side from the N best
 starts, so that N workers are busy (one chain, the default, keeps one busy).
 
-Exact resume: the optimiser's whole state is the last told `DescentResult` (in the journal, with
-the candidate's outcome), so the usual replay rebuilds it bit for bit; each step's mini-batch is
-seeded by the search seed and Adam's step count.
+Exact resume: a chain's whole state is its last told `DescentResult` (in the journal, with the
+candidate's outcome), so the usual replay rebuilds every chain bit for bit; each step's mini-batch
+is seeded by the chain's seed and Adam's step count.
 
 A failed candidate (or failed steps) leaves the point and the moments as they were; the next
 candidate retries from there with the next mini-batches. Only weight genes are trained
