@@ -444,3 +444,46 @@ def test_a_real_search_writes_its_report(llama_models, tmp_path):
     assert "3 finished (3 complete, 0 failed), 0 running" in text and "budget spent, 3 evaluated" in text
     heat = [c for c in Rows(text).cells if c.get("class") == "heat"]
     assert {c["data-dim"]: float(c["data-value"]) for c in heat} == best["params"] and len(heat) == 2 * 2
+
+
+def test_fitness_plot_is_drawn_again_only_when_the_trials_changed(tmp_path, llama_models, monkeypatch):
+    """The export and the HTML report at the end of a search both want the fitness figure: the
+    report (drawn from its own copy of the study) gets the bytes the export drew for the same
+    trials; another set of trials is drawn again."""
+    import base64
+
+    import matplotlib.figure
+
+    from evolve.report import plot_fitness
+
+    models = {"base": llama_models["base"], "a": llama_models["a"], "b": llama_models["b"]}
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, target, **kw):
+        if isinstance(target, Path) and target.name == "fitness.png":  # the report draws other figures too
+            drawn.append(target)
+        return real_savefig(fig, target, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+
+    def export_plot(root: Path, budget: int) -> Path:
+        """What export_best does first, on the search's own store."""
+        text = config_text(models, budget, "tpe")
+        store = ExperimentStore(root, build_genome(parse_search_config(yaml.safe_load(text))).space)
+        store.open(text, {"optimizer": 0}, resume=True)
+        try:
+            return plot_fitness(store)
+        finally:
+            store.close()
+
+    for budget in (3, 4):
+        root = tmp_path / f"run{budget}"
+        run_search(root, models, budget=budget)
+        before = len(drawn)
+        figure = export_plot(root, budget)
+        report = write_report(root).read_text()
+        assert len(drawn) == before + 1  # drawn once for the export, reused by the report
+        png = figure.read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and base64.b64encode(png).decode() in report
+    assert len(drawn) == 2 and drawn[0] != drawn[1]  # the four trials were drawn anew
