@@ -163,6 +163,55 @@ def test_random_float32_tensors_equal_the_float64_reference(method, params, shap
     assert update_error(got, want, base) < EXACT_TOL
 
 
+def gesdd_fails_in(monkeypatch, *dtypes):
+    """torch.linalg.svd raising LAPACK's non-convergence for inputs of `dtypes`, as gesdd did in
+    float32 on a real Iso-CTS basis (svd.thin_svd); returns the list of dtypes it was called with."""
+    real = torch.linalg.svd
+    calls = []
+
+    def svd(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if a.dtype in dtypes:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (error code: 1).")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    return calls
+
+
+@pytest.mark.parametrize("method,params", CASES)
+def test_an_svd_that_does_not_converge_in_float32_is_retried_in_float64(monkeypatch, method, params):
+    base, xs = fine_tunes((24, 64), 3, seed=5)
+    want = reference(method, base, xs, **params)
+    calls = gesdd_fails_in(monkeypatch, torch.float32)
+    got = engine(method, base, xs, **params)
+    assert got.dtype == torch.float32 and torch.float64 in calls  # every SVD went the float64 way
+    assert update_error(got, want, base) < EXACT_TOL
+
+
+def test_the_retry_returns_the_float64_factors_rounded_and_float64_failures_propagate(monkeypatch):
+    from merge_engine.methods.svd import thin_svd
+
+    a = torch.randn(20, 12, generator=torch.Generator().manual_seed(1))
+    u64, s64, vh64 = torch.linalg.svd(a.double(), full_matrices=False)
+    gesdd_fails_in(monkeypatch, torch.float32)
+    u, s, vh = thin_svd(a)
+    assert (u.dtype, s.dtype, vh.dtype) == (torch.float32,) * 3
+    assert torch.equal(u, u64.float()) and torch.equal(s, s64.float()) and torch.equal(vh, vh64.float())
+    gesdd_fails_in(monkeypatch, torch.float32, torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        thin_svd(a)
+
+
+def test_an_svd_that_never_converges_is_one_line_naming_the_tensor(monkeypatch):
+    from merge_engine.errors import ModelError
+
+    base, xs = fine_tunes((24, 64), 2, seed=6)
+    gesdd_fails_in(monkeypatch, torch.float32, torch.float64)
+    with pytest.raises(ModelError, match=r"^iso_cts: the SVD of tensor model\.layers\.3\.self_attn\.o_proj\.weight did not converge"):
+        engine("iso_cts", base, xs, name="model.layers.3.self_attn.o_proj.weight")
+
+
 @pytest.mark.parametrize("method", SVD_METHODS)
 def test_bfloat16_inputs_are_computed_in_float32(method):
     base, xs = fine_tunes((40, 56), 2, seed=5, dtype=torch.bfloat16)

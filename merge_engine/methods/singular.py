@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from .common import TensorContext, tensor_seed
-from .svd import polar_factor, top_singular_triplets
+from .svd import polar_factor, thin_svd, top_singular_triplets
 from .task_arithmetic import aligned_inputs, task_arithmetic
 
 
@@ -65,7 +65,10 @@ def _merge(method: str, share_key: Optional[str], update, tensors, base_index, p
         return base
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
     b = base.to(work)
-    delta = update([x.to(work) - b for x in others], share, ctx)
+    try:
+        delta = update([x.to(work) - b for x in others], share, ctx)
+    except torch.linalg.LinAlgError as err:  # float32 was retried in float64 already (svd.thin_svd)
+        raise ModelError(f"{method}: the SVD of tensor {ctx.name} did not converge ({err})") from err
     if delta is None:
         return base.clone()
     return (b + alpha * delta).to(base.dtype)
@@ -85,7 +88,7 @@ def _triplets(d: torch.Tensor, rank: int, ctx: TensorContext, which: str, exact:
     """Top-`rank` singular triplets, numerical zeros dropped: randomized where `rank` is small
     (seeded by run seed and tensor name), or always exact."""
     if exact:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        u, s, vh = thin_svd(d)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     else:
         u, s, vh = top_singular_triplets(d, rank, seed=tensor_seed(ctx.seed, f"{ctx.name}#{which}"))
@@ -114,7 +117,7 @@ def tsvm(tensors, base_index, params, model_params, ctx: TensorContext) -> torch
 
 def _iso_c_update(deltas, share, ctx: TensorContext) -> Optional[torch.Tensor]:
     total = torch.stack(deltas).sum(dim=0) if len(deltas) > 1 else deltas[0]
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u, s, vh = thin_svd(total)
     keep = _nonzero(s, total.shape)
     if not bool(keep.any()):
         return None

@@ -13,6 +13,23 @@ EXACT_SVD_SHARE = 0.25
 POWER_ITERATIONS = 3
 
 
+def thin_svd(a: torch.Tensor):
+    """`torch.linalg.svd(a, full_matrices=False)`, retried in float64 when LAPACK does not converge.
+
+    On CPU torch runs LAPACK's divide-and-conquer SVD (gesdd), which in float32 can fail on a
+    matrix whose singular values cluster: it did on a stack of orthonormal bases that Iso-CTS
+    orthonormalises (SmolLM2-135M, layer 7 o_proj; docs/methods.md). Such a matrix is retried in
+    float64 and its factors are rounded back to `a`'s dtype; a float64 failure is raised as it is.
+    Deterministic: the same input fails the same way whichever executor merges it."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if a.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
 def top_singular_triplets(a, rank: int, seed: int = 0):
     """(U [m, r], S [r], Vh [r, n]): the top-`rank` singular triplets of the float32 matrix `a`.
 
@@ -23,7 +40,7 @@ def top_singular_triplets(a, rank: int, seed: int = 0):
     rank = min(rank, m, n)
     sketch = rank + max(10, rank)  # oversampling: as many directions again as are kept
     if sketch >= EXACT_SVD_SHARE * min(m, n):
-        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        u, s, vh = thin_svd(a)
         return u[:, :rank], s[:rank], vh[:rank]
     generator = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(n, sketch, generator=generator, device=a.device, dtype=a.dtype)
@@ -31,7 +48,7 @@ def top_singular_triplets(a, rank: int, seed: int = 0):
     for _ in range(POWER_ITERATIONS):  # sharpen the spectrum: (A A^T)^q A, orthonormalised each half step
         q = torch.linalg.qr(a.T @ q).Q
         q = torch.linalg.qr(a @ q).Q
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    ub, s, vh = thin_svd(q.T @ a)
     return (q @ ub)[:, :rank], s[:rank], vh[:rank]
 
 
@@ -39,5 +56,5 @@ def polar_factor(a: torch.Tensor) -> torch.Tensor:
     """The orthonormal polar factor P Q^T of `a` = P D Q^T (thin SVD): the matrix with orthonormal
     columns (rows, when `a` is wide) nearest to `a` in Frobenius norm. A matrix whose columns are
     already orthonormal is returned as it is, up to rounding."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = thin_svd(a)
     return p @ qh
