@@ -185,7 +185,8 @@ def test_an_svd_that_does_not_converge_in_float32_is_retried_in_float64(monkeypa
     want = reference(method, base, xs, **params)
     calls = gesdd_fails_in(monkeypatch, torch.float32)
     got = engine(method, base, xs, **params)
-    assert got.dtype == torch.float32 and torch.float64 in calls  # every SVD went the float64 way
+    assert got.dtype == torch.float32
+    assert calls.count(torch.float64) == calls.count(torch.float32) > 0  # each failed SVD retried once, in float64
     assert update_error(got, want, base) < EXACT_TOL
 
 

@@ -20,7 +20,8 @@ def thin_svd(a: torch.Tensor):
     matrix whose singular values cluster: it did on a stack of orthonormal bases that Iso-CTS
     orthonormalises (SmolLM2-135M, layer 7 o_proj; docs/methods.md). Such a matrix is retried in
     float64 and its factors are rounded back to `a`'s dtype; a float64 failure is raised as it is.
-    Deterministic: the same input fails the same way whichever executor merges it."""
+    Both executors call this on the same matrices, so they agree where LAPACK behaves the same for
+    them (same device and thread count)."""
     try:
         return torch.linalg.svd(a, full_matrices=False)
     except torch.linalg.LinAlgError:
