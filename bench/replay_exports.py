@@ -63,6 +63,9 @@ def replay(mergekit: Path, storage: Path) -> tuple[str, bool]:
         ours, theirs = tensors(storage / "final_model"), tensors(out)
     if ours.keys() != theirs.keys():
         return f"{storage}: tensor names differ ({method}): {sorted(set(ours) ^ set(theirs))[:4]}", False
+    misshapen = [k for k in ours if ours[k].shape != theirs[k].shape]
+    if misshapen:
+        return f"{storage}: shapes differ ({method}): {misshapen[:4]}", False
     differ = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
     worst = max((float((ours[k].double() - theirs[k].double()).abs().max()) for k in differ), default=0.0)
     line = f"{storage}: {method}, {len(ours)} tensors, {len(differ)} differ (max |difference| {worst:.3g})"
