@@ -47,6 +47,11 @@ class Optimizer(ABC):
     def tell(self, proposal: Proposal, result: Result) -> None:
         """The result of a proposal. Any order, each proposal once."""
 
+    def preload(self) -> None:
+        """Import what a later `ask` will need. The search calls it in a thread while its workers
+        start, so a slow import (pycma pulls in scipy.stats: 1-2 s here) is not paid after the
+        anchors, with every worker idle. Nothing else: the optimiser's state must not change."""
+
 
 def finite(value: Optional[float]) -> bool:
     return value is not None and math.isfinite(value)

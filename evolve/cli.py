@@ -12,7 +12,7 @@ from typing import Optional
 
 import click
 
-from merge_engine.cli import apply_environment, run_cli, setup_logging
+from merge_engine.cli import apply_environment, console, run_cli, setup_logging
 from merge_engine.options import NO_EFFECT, merge_options, options_from_flags
 
 from .report import faults_text
@@ -201,5 +201,7 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+console_main = console(main)
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -139,6 +139,9 @@ class ChainedOptimizer(Optimizer):
     def generational(self) -> bool:  # what reports say: the stage that runs now
         return self.second is None and self.first.generational
 
+    def preload(self) -> None:
+        self.first.preload()
+
     def ask(self) -> Optional[Proposal]:
         if self.asked_first < self.first_budget:
             proposal = self.first.ask()

@@ -121,6 +121,9 @@ class CMAESOptimizer(Optimizer):
     def popsize(self) -> int:
         return int(self.es.popsize)
 
+    def preload(self) -> None:
+        import cma  # noqa: F401
+
     def _start(self) -> None:
         """pycma's strategy, centred on the best anchor told (`best_told`); with one anchor, on it
         whatever its result (the classic start at x0)."""

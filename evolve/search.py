@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -145,7 +146,10 @@ class SearchRun:
         self.pool.start()
 
     def _run_pool(self, status: StatusLine, started: float) -> None:
+        preload = threading.Thread(target=self.optimizer.preload, name="optimizer-preload", daemon=True)
+        preload.start()  # overlaps the workers' start (Optimizer.preload)
         self._start_pool()
+        preload.join()
         self.scoring = Scoring.for_search(self.config, self.pool.info["directions"])
         self.store.set_directions(self.scoring.directions)
         runner = PoolRunner(self.pool, self.genome, self.scoring, self.known, self.config.racing, lambda: self.best)

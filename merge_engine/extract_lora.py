@@ -21,7 +21,7 @@ from typing import Optional
 
 import click
 
-from .cli import apply_environment, run_cli, setup_logging
+from .cli import apply_environment, console, run_cli, setup_logging
 from .options import NO_EFFECT, merge_options, options_from_flags
 from .errors import ConfigError, ModelError
 
@@ -399,5 +399,7 @@ def main(model, base_model, out_path, max_rank, distribute_scale, embed_lora, sa
     run_cli(kw["verbose"], action)
 
 
+console_main = console(main)
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 from pydantic import BaseModel
 
-from .cli import apply_environment, check_device, run_cli, setup_logging
+from .cli import apply_environment, console, check_device, run_cli, setup_logging
 from .options import merge_options, options_from_flags
 from .config import (
     MergeConfig,
@@ -256,5 +256,7 @@ def main(config_file: str, intermediate_dir: str, out_path: Optional[str], lazy:
     run_cli(kw["verbose"], action)
 
 
+console_main = console(main)
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -25,7 +25,7 @@ from typing import Optional
 
 import click
 
-from .cli import apply_environment, merge_options, options_from_flags, run_cli, setup_logging
+from .cli import apply_environment, console, merge_options, options_from_flags, run_cli, setup_logging
 from .errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
@@ -683,5 +683,7 @@ def main(model, donor, out_path, k, method, weight_scheme, subword_method, cosin
     run_cli(kw["verbose"], action)
 
 
+console_main = console(main)
+
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -1,7 +1,9 @@
 """Faults of the real world, injected: a disk that fills up while a search writes its journal or
 its final model (a small tmpfs, mounted by the test; skipped where mounting is not allowed), and
 SIGTERM during re-scoring and during the export. Each time: one line naming the path, nothing
-finished lost, and `--resume` finishes the job."""
+finished lost, and `--resume` finishes the job. The runs that meet the fault start private
+clusters; the resumes that finish the job join the test process's cluster (shared_ray.py), so
+each resume also shows that an experiment does not depend on the cluster it started in."""
 
 from __future__ import annotations
 

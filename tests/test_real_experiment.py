@@ -90,17 +90,22 @@ def _digests(root):
 @pytest.mark.slow
 @pytest.mark.skipif(not available(), reason="needs the optional base model: make smollm")
 def test_reduced_build_is_deterministic(tmp_path):
-    """Two reduced builds (dequantize, a skill expert with both stages and the harmful expert at a
-    few steps each; two worker processes, then one) write the same bytes; the experts changed
-    only transformer layers and saved the base's tokenizer; every answer label is a single token
-    of the real tokenizer."""
+    """Two reduced builds (a skill expert with both stages and the harmful expert at a few steps
+    each; two worker processes, then one) write the same bytes; the experts changed only
+    transformer layers and saved the base's tokenizer; every answer label is a single token of the
+    real tokenizer. The second build starts from a copy of the first's dequantized base (a build
+    keeps a base saved whole, as a rebuild does) and must train the same experts from it."""
+    import shutil
+
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from experiments.smollm.build_models import build
+    from experiments.smollm.build_models import BASE_DONE, build
 
     first = build(tmp_path / "a", steps_scale=0.05, experts=("bin", "noisy"), workers=2)
+    assert (first["base"] / BASE_DONE).exists()
+    shutil.copytree(first["base"], tmp_path / "b" / "base")
     second = build(tmp_path / "b", steps_scale=0.05, experts=("bin", "noisy"), workers=1)
     assert _digests(tmp_path / "a") == _digests(tmp_path / "b")
     base = load_file(first["base"] / "model.safetensors")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import shared_ray
 from evolve.selection import BOUND_EPS, EXPORT_Z
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]  # mergekit-evolve on a local Ray cluster
@@ -44,9 +45,12 @@ def search_yaml(qs, path: Path, optimizer: str = "cma", budget: int = 17, popsiz
     return path
 
 
-def run_evolve(cfg: Path, storage: Path, tasks: Path, *extra: str, timeout: int = 300):
+def run_evolve(cfg: Path, storage: Path, tasks: Path, *extra: str, timeout: int = 300, shared: bool = True):
+    """The CLI in a subprocess; `shared`: it joins this test process's Ray cluster (shared_ray.py)
+    instead of starting a private one."""
     cmd = [EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(tasks), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
+    env = dict(ENV, RAY_ADDRESS=shared_ray.address()) if shared else ENV
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def trials(storage: Path) -> list[dict]:

@@ -1,6 +1,9 @@
 """mergekit-evolve under faults, end to end: the real CLI, a real local Ray cluster, real lm-eval
 tasks, a real SQLite study. The driver is SIGKILLed at random moments and during the export, a
-worker process is SIGKILLed mid-search; every trial is compared with an uninterrupted run."""
+worker process is SIGKILLed mid-search; every trial is compared with an uninterrupted run. The
+drivers that are killed start private clusters (the test checks that nothing of one outlives its
+driver); the uninterrupted runs and the last resumes join the test process's cluster
+(shared_ray.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_search import ENV, EVOLVE, check_raced, search_yaml, trials
+from test_search import ENV, EVOLVE, check_raced, run_evolve, search_yaml, trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.ray, pytest.mark.slow]  # searches killed and resumed
 
@@ -107,8 +110,7 @@ def params(storage: Path) -> list[list[float]]:
 def test_sigkill_at_random_moments_and_during_export_resumes_to_the_uninterrupted_run(quickstart, tmp_path):
     cfg = search_yaml(quickstart, tmp_path / "search.yml", budget=BUDGET, popsize=6)
     reference = tmp_path / "reference"
-    proc = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(reference), "--task-search-path",
-                           str(quickstart["tasks"]), "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_evolve(cfg, reference, quickstart["tasks"], "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     storage = tmp_path / "killed"
@@ -124,8 +126,7 @@ def test_sigkill_at_random_moments_and_during_export_resumes_to_the_uninterrupte
     assert_nothing_left(below, at_least=0)  # the cluster was shut down before the export began
     assert complete_count(storage) == BUDGET
     assert not (storage / "final_model").exists()  # no half-written model where the result belongs
-    final = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path",
-                            str(quickstart["tasks"]), "--resume", "--quiet"], env=ENV, capture_output=True, text=True, timeout=600)
+    final = run_evolve(cfg, storage, quickstart["tasks"], "--resume", "--quiet", timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
 
     got, want = trials(storage), trials(reference)
@@ -172,9 +173,7 @@ def test_a_raced_search_killed_twice_resumes_to_the_uninterrupted_run(quickstart
     data["racing"] = {"fraction": [0.2, 0.5], "confidence_z": 1.0}
     cfg.write_text(yaml.safe_dump(data))
     reference = tmp_path / "reference"
-    proc = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(reference), "--task-search-path",
-                           str(quickstart["tasks"]), "--quiet", "--no-save-final-model"], env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_evolve(cfg, reference, quickstart["tasks"], "--quiet", "--no-save-final-model", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def finished(storage: Path) -> int:
@@ -187,8 +186,7 @@ def test_a_raced_search_killed_twice_resumes_to_the_uninterrupted_run(quickstart
     for i, moment in enumerate((4, 9)):
         driver = start(cfg, storage, quickstart["tasks"], "--no-save-final-model", *(["--resume"] if i else []))
         kill_driver_when(driver, lambda: finished(storage) >= moment, f"{moment} finished trials")
-    last = subprocess.run([EVOLVE, str(cfg), "--storage-path", str(storage), "--task-search-path", str(quickstart["tasks"]),
-                           "--resume", "--quiet", "--no-save-final-model"], env=ENV, capture_output=True, text=True, timeout=600)
+    last = run_evolve(cfg, storage, quickstart["tasks"], "--resume", "--quiet", "--no-save-final-model", timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]
 
     def raced(rows):

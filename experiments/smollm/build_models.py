@@ -89,6 +89,9 @@ def own_layers(expert: str) -> list[int]:
     return list(range(k * LAYERS_PER_GROUP, (k + 1) * LAYERS_PER_GROUP))
 
 
+BASE_DONE = "dequantized"  # marker file in base/, written once the base is saved whole
+
+
 def dequantize(out: Path):
     """SmolLM2-135M-Instruct as a dense float32 LlamaForCausalLM saved with save_pretrained
     (safetensors), with its tokenizer and chat template. Returns (model, tokenizer)."""
@@ -168,7 +171,8 @@ def build(root: Path, seed: int = 0, steps_scale: float = 1.0, experts: tuple[st
     """Create (or reuse) `base` and `expert_<name>` for each expert under `root`. `steps_scale`
     shortens training and `experts` picks a subset (the tests build a cheap version). The experts
     are fine-tuned in `workers` processes of one torch thread each; the models do not depend on
-    `workers`."""
+    `workers`. A base already saved whole under `root` is kept: dequantizing is most of a
+    reduced build's time, and its result depends on nothing the recipe sets."""
     root = Path(root)
     paths = {"base": root / "base", **{f"expert_{e}": root / f"expert_{e}" for e in experts}}
     stamp = root / "build.json"
@@ -179,10 +183,15 @@ def build(root: Path, seed: int = 0, steps_scale: float = 1.0, experts: tuple[st
         return paths
     root.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)  # a build stopped half-way is never taken for a finished one
-    t0 = time.perf_counter()
-    with _one_thread():
-        dequantize(paths["base"])
-    log.info("base dequantized and saved (%.0f s)", time.perf_counter() - t0)
+    done = paths["base"] / BASE_DONE
+    if done.exists():  # the base does not depend on the recipe: a rebuild keeps it (about 20 s)
+        log.info("base reused: %s", paths["base"])
+    else:
+        t0 = time.perf_counter()
+        with _one_thread():
+            dequantize(paths["base"])
+        done.touch()  # last: a base whose saving was interrupted is made again
+        log.info("base dequantized and saved (%.0f s)", time.perf_counter() - t0)
     # the longest job first: the harmful expert trains every layer
     jobs = [(str(paths["base"]), str(paths[f"expert_{e}"]), e, seed + 100 + EXPERTS.index(e), steps_scale)
             for e in sorted(experts, key=lambda e: e != HARMFUL)]

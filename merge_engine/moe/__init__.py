@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import apply_environment, check_device, run_cli, setup_logging
+from ..cli import apply_environment, console, check_device, run_cli, setup_logging
 from ..options import merge_options, options_from_flags
 from ..errors import ConfigError
 
@@ -44,3 +44,6 @@ def main(config_file: str, out_path: str, load_in_4bit: bool, load_in_8bit: bool
             click.echo(f"mixture of experts written to {out_path}")
 
     run_cli(kw["verbose"], action)
+
+
+console_main = console(main)
