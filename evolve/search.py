@@ -104,17 +104,20 @@ class SearchRun:
         started = time.monotonic()
         status = StatusLine(self.config.budget.max_fevals, self.options.quiet)
         try:
-            with RayCluster(self.options.ray_address, num_cpus=max(os.cpu_count() or 1, self.options.num_workers or 1),
-                            quiet=self.options.quiet):
-                try:
-                    self._run_pool(status, started)
-                finally:
-                    self._shutdown_pool()  # inside the cluster: a Ray call after it would start a new one
-                if self.config.rescore is not None:
+            if self._all_done():
+                self.record.stop_reason = "budget spent"  # a resume that only exports: no cluster, no workers
+            else:
+                with RayCluster(self.options.ray_address, num_cpus=max(os.cpu_count() or 1, self.options.num_workers or 1),
+                                quiet=self.options.quiet):
                     try:
-                        self._rescore()
+                        self._run_pool(status, started)
                     finally:
-                        self._shutdown_pool()
+                        self._shutdown_pool()  # inside the cluster: a Ray call after it would start a new one
+                    if self.config.rescore is not None:
+                        try:
+                            self._rescore()
+                        finally:
+                            self._shutdown_pool()
         except KeyboardInterrupt:
             self.record.stop_reason = "interrupted: continue with --resume"
         finally:
@@ -128,6 +131,21 @@ class SearchRun:
                     append_run(self.store.root, self.record)
                 except OSError as err:  # a full disk: the journal's own error (if any) says it
                     log.info("%s: run record not written (%s)", self.store.root / "runs.jsonl", err)
+
+    def _all_done(self) -> bool:
+        """The budget is spent, no candidate is left unfinished and any re-scoring is complete:
+        nothing needs a worker (starting the cluster and the workers costs about 10 s here)."""
+        if self.state.asked < self.config.budget.max_fevals or self.state.pending:
+            return False
+        return self.config.rescore is None or not self._rescore_table()[1]
+
+    def _rescore_table(self) -> tuple[Rescoring, list[int]]:
+        """The re-scoring table with its candidates fixed, and the numbers still to score."""
+        definition = self.config.rescore
+        table = Rescoring(self.store.root, definition.tasks, definition.top_k)
+        self.store.flush()  # every result of the search is in the study before the top ones are picked
+        table.select(self.store.rows())
+        return table, table.pending()
 
     def _shutdown_pool(self) -> None:
         if self.pool is not None:
@@ -219,10 +237,7 @@ class SearchRun:
         definition = self.config.rescore
         if self.record.stop_reason not in ("budget spent", "timeout"):
             return  # the search itself is not finished
-        table = Rescoring(self.store.root, definition.tasks, definition.top_k)
-        self.store.flush()  # every result of the search is in the study before the top ones are picked
-        table.select(self.store.rows())
-        todo = table.pending()
+        table, todo = self._rescore_table()
         if not todo:
             return
         if not self.options.quiet:

@@ -126,6 +126,9 @@ def test_an_export_that_hits_a_full_disk_is_one_line_and_resume_exports(quicksta
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (storage / "final_model" / "model.safetensors").exists()
     assert all(t["attempts"] == 1 for t in trials(storage))
+    # the two resumes had nothing to evaluate: they exported without starting a worker
+    runs = [json.loads(line) for line in (storage / "runs.jsonl").read_text().splitlines()]
+    assert [(r["workers"], r["evaluated"]) for r in runs] == [(1, 4), (0, 0), (0, 0)]
 
 
 def _trials_or_none(storage: Path) -> list[dict]:

@@ -391,3 +391,15 @@ def test_a_cma_journal_replayed_in_another_process_continues_exactly():
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(json.loads(proc.stdout))
     assert outs[0] == want and outs[1] == want
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_preload_does_not_change_what_an_optimiser_proposes(name):
+    """The search calls `preload` in a thread while its workers start (evolve.search): it may
+    import, never draw or move the optimiser."""
+    plain, preloaded = MemoryJournal(), MemoryJournal()
+    run(name, 3, 20, plain)
+    optimizer = build(name)
+    optimizer.preload()
+    run(name, 3, 20, preloaded, optimizer=optimizer)
+    assert history(preloaded) == history(plain)
