@@ -104,15 +104,19 @@ class SearchRun:
         started = time.monotonic()
         status = StatusLine(self.config.budget.max_fevals, self.options.quiet)
         try:
-            if self._all_done():
-                self.record.stop_reason = "budget spent"  # a resume that only exports: no cluster, no workers
-            else:
+            # a resume may find the search, or the search and its re-scoring, finished: what is
+            # finished starts no worker, and with nothing left no cluster starts (about 10 s here)
+            search_left = self.state.asked < self.config.budget.max_fevals or bool(self.state.pending)
+            if not search_left:
+                self.record.stop_reason = "budget spent"
+            if search_left or (self.config.rescore is not None and self._rescore_table()[1]):
                 with RayCluster(self.options.ray_address, num_cpus=max(os.cpu_count() or 1, self.options.num_workers or 1),
                                 quiet=self.options.quiet):
-                    try:
-                        self._run_pool(status, started)
-                    finally:
-                        self._shutdown_pool()  # inside the cluster: a Ray call after it would start a new one
+                    if search_left:
+                        try:
+                            self._run_pool(status, started)
+                        finally:
+                            self._shutdown_pool()  # inside the cluster: a Ray call after it would start a new one
                     if self.config.rescore is not None:
                         try:
                             self._rescore()
@@ -131,13 +135,6 @@ class SearchRun:
                     append_run(self.store.root, self.record)
                 except OSError as err:  # a full disk: the journal's own error (if any) says it
                     log.info("%s: run record not written (%s)", self.store.root / "runs.jsonl", err)
-
-    def _all_done(self) -> bool:
-        """The budget is spent, no candidate is left unfinished and any re-scoring is complete:
-        nothing needs a worker (starting the cluster and the workers costs about 10 s here)."""
-        if self.state.asked < self.config.budget.max_fevals or self.state.pending:
-            return False
-        return self.config.rescore is None or not self._rescore_table()[1]
 
     def _rescore_table(self) -> tuple[Rescoring, list[int]]:
         """The re-scoring table with its candidates fixed, and the numbers still to score."""

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import click
 from pydantic import BaseModel
 
-from .cli import apply_environment, console, check_device, run_cli, setup_logging
+from .cli import apply_environment, check_device, console, run_cli, setup_logging
 from .options import merge_options, options_from_flags
 from .config import (
     MergeConfig,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import apply_environment, console, check_device, run_cli, setup_logging
+from ..cli import apply_environment, check_device, console, run_cli, setup_logging
 from ..options import merge_options, options_from_flags
 from ..errors import ConfigError
 
