@@ -487,14 +487,27 @@ class ShardedWriter:
 
 @contextlib.contextmanager
 def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then let them act. Python runs a signal's
+    handler in the main thread whichever thread the kernel delivered the signal to, so blocking
+    them in this thread alone (pthread_sigmask, as before) did not hold them while other threads
+    ran (the reader and writer, torch's, numba's): an interrupt could still land inside the block,
+    and left a temporary folder nobody knew of (seen once under load). A recording handler holds
+    them whatever thread receives them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held: list[int] = []
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(number) is not None:  # None: a handler set outside Python, left alone
+            previous[number] = signal.signal(number, lambda signum, frame: held.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in held:
+            signal.raise_signal(number)  # handled now, by the handler that was in place
 
 
 # Temporary output folders not yet committed or discarded: an interrupt that lands between a

@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -518,3 +519,29 @@ def test_an_uncommitted_output_folder_is_removed_by_the_interrupt_handler(tmp_pa
     discard_incomplete()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
     assert (tmp_path / "kept" / "x").read_text() == "done"
+
+
+def test_signals_are_held_while_an_output_folder_is_recorded_whatever_thread_gets_them():
+    """`_signals_deferred` holds SIGINT even when the kernel delivers it to another thread (a
+    signal blocked in the main thread alone still reached Python through the others), and lets it
+    act once the block ends."""
+    code = textwrap.dedent("""
+        import os, signal, threading, time
+        from merge_engine.io import _signals_deferred
+        stop = threading.Event()
+        threading.Thread(target=lambda: stop.wait(), daemon=True).start()  # a thread that can receive it
+        steps = []
+        try:
+            with _signals_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(200000):  # bytecodes: Python would raise here if the signal were not held
+                    pass
+                time.sleep(0.2)
+                steps.append("block finished")
+            steps.append("after the block")
+        except KeyboardInterrupt:
+            steps.append("interrupted")
+        print(steps, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "['block finished', 'interrupted'] True", proc.stdout + proc.stderr
