@@ -2,9 +2,9 @@
 own life (start, kill, cleanup). Starting a private cluster costs a search about 4 s and 2-3
 CPU-seconds on the 2-core machine (gcs, raylet and five Python helpers start and stop); the suite
 runs dozens of searches. Joining an existing cluster is a path users take too (`RAY_ADDRESS`,
-`ray job submit`); the private-cluster path keeps its own tests (test_cluster.py,
-test_search_faults.py, test_worker_memory.py, and every test that calls the CLI without
-`shared=True`).
+`ray job submit`). `test_search.run_evolve` joins it unless called with `shared=False`; the
+private-cluster path keeps its own tests: test_cluster.py, test_worker_memory.py, the drivers the
+fault tests kill or signal, and every search a test starts without `run_evolve`.
 
 In a test: `address()` starts the cluster on first use and returns its address. The cluster is a
 `RayCluster` held by this file run as a script, so it inherits that class's guarantee: when the
